@@ -1,0 +1,36 @@
+# The two commands of the README: `make run` (the embedded default, end to end) and `make test`.
+VENV ?= .venv
+PYTHON ?= python3
+CORES ?= all
+# torch and torchvision first, pinned, so pip takes the builds this machine (and CI) has on disk.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: run test dry-run report figures clean venv
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet $(TORCH_SPEC)
+	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+run: venv
+	snakemake --cores $(CORES)
+
+dry-run: venv
+	snakemake --cores $(CORES) --dry-run
+
+figures: venv
+	snakemake --cores $(CORES) --forcerun figures
+
+report: venv
+	snakemake --cores $(CORES) --report report.html
+
+test: venv
+	python -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf results/* .snakemake

@@ -1,0 +1,28 @@
+# dejavu-workflow: déjà vu memorization in vision-language models, as a DAG of cached artifacts.
+# Stages and data contracts: ../shared/DESIGN.md; usage: README.md.
+
+import os
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: os.path.join(workflow.basedir, "config.yaml")
+
+
+include: "rules/common.smk"
+include: "rules/datasets.smk"
+include: "rules/annotate.smk"
+include: "rules/splits.smk"
+include: "rules/train.smk"
+include: "rules/embed.smk"
+include: "rules/knn.smk"
+include: "rules/metrics.smk"
+include: "rules/figures.smk"
+
+
+rule all:
+    input:
+        all_targets(),
+    default_target: True

@@ -1,0 +1,25 @@
+# Stage splits: pool records + annotations, public records -> disjoint A, B, holdout id lists.
+
+
+rule splits:
+    input:
+        pool_records=pool_records,
+        pool_annotations=pool_annotations,
+        public_records=public_records,
+    output:
+        A=f"{RESULTS}/splits/{{split}}/A.parquet",
+        B=f"{RESULTS}/splits/{{split}}/B.parquet",
+        holdout=f"{RESULTS}/splits/{{split}}/holdout.parquet",
+    params:
+        spec=split_of,
+        out_dir=lambda wc, output: os.path.dirname(output.A),
+    log:
+        f"{RESULTS}/logs/splits/{{split}}.log",
+    conda:
+        "../envs/dejavu.yaml"
+    shell:
+        "python -m workflow_scripts.splits --pool-records {input.pool_records}"
+        " --pool-annotations {input.pool_annotations} --public-records {input.public_records}"
+        " --n-target {params.spec[n_target]} --n-reference {params.spec[n_reference]}"
+        " --n-holdout {params.spec[n_holdout]} --seed {params.spec[seed]}"
+        " --out-dir {params.out_dir} > {log} 2>&1"

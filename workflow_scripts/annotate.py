@@ -1,0 +1,74 @@
+"""Annotation stage: produce the annotations contract (id, labels, scores) for every record of a dataset.
+
+Annotator ``ground_truth`` takes the object lists a dataset adapter wrote
+(`ground_truth.parquet`: synthetic scene objects, COCO instance categories) and
+checks them against the records: every record gets exactly one row (a record
+with no objects gets empty lists, never a missing row), labels and scores have
+equal lengths, and no row names an unknown record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import polars as pl
+
+from workflow_scripts.io import DataError, check_unique_ids, read_parquet, write_parquet
+
+log = logging.getLogger(__name__)
+
+ANNOTATION_SCHEMA = {"id": pl.String, "labels": pl.List(pl.String), "scores": pl.List(pl.Float32)}
+
+
+def conform_annotations(records: pl.DataFrame, annotations: pl.DataFrame, annotations_path: str,
+                        records_path: str) -> pl.DataFrame:
+    """Validate annotations against records and return one row per record, in record order."""
+    check_unique_ids(annotations["id"], annotations_path)
+    if "scores" not in annotations.columns:
+        annotations = annotations.with_columns(scores=pl.col("labels").list.eval(pl.lit(1.0, pl.Float32)))
+    annotations = annotations.select("id", "labels", "scores").cast(ANNOTATION_SCHEMA)
+    unknown = annotations.join(records, on="id", how="anti")["id"]
+    if len(unknown):
+        raise DataError(f"{annotations_path}: {len(unknown)} annotation row(s) for ids not in {records_path}, "
+                        f"e.g. {unknown.head(5).to_list()}")
+    mismatched = annotations.filter(
+        pl.col("labels").list.len() != pl.col("scores").list.len())["id"]
+    if len(mismatched):
+        raise DataError(f"{annotations_path}: labels and scores differ in length for record(s) "
+                        f"{mismatched.head(5).to_list()}")
+    null_labels = annotations.filter(pl.col("labels").list.eval(pl.element().is_null()).list.any())["id"]
+    if len(null_labels):
+        raise DataError(f"{annotations_path}: null label(s) in record(s) {null_labels.head(5).to_list()}")
+    conformed = records.select("id").join(annotations, on="id", how="left", maintain_order="left")
+    missing = conformed["labels"].null_count()
+    if missing:
+        log.info("%s: %d record(s) have no annotation row; stored with empty label lists", annotations_path, missing)
+    return conformed.with_columns(
+        pl.col("labels").fill_null(pl.lit([], pl.List(pl.String))),
+        pl.col("scores").fill_null(pl.lit([], pl.List(pl.Float32))),
+    )
+
+
+def annotate_ground_truth(records_path: str, ground_truth_path: str, out_path: str) -> None:
+    records = read_parquet(records_path, {"id": "str"})
+    check_unique_ids(records["id"], records_path)
+    ground_truth = read_parquet(ground_truth_path, {"id": "str", "labels": "list<str>"})
+    annotations = conform_annotations(records, ground_truth, ground_truth_path, records_path)
+    write_parquet(annotations, out_path, stage="annotate",
+                  params={"annotator": "ground_truth", "records": records_path, "source": ground_truth_path})
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--annotator", choices=("ground_truth",), default="ground_truth")
+    parser.add_argument("--records", required=True)
+    parser.add_argument("--ground-truth", required=True, help="Parquet with id, labels[, scores] from the adapter")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    annotate_ground_truth(args.records, args.ground_truth, args.out)
+
+
+if __name__ == "__main__":
+    main()

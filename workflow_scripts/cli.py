@@ -1,0 +1,54 @@
+"""Command-line plumbing shared by the stage modules and the rules.
+
+Stage parameters are dataclasses; each field becomes a `--flag` so that a rule
+and a person at a shell call a stage the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shlex
+from typing import Any, Mapping, TypeVar
+
+T = TypeVar("T")
+
+
+def _parse_optional_float(text: str) -> float | None:
+    return None if text.lower() in ("none", "null", "learned") else float(text)
+
+
+def _argument_type(field: dataclasses.Field):
+    default_type = type(field.default)
+    if default_type is bool:
+        return lambda text: text.lower() in ("1", "true", "yes")
+    if field.type in ("float | None", "Optional[float]"):
+        return _parse_optional_float
+    if field.type in ("str | None", "Optional[str]"):
+        return lambda text: None if text.lower() in ("none", "null") else text
+    return default_type
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    for field in dataclasses.fields(cls):
+        parser.add_argument(
+            f"--{field.name.replace('_', '-')}",
+            type=_argument_type(field),
+            default=field.default,
+            help=f"(default: {field.default})",
+        )
+
+
+def dataclass_from_args(cls: type[T], args: argparse.Namespace | Mapping[str, Any]) -> T:
+    values = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+    names = {field.name for field in dataclasses.fields(cls)}
+    return cls(**{name: value for name, value in values.items() if name in names})
+
+
+def to_cli_flags(values: Mapping[str, Any]) -> str:
+    """Render a mapping as shell-quoted `--flag value` pairs (None renders as 'none')."""
+    parts = []
+    for name, value in values.items():
+        text = "none" if value is None else str(value)
+        parts.append(f"--{name.replace('_', '-')} {shlex.quote(text)}")
+    return " ".join(parts)

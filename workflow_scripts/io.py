@@ -1,0 +1,146 @@
+"""Parquet and file I/O shared by every stage.
+
+Every output is written to a temporary name beside its target and renamed into
+place, so a killed job never leaves a file that looks finished. Every Parquet
+file carries provenance metadata: the producing stage, the parameters that
+shaped it (and their hash) and the versions of the packages that matter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+METADATA_PREFIX = "dejavu:"
+_VERSIONED_PACKAGES = ("dejavu-workflow", "torch", "open-clip-torch", "faiss-cpu", "faiss-gpu", "polars", "pyarrow", "numpy")
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the file, the record and what is wrong."""
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in _VERSIONED_PACKAGES:
+        try:
+            versions[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def params_hash(params: Mapping) -> str:
+    """Stable short hash of a JSON-serialisable parameter mapping."""
+    canonical = json.dumps(params, sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def provenance(stage: str, params: Mapping) -> dict[str, str]:
+    return {
+        f"{METADATA_PREFIX}stage": stage,
+        f"{METADATA_PREFIX}params": json.dumps(params, sort_keys=True, default=str),
+        f"{METADATA_PREFIX}params_hash": params_hash(params),
+        f"{METADATA_PREFIX}versions": json.dumps(package_versions(), sort_keys=True),
+    }
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; rename it into place on success.
+
+    Works for files and directories. On error the temporary is removed and the
+    target is left untouched.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    _remove(tmp)
+    try:
+        yield tmp
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        _remove(tmp)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def write_parquet(
+    table: pa.Table | pl.DataFrame, path: str | os.PathLike, *, stage: str, params: Mapping | None = None
+) -> None:
+    if isinstance(table, pl.DataFrame):
+        table = table.to_arrow()
+    metadata = dict(table.schema.metadata or {})
+    metadata.update({k.encode(): v.encode() for k, v in provenance(stage, params or {}).items()})
+    table = table.replace_schema_metadata(metadata)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    raw = pq.read_schema(path).metadata or {}
+    return {k.decode(): v.decode() for k, v in raw.items() if k.decode().startswith(METADATA_PREFIX)}
+
+
+def read_parquet(path: str | os.PathLike, required: Mapping[str, str] | None = None) -> pl.DataFrame:
+    """Read a Parquet table, checking that `required` columns exist.
+
+    `required` maps column names to a short description of the expected type
+    used in the error message.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file does not exist")
+    try:
+        frame = pl.read_parquet(path)
+    except Exception as error:  # pyarrow/polars raise many types for corrupt files
+        raise DataError(f"{path}: not a readable Parquet file ({error})") from error
+    missing = [name for name in (required or {}) if name not in frame.columns]
+    if missing:
+        expected = ", ".join(f"{name}: {required[name]}" for name in missing)
+        raise DataError(f"{path}: missing column(s) {expected}; found {frame.columns}")
+    return frame
+
+
+def check_unique_ids(ids: pl.Series, path: str | os.PathLike, column: str = "id") -> None:
+    duplicated = ids.filter(ids.is_duplicated()).unique().sort()
+    if len(duplicated):
+        shown = ", ".join(duplicated.head(10).to_list())
+        raise DataError(f"{path}: {len(duplicated)} duplicate {column}(s), e.g. {shown}")
+
+
+def embeddings_table(ids: list[str] | np.ndarray, embeddings: np.ndarray) -> pa.Table:
+    """Build the embeddings contract table: id, fixed_size_list<float32>[d]."""
+    embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+    values = pa.array(embeddings.reshape(-1), type=pa.float32())
+    column = pa.FixedSizeListArray.from_arrays(values, embeddings.shape[1])
+    return pa.table({"id": pa.array(list(ids), type=pa.string()), "embedding": column})
+
+
+def read_embeddings(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Return (ids, float32 matrix [n, d]) from an embeddings Parquet file."""
+    table = pq.read_table(path, columns=["id", "embedding"])
+    column = table.column("embedding").combine_chunks()
+    if not pa.types.is_fixed_size_list(column.type):
+        raise DataError(f"{path}: column 'embedding' must be fixed_size_list<float32>, found {column.type}")
+    dim = column.type.list_size
+    matrix = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)
+    ids = np.asarray(table.column("id").to_pylist(), dtype=object)
+    return ids, matrix

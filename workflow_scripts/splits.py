@@ -1,0 +1,120 @@
+"""Sample disjoint A (target), B (reference) and holdout sets from a training pool.
+
+The three sets are drawn without replacement from the pool's records that have
+at least one caption and an annotation row, in an order fixed by the seed.
+Overlap between A, B, the holdout and the public set P, by id or by image
+content hash, is always an error: it would make the measurement meaningless.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from itertools import combinations
+from pathlib import Path
+
+import polars as pl
+from tqdm import tqdm
+
+from workflow_scripts.images import content_hash, load_rgb, resolve_image_paths
+from workflow_scripts.io import DataError, check_unique_ids, read_parquet, write_parquet
+
+log = logging.getLogger(__name__)
+
+SIDE_FILES = {"target": "A", "reference": "B", "holdout": "holdout"}
+
+
+class OverlapError(DataError):
+    pass
+
+
+def with_hashes(records: pl.DataFrame, records_path: str) -> pl.DataFrame:
+    """Records with an `image_sha256` column, computing it where the adapter did not."""
+    if "image_sha256" in records.columns and records["image_sha256"].null_count() == 0:
+        return records
+    paths = resolve_image_paths(records, records_path).to_list()
+    hashes = [content_hash(load_rgb(path, record_id))
+              for path, record_id in tqdm(zip(paths, records["id"]), total=len(paths), desc="hashing images",
+                                          unit="img", mininterval=2)]
+    return records.with_columns(image_sha256=pl.Series(hashes, dtype=pl.String))
+
+
+def check_disjoint(sets: dict[str, pl.DataFrame]) -> None:
+    """Refuse any shared id or image hash between named sets of (id, image_sha256) rows."""
+    problems = []
+    for (name_a, a), (name_b, b) in combinations(sets.items(), 2):
+        shared_ids = a.join(b, on="id", how="inner")["id"].sort()
+        if len(shared_ids):
+            problems.append(f"{name_a} and {name_b} share {len(shared_ids)} id(s): {shared_ids.head(10).to_list()}")
+        shared_images = a.join(b, on="image_sha256", how="inner", suffix="_other") \
+            .filter(pl.col("id") != pl.col("id_other")).sort("id")
+        if len(shared_images):
+            pairs = [f"{x}={y}" for x, y in shared_images.select("id", "id_other").head(10).iter_rows()]
+            problems.append(f"{name_a} and {name_b} share {len(shared_images)} image(s) by content hash: {pairs}")
+    if problems:
+        raise OverlapError("overlapping sets would make the memorization test meaningless:\n  " + "\n  ".join(problems))
+
+
+def check_no_duplicate_images(records: pl.DataFrame, path: str) -> None:
+    duplicated = records.filter(pl.col("image_sha256").is_duplicated()).sort("image_sha256", "id")
+    if len(duplicated):
+        groups = duplicated.group_by("image_sha256", maintain_order=True).agg("id")["id"].head(5).to_list()
+        raise OverlapError(f"{path}: {len(duplicated)} records share an image with another record "
+                           f"(same content hash), e.g. {groups}; deduplicate the pool first")
+
+
+def sample_splits(pool: pl.DataFrame, sizes: dict[str, int], seed: int) -> dict[str, pl.DataFrame]:
+    """Draw the sides in SIDE_FILES order from a seeded permutation of the eligible pool ids."""
+    needed = sum(sizes.values())
+    if needed > len(pool):
+        raise DataError(f"splits need {needed} records ({sizes}) but the pool has {len(pool)} eligible")
+    shuffled = pool.sort("id").sample(fraction=1.0, shuffle=True, seed=seed)
+    sides, start = {}, 0
+    for side in SIDE_FILES:
+        sides[side] = shuffled.slice(start, sizes[side])
+        start += sizes[side]
+    return sides
+
+
+def make_splits(pool_records: str, pool_annotations: str, public_records: str, out_dir: str | Path,
+                n_target: int, n_reference: int, n_holdout: int, seed: int) -> None:
+    required = {"id": "str", "image_path": "str", "captions": "list<str>"}
+    pool = read_parquet(pool_records, required)
+    public = read_parquet(public_records, required)
+    annotated = read_parquet(pool_annotations, {"id": "str", "labels": "list<str>"}).select("id")
+    check_unique_ids(pool["id"], pool_records)
+    check_unique_ids(public["id"], public_records)
+    pool = with_hashes(pool, pool_records)
+    public = with_hashes(public, public_records)
+    check_no_duplicate_images(pool, pool_records)
+
+    eligible = pool.filter(pl.col("captions").list.len() > 0).join(annotated, on="id", how="semi")
+    log.info("pool %s: %d records, %d eligible (captioned and annotated)", pool_records, len(pool), len(eligible))
+    sides = sample_splits(eligible.select("id", "image_sha256"),
+                          {"target": n_target, "reference": n_reference, "holdout": n_holdout}, seed)
+    check_disjoint({**{SIDE_FILES[s]: frame for s, frame in sides.items()},
+                    "public": public.select("id", "image_sha256")})
+    params = {"pool": pool_records, "public": public_records, "n_target": n_target,
+              "n_reference": n_reference, "n_holdout": n_holdout, "seed": seed}
+    for side, frame in sides.items():
+        write_parquet(frame.select("id"), Path(out_dir) / f"{SIDE_FILES[side]}.parquet", stage="splits", params=params)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pool-records", required=True)
+    parser.add_argument("--pool-annotations", required=True)
+    parser.add_argument("--public-records", required=True)
+    parser.add_argument("--out-dir", required=True, help="folder for A.parquet, B.parquet, holdout.parquet")
+    parser.add_argument("--n-target", type=int, required=True)
+    parser.add_argument("--n-reference", type=int, required=True)
+    parser.add_argument("--n-holdout", type=int, required=True)
+    parser.add_argument("--seed", type=int, required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    make_splits(args.pool_records, args.pool_annotations, args.public_records, args.out_dir,
+                args.n_target, args.n_reference, args.n_holdout, args.seed)
+
+
+if __name__ == "__main__":
+    main()

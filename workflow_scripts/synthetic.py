@@ -1,0 +1,235 @@
+"""Synthetic scenes: the embedded default data set.
+
+Small images hold 2-6 objects from a vocabulary of shape x colour classes on the
+background of a scene type. Each scene type prefers a fixed subset of classes,
+so objects co-occur the way kitchens hold stoves and microwaves: that is the
+dataset-level correlation a reference model can exploit without memorising.
+Captions name the scene and only one or two of the objects, with varied
+wording and incidental details (adjectives, a time, a viewpoint), so most of an
+image's objects are not in its caption.
+
+The "world" (which scene prefers which classes, scene backgrounds) depends only
+on `world_seed`, shared by every synthetic dataset, so the training pool and the
+public set follow one distribution; the samples themselves depend on the
+dataset's own seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from workflow_scripts.cli import add_dataclass_arguments, dataclass_from_args
+from workflow_scripts.images import content_hash
+from workflow_scripts.io import atomic_path, write_parquet
+
+SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring", "star", "bar")
+COLOURS = {
+    "red": (225, 35, 35),
+    "green": (35, 190, 60),
+    "blue": (45, 95, 240),
+    "yellow": (240, 220, 40),
+    "purple": (160, 60, 215),
+    "orange": (250, 140, 25),
+}
+SCENES = ("kitchen", "garden", "office", "beach", "street", "bedroom", "forest", "harbour")
+ADJECTIVES = (
+    "cozy", "bright", "dim", "busy", "quiet", "old", "modern", "small", "large", "messy",
+    "tidy", "sunny", "rainy", "colourful", "plain", "crowded",
+)
+DETAILS = (
+    "at noon", "in winter", "at dusk", "seen from above", "in the morning", "on a weekend",
+    "after the rain", "late at night", "in summer", "from a distance", "up close", "on a cloudy day",
+    "during a party", "before dinner", "in spring", "under warm light",
+)
+TEMPLATES = (
+    "a {adj} {scene} with {objects}",
+    "a photo of {objects} in a {adj} {scene} {detail}",
+    "there is {objects} in this {adj} {scene}",
+    "{detail}, a {adj} {scene} and {objects}",
+    "inside a {adj} {scene}: {objects}",
+    "snapshot of a {scene} {detail}, featuring {objects}",
+    "{objects} sit in the {scene} {detail}",
+    "the {adj} {scene} has {objects}",
+)
+
+
+def class_names() -> list[str]:
+    return [f"{colour} {shape}" for colour in COLOURS for shape in SHAPES]
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    image_size: int = 64
+    min_objects: int = 2
+    max_objects: int = 6
+    preferred_per_scene: int = 10
+    preferred_probability: float = 0.8
+    min_mentioned: int = 1
+    max_mentioned: int = 2
+    world_seed: int = 0
+
+
+class SceneWorld:
+    """Scene types, their preferred classes and backgrounds, fixed by `world_seed`."""
+
+    def __init__(self, config: SyntheticConfig):
+        self.config = config
+        self.classes = class_names()
+        rng = np.random.default_rng(config.world_seed)
+        n_classes = len(self.classes)
+        self.preferred = np.stack(
+            [rng.choice(n_classes, size=config.preferred_per_scene, replace=False) for _ in SCENES]
+        )
+        # Dark, distinct backgrounds so every object colour stays visible.
+        hues = np.linspace(0, 1, len(SCENES), endpoint=False)
+        self.backgrounds = [_dark_colour(h) for h in hues]
+        self.patterns = [i % 4 for i in range(len(SCENES))]
+
+    def sample_objects(self, scene: int, rng: np.random.Generator) -> np.ndarray:
+        cfg = self.config
+        n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
+        weights = np.full(len(self.classes), (1 - cfg.preferred_probability) / len(self.classes))
+        weights[self.preferred[scene]] += cfg.preferred_probability / cfg.preferred_per_scene
+        return rng.choice(len(self.classes), size=n, replace=False, p=weights / weights.sum())
+
+    def render(self, scene: int, objects: np.ndarray, rng: np.random.Generator) -> Image.Image:
+        size = self.config.image_size
+        image = Image.new("RGB", (size, size), self.backgrounds[scene])
+        draw = ImageDraw.Draw(image)
+        _draw_pattern(draw, self.patterns[scene], size, self.backgrounds[scene])
+        # Objects sit in distinct cells of a 3x3 grid so none hides another.
+        cells = rng.choice(9, size=len(objects), replace=False)
+        cell = size / 3
+        for class_index, cell_index in zip(objects, cells):
+            colour_name, shape = self.classes[class_index].split(" ")
+            radius = cell * rng.uniform(0.3, 0.45)
+            cx = (cell_index % 3 + 0.5) * cell + rng.uniform(-0.1, 0.1) * cell
+            cy = (cell_index // 3 + 0.5) * cell + rng.uniform(-0.1, 0.1) * cell
+            _draw_shape(draw, shape, cx, cy, radius, COLOURS[colour_name])
+        return image
+
+    def caption(self, scene: int, objects: np.ndarray, rng: np.random.Generator) -> str:
+        cfg = self.config
+        n_mentioned = int(rng.integers(cfg.min_mentioned, min(cfg.max_mentioned, len(objects)) + 1))
+        mentioned = [_with_article(self.classes[i]) for i in rng.choice(objects, size=n_mentioned, replace=False)]
+        return TEMPLATES[rng.integers(len(TEMPLATES))].format(
+            adj=ADJECTIVES[rng.integers(len(ADJECTIVES))],
+            scene=SCENES[scene],
+            detail=DETAILS[rng.integers(len(DETAILS))],
+            objects=" and ".join(mentioned),
+        )
+
+
+def _with_article(noun: str) -> str:
+    return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
+
+
+def _dark_colour(hue: float) -> tuple[int, int, int]:
+    phase = 2 * math.pi * hue
+    return tuple(int(45 + 30 * math.cos(phase + offset)) for offset in (0, 2.1, 4.2))
+
+
+def _draw_pattern(draw: ImageDraw.ImageDraw, pattern: int, size: int, base: tuple[int, int, int]) -> None:
+    light = tuple(min(255, c + 25) for c in base)
+    step = max(4, size // 8)
+    if pattern == 1:  # horizontal stripes
+        for y in range(0, size, step):
+            draw.line([(0, y), (size, y)], fill=light)
+    elif pattern == 2:  # vertical stripes
+        for x in range(0, size, step):
+            draw.line([(x, 0), (x, size)], fill=light)
+    elif pattern == 3:  # dots
+        for y in range(step // 2, size, step):
+            for x in range(step // 2, size, step):
+                draw.point((x, y), fill=light)
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, colour) -> None:
+    box = [cx - r, cy - r, cx + r, cy + r]
+    if shape == "circle":
+        draw.ellipse(box, fill=colour)
+    elif shape == "square":
+        draw.rectangle([cx - 0.8 * r, cy - 0.8 * r, cx + 0.8 * r, cy + 0.8 * r], fill=colour)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
+    elif shape == "diamond":
+        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=colour)
+    elif shape == "cross":
+        w = r / 3
+        draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=colour)
+        draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=colour)
+    elif shape == "ring":
+        draw.ellipse(box, outline=colour, width=max(2, int(r / 2.5)))
+    elif shape == "star":
+        points = []
+        for i in range(10):
+            radius = r if i % 2 == 0 else r * 0.45
+            angle = math.pi / 2 + i * math.pi / 5
+            points.append((cx + radius * math.cos(angle), cy - radius * math.sin(angle)))
+        draw.polygon(points, fill=colour)
+    elif shape == "bar":
+        draw.rectangle([cx - r, cy - r / 3.5, cx + r, cy + r / 3.5], fill=colour)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+
+
+def generate(
+    dataset: str, n_records: int, seed: int, config: SyntheticConfig, out_dir: str | Path
+) -> None:
+    """Write `records.parquet`, `ground_truth.parquet` and `images/` under out_dir."""
+    out_dir = Path(out_dir)
+    world = SceneWorld(config)
+    rng = np.random.default_rng(seed)
+    ids, paths, captions, hashes, scenes, labels = [], [], [], [], [], []
+    with atomic_path(out_dir / "images") as image_dir:
+        image_dir.mkdir(parents=True)
+        for index in tqdm(range(n_records), desc=f"generating {dataset}", unit="img", mininterval=2):
+            scene = int(rng.integers(len(SCENES)))
+            objects = world.sample_objects(scene, rng)
+            image = world.render(scene, objects, rng)
+            record_id = f"{dataset}-{index:07d}"
+            image.save(image_dir / f"{record_id}.png")
+            ids.append(record_id)
+            paths.append(f"images/{record_id}.png")
+            captions.append([world.caption(scene, objects, rng)])
+            hashes.append(content_hash(image))
+            scenes.append(SCENES[scene])
+            labels.append(sorted(world.classes[i] for i in objects))
+    params = {"dataset": dataset, "n_records": n_records, "seed": seed, **config.__dict__}
+    records = pl.DataFrame(
+        {"id": ids, "image_path": paths, "captions": captions, "image_sha256": hashes, "scene": scenes},
+        schema={"id": pl.String, "image_path": pl.String, "captions": pl.List(pl.String),
+                "image_sha256": pl.String, "scene": pl.String},
+    )
+    ground_truth = pa.table({
+        "id": pa.array(ids, pa.string()),
+        "labels": pa.array(labels, pa.list_(pa.string())),
+        "scores": pa.array([[1.0] * len(row) for row in labels], pa.list_(pa.float32())),
+    })
+    write_parquet(ground_truth, out_dir / "ground_truth.parquet", stage="datasets", params=params)
+    write_parquet(records, out_dir / "records.parquet", stage="datasets", params=params)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", required=True, help="dataset name, used as the id prefix")
+    parser.add_argument("--n-records", type=int, required=True)
+    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--out-dir", required=True, help="folder for records.parquet, ground_truth.parquet, images/")
+    add_dataclass_arguments(parser, SyntheticConfig)
+    args = parser.parse_args(argv)
+    config = dataclass_from_args(SyntheticConfig, args)
+    generate(args.dataset, args.n_records, args.seed, config, args.out_dir)
+
+
+if __name__ == "__main__":
+    main()
