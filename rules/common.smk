@@ -7,8 +7,8 @@ import sys
 from snakemake.utils import validate
 
 # The stage logic lives in the importable package workflow_scripts/ next to this Snakefile;
-# jobs run `python -m workflow_scripts.<stage>`, locally or on cluster nodes.
-os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (workflow.basedir, os.environ.get("PYTHONPATH")) if p)
+# jobs run `python -m workflow_scripts.<stage>`, locally, in conda envs or on cluster nodes.
+shell.prefix(f"set -euo pipefail; export PYTHONPATH='{workflow.basedir}'${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 sys.path.insert(0, workflow.basedir)
 
 from workflow_scripts.cli import to_cli_flags

@@ -87,11 +87,25 @@ def write_parquet(
 ) -> None:
     if isinstance(table, pl.DataFrame):
         table = table.to_arrow()
+    # One physical type per contract column, whichever library built the table.
+    table = table.cast(pa.schema([field.with_type(_narrow(field.type)) for field in table.schema],
+                                 metadata=table.schema.metadata))
     metadata = dict(table.schema.metadata or {})
     metadata.update({k.encode(): v.encode() for k, v in provenance(stage, params or {}).items()})
     table = table.replace_schema_metadata(metadata)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
+
+
+def _narrow(data_type: pa.DataType) -> pa.DataType:
+    """large_string -> string and large_list -> list, recursively (polars writes the large variants)."""
+    if pa.types.is_large_string(data_type):
+        return pa.string()
+    if pa.types.is_large_list(data_type) or pa.types.is_list(data_type):
+        return pa.list_(_narrow(data_type.value_type))
+    if pa.types.is_fixed_size_list(data_type):
+        return pa.list_(_narrow(data_type.value_type), data_type.list_size)
+    return data_type
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:

@@ -77,7 +77,7 @@ def record_scores(neighbors: pl.LazyFrame, public_annotations: pl.LazyFrame, tru
         n_predicted=pl.len(), n_correct=pl.col("is_true").fill_null(False).sum())
     nearest = neighbors.filter(pl.col("rank") == 0).select(pl.col("query_id"), pl.col("score").alias("nn_score"))
     modes = pl.LazyFrame({"label_mode": list(LABEL_MODES)})
-    base = truth.select(pl.col("id").alias("query_id"), n_objects=pl.col("labels").list.unique().list.len()) \
+    base = truth.select(pl.col("id").alias("query_id"), n_objects=pl.col("labels").list.unique().list.len().cast(pl.Int32)) \
         .join(modes, how="cross")
     scored = base.join(counts, on=["query_id", "label_mode"], how="left") \
         .join(nearest, on="query_id", how="left") \
@@ -194,7 +194,7 @@ def load_truth(annotations_path: str, queries_path: str) -> pl.LazyFrame:
 def load_neighbors(path: str, query_ids: pl.Series, public_ids: pl.Series) -> pl.LazyFrame:
     neighbors = pl.scan_parquet(path)
     found = neighbors.select(pl.col("query_id").unique()).collect()["query_id"]
-    absent = query_ids.filter(~query_ids.is_in(found))
+    absent = query_ids.filter(~query_ids.is_in(found.implode()))
     if len(absent):
         raise DataError(f"{path}: no neighbours for {len(absent)} query record(s), e.g. {absent.head(5).to_list()}")
     unknown = neighbors.select(pl.col("public_id").unique()).filter(~pl.col("public_id").is_in(public_ids.implode())) \

@@ -1,0 +1,222 @@
+"""Metric definitions against hand-computed expectations, plus the laws they must obey."""
+
+import numpy as np
+import polars as pl
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from workflow_scripts import metrics
+from workflow_scripts.io import DataError
+
+PUBLIC = pl.DataFrame(
+    {"id": ["p1", "p2", "p3", "p4"], "labels": [["a", "b"], ["b", "c"], ["d"], []]},
+    schema={"id": pl.String, "labels": pl.List(pl.String)},
+)
+TRUTH = pl.DataFrame(
+    {"id": ["q1", "q2", "q3", "q4"], "labels": [["a", "b", "e"], ["c"], [], ["b", "c"]]},
+    schema={"id": pl.String, "labels": pl.List(pl.String)},
+)
+
+
+def neighbors(rows: dict[str, list[str]]) -> pl.DataFrame:
+    data = [(query, rank, public, 1.0 - 0.1 * rank) for query, publics in rows.items()
+            for rank, public in enumerate(publics)]
+    return pl.DataFrame(data, schema={"query_id": pl.String, "rank": pl.Int16, "public_id": pl.String,
+                                      "score": pl.Float32}, orient="row")
+
+
+def scores(rows, k=2, top_n=1) -> pl.DataFrame:
+    frame = metrics.record_scores(neighbors(rows).lazy(), PUBLIC.lazy(), TRUTH.lazy(), k, top_n).collect()
+    return frame.sort("id", "label_mode")
+
+
+def row(frame, record_id, mode):
+    return frame.filter((pl.col("id") == record_id) & (pl.col("label_mode") == mode)).row(0, named=True)
+
+
+def test_record_scores_hand_computed():
+    frame = scores({"q1": ["p1", "p2"], "q2": ["p4", "p3"], "q3": ["p1", "p2"], "q4": ["p4", "p4"]})
+    q1 = row(frame, "q1", "all")  # predicted {a, b, c}, truth {a, b, e}
+    assert (q1["n_predicted"], q1["n_correct"], q1["n_objects"]) == (3, 2, 3)
+    assert q1["precision"] == pytest.approx(2 / 3) and q1["recall"] == pytest.approx(2 / 3)
+    assert q1["f1"] == pytest.approx(2 / 3)
+    assert q1["nn_score"] == pytest.approx(1.0)
+    q1_top = row(frame, "q1", "top_n")  # b is carried by both neighbours: the single top label
+    assert (q1_top["n_predicted"], q1_top["n_correct"]) == (1, 1)
+    assert q1_top["precision"] == 1.0 and q1_top["recall"] == pytest.approx(1 / 3)
+    assert q1_top["f1"] == pytest.approx(0.5)
+    q2 = row(frame, "q2", "all")  # predicted {d}, truth {c}
+    assert (q2["precision"], q2["recall"], q2["f1"]) == (0.0, 0.0, 0.0)
+
+
+def test_empty_prediction_is_zero_not_nan():
+    frame = scores({"q1": ["p4"], "q2": ["p4"], "q3": ["p4"], "q4": ["p4", "p4"]})
+    q4 = row(frame, "q4", "all")
+    assert q4["n_predicted"] == 0
+    assert (q4["precision"], q4["recall"], q4["f1"]) == (0.0, 0.0, 0.0)
+
+
+def test_record_without_objects_has_no_recall():
+    q3 = row(scores({"q1": ["p1"], "q2": ["p1"], "q3": ["p1", "p2"], "q4": ["p1"]}), "q3", "all")
+    assert q3["n_objects"] == 0 and q3["recall"] is None and q3["f1"] is None
+    assert q3["precision"] == 0.0
+
+
+def test_top_n_ties_break_by_nearest_rank_then_name():
+    # q4: p2 (rank 0: b, c) then p1 (rank 1: a, b). Counts b=2, c=1 (best rank 0), a=1 (best rank 1).
+    labels = metrics.predicted_labels(neighbors({"q4": ["p2", "p1"]}).lazy(), PUBLIC.lazy(), k=2, top_n=2)
+    top = labels.filter(pl.col("label_mode") == "top_n").collect()["label"].to_list()
+    assert top == ["b", "c"]
+    # Equal count and rank: alphabetical.
+    labels = metrics.predicted_labels(neighbors({"q1": ["p1"]}).lazy(), PUBLIC.lazy(), k=1, top_n=1)
+    assert labels.filter(pl.col("label_mode") == "top_n").collect()["label"].to_list() == ["a"]
+
+
+def test_k_limits_neighbours_used():
+    frame = scores({"q1": ["p3", "p1"], "q2": ["p1"], "q3": ["p1"], "q4": ["p1"]}, k=1)
+    assert row(frame, "q1", "all")["n_predicted"] == 1  # only p3's {d}
+
+
+def test_duplicate_labels_in_one_image_count_once():
+    public = pl.DataFrame({"id": ["x", "y"], "labels": [["a", "a", "a"], ["b"]]})
+    truth = pl.DataFrame({"id": ["q"], "labels": [["a", "b"]]})
+    nb = neighbors({"q": ["x", "y"]})
+    frame = metrics.record_scores(nb.lazy(), public.lazy(), truth.lazy(), k=2, top_n=1).collect()
+    assert frame.filter(pl.col("label_mode") == "all")["n_predicted"].item() == 2
+    # a and b each come from one image; a's image is nearer, so a wins the single top slot.
+    top = frame.filter(pl.col("label_mode") == "top_n").row(0, named=True)
+    assert top["n_correct"] == 1
+
+
+def test_win_gap_hand_computed():
+    target = np.array([0.5, 0.2, 0.3, 0.3])
+    reference = np.array([0.4, 0.5, 0.3, 0.1])
+    assert metrics.win_gap(target, reference) == pytest.approx(0.25)  # (2 wins - 1 loss) / 4, one tie
+
+
+def test_aucg_hand_computed():
+    # F_A: 0 below 0.5, 1/2 on [0.5, 1); F_B: 1/2 below 0.5, 1 from 0.5: the CDFs differ by 1/2 on [0, 1).
+    assert metrics.aucg(np.array([1.0, 0.5]), np.array([0.5, 0.0])) == pytest.approx(0.5)
+    assert metrics.aucg(np.array([0.5, 0.5]), np.array([0.5, 0.5])) == pytest.approx(0.0)
+    assert metrics.aucg(np.array([1.0]), np.array([0.0])) == pytest.approx(1.0)
+    # Crossing CDFs: areas of opposite sign cancel.
+    assert metrics.aucg(np.array([0.0, 1.0]), np.array([0.5, 0.5])) == pytest.approx(0.0)
+
+
+unit_arrays = st.integers(1, 40).flatmap(
+    lambda n: st.tuples(*[arrays(np.float64, n, elements=st.floats(0, 1)) for _ in range(2)]))
+
+
+@given(unit_arrays)
+@settings(max_examples=200, deadline=None)
+def test_aucg_equals_mean_recall_difference(pair):
+    target, reference = pair
+    assert metrics.aucg(target, reference) == pytest.approx(target.mean() - reference.mean(), abs=1e-9)
+
+
+@given(unit_arrays)
+@settings(max_examples=200, deadline=None)
+def test_swapping_models_negates_every_population_gap(pair):
+    target, reference = pair
+    assert metrics.win_gap(reference, target) == pytest.approx(-metrics.win_gap(target, reference))
+    assert metrics.aucg(reference, target) == pytest.approx(-metrics.aucg(target, reference), abs=1e-12)
+
+
+def test_aucg_is_batched_over_leading_axes():
+    rng = np.random.default_rng(0)
+    target, reference = rng.random((5, 30)), rng.random((5, 30))
+    batched = metrics.aucg(target, reference)
+    assert batched.shape == (5,)
+    assert batched == pytest.approx([metrics.aucg(t, r) for t, r in zip(target, reference)])
+
+
+def paired_frame(n=200, seed=0, shift=0.1):
+    rng = np.random.default_rng(seed)
+    base = {}
+    for side, offset in (("target", shift), ("reference", 0.0)):
+        base[f"precision_{side}"] = np.clip(rng.random(n) + offset, 0, 1)
+        base[f"recall_{side}"] = np.clip(rng.random(n) + offset, 0, 1)
+        base[f"f1_{side}"] = np.clip(rng.random(n) + offset, 0, 1)
+    return pl.DataFrame({"id": [f"r{i}" for i in range(n)], "label_mode": "all", "n_objects": 3, **base})
+
+
+def swap_sides(frame: pl.DataFrame) -> pl.DataFrame:
+    return frame.rename({c: c.replace("_target", "_tmp").replace("_reference", "_target").replace("_tmp", "_reference")
+                         for c in frame.columns})
+
+
+def test_population_bootstrap_is_seeded_and_swap_negates():
+    frame = paired_frame()
+    first = metrics.population_metrics(frame, n_boot=50, frac=0.1, seed=3).filter(pl.col("label_mode") == "all")
+    again = metrics.population_metrics(frame, n_boot=50, frac=0.1, seed=3).filter(pl.col("label_mode") == "all")
+    assert first.equals(again)
+    swapped = metrics.population_metrics(swap_sides(frame), n_boot=50, frac=0.1, seed=3) \
+        .filter(pl.col("label_mode") == "all")
+    assert swapped["value"].to_numpy() == pytest.approx(-first["value"].to_numpy())
+    assert swapped["mean"].to_numpy() == pytest.approx(-first["mean"].to_numpy())
+    assert swapped["std"].to_numpy() == pytest.approx(first["std"].to_numpy())
+    assert (first["n_records"] == 200).all() and (first["n_boot"] == 50).all()
+    values = dict(zip(first["metric"], first["value"]))
+    assert values["PPG"] > 0 and values["AUCG"] > 0
+
+
+def test_population_excludes_records_without_objects():
+    frame = paired_frame(n=10).with_columns(n_objects=pl.Series([0, 0] + [2] * 8))
+    table = metrics.population_metrics(frame, n_boot=10, frac=0.5, seed=0).filter(pl.col("label_mode") == "all")
+    assert (table["n_records"] == 8).all() and (table["n_excluded"] == 2).all()
+
+
+def test_sample_level_hand_computed():
+    frame = pl.DataFrame({
+        "id": ["a", "b", "c"], "label_mode": "top_n", "n_objects": [1, 1, 1],
+        "nn_score_target": [0.9, 0.5, 0.7], "n_correct_target": [1, 3, 2], "n_correct_reference": [1, 0, 2],
+        "precision_target": [0.5, 0.9, 0.1], "precision_reference": [0.3, 0.1, 0.4],
+        "recall_target": [1.0, 1.0, 0.0], "recall_reference": [0.0, 0.0, 0.0],
+        "f1_target": [0.2, 0.2, 0.2], "f1_reference": [0.1, 0.1, 0.1],
+    })
+    table = metrics.sample_level(frame, top_l=[1, 2, 5])
+    distance = table.filter(pl.col("order") == "distance").sort("top_l")  # order a, c, b
+    assert distance["top_l"].to_list() == [1, 2, 3]
+    assert distance["precision_gap"].to_list() == pytest.approx([0.2, (0.2 - 0.3) / 2, (0.2 - 0.3 + 0.8) / 3])
+    correct = table.filter(pl.col("order") == "correct").sort("top_l")  # order b, c, a
+    assert correct["recall_gap"].to_list() == pytest.approx([1.0, 0.5, 2 / 3])
+    gap = table.filter(pl.col("order") == "gap")  # b (3), then a and c tie at 0: id order
+    assert gap["oracle"].all() and not distance["oracle"].any()
+    assert gap.sort("top_l")["precision_gap"].to_list()[:2] == pytest.approx([0.8, (0.8 + 0.2) / 2])
+
+
+def write(frame: pl.DataFrame, path):
+    frame.write_parquet(path)
+    return str(path)
+
+
+def test_compute_end_to_end_and_swap(tmp_path):
+    nb_a = write(neighbors({"q1": ["p1", "p2"], "q2": ["p2", "p3"], "q3": ["p1"], "q4": ["p2", "p1"]}), tmp_path / "a.parquet")
+    nb_b = write(neighbors({"q1": ["p3", "p4"], "q2": ["p4", "p3"], "q3": ["p1"], "q4": ["p3", "p1"]}), tmp_path / "b.parquet")
+    truth = write(TRUTH, tmp_path / "truth.parquet")
+    public = write(PUBLIC, tmp_path / "public.parquet")
+    queries = write(pl.DataFrame({"id": ["q1", "q2", "q3", "q4"]}), tmp_path / "queries.parquet")
+    common = dict(query_annotations=truth, public_annotations=public, queries=queries, k=2, top_n=2,
+                  top_l=[1, 2], n_boot=20, frac=0.5, seed=1)
+    metrics.compute(nb_a, nb_b, out_dir=tmp_path / "ab", **common)
+    metrics.compute(nb_b, nb_a, out_dir=tmp_path / "ba", **common)
+    ab = pl.read_parquet(tmp_path / "ab" / "population.parquet")
+    ba = pl.read_parquet(tmp_path / "ba" / "population.parquet")
+    assert ab["value"].to_numpy() == pytest.approx(-ba["value"].to_numpy())
+    records = pl.read_parquet(tmp_path / "ab" / "records.parquet")
+    assert records.height == 8  # 4 records x 2 label modes; q3 kept but excluded from the gaps
+    assert (ab["n_excluded"] == 1).all()
+    # q1: A predicts {a,b,c} (2 of 3 right), B predicts {d}; q2: A {b,c,d} vs B {d}; q4: A {a,b,c} vs B {a,b,d}.
+    all_mode = ab.filter(pl.col("label_mode") == "all")
+    assert dict(zip(all_mode["metric"], all_mode["value"]))["PRG"] == pytest.approx(1.0)
+
+
+def test_compute_refuses_missing_neighbours(tmp_path):
+    nb = write(neighbors({"q1": ["p1"]}), tmp_path / "nb.parquet")
+    truth = write(TRUTH, tmp_path / "truth.parquet")
+    public = write(PUBLIC, tmp_path / "public.parquet")
+    queries = write(pl.DataFrame({"id": ["q1", "q2"]}), tmp_path / "queries.parquet")
+    with pytest.raises(DataError, match="q2"):
+        metrics.compute(nb, nb, truth, public, queries, tmp_path / "out", 1, 1, [1], 5, 0.5, 0)

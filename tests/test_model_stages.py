@@ -1,0 +1,141 @@
+"""Training, embedding and kNN on tiny inputs: data pipeline laws, checkpoints, contracts."""
+
+import logging
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from workflow_scripts import embed, knn, models, synthetic, train
+from workflow_scripts.io import read_embeddings
+
+EOT = 49407
+
+
+def test_mask_tokens_masks_the_exact_fraction_of_content_tokens():
+    tokens = torch.zeros((3, 12), dtype=torch.long)
+    for row, length in enumerate((10, 4, 1)):
+        tokens[row, 0] = 49406
+        tokens[row, 1:length + 1] = torch.arange(100, 100 + length)
+        tokens[row, length + 1] = EOT
+    masked = train.mask_tokens(tokens, 0.5, EOT, torch.Generator().manual_seed(0))
+    changed = (masked != tokens).sum(dim=1).tolist()
+    assert changed == [5, 2, 0]  # round(0.5 * 10), round(0.5 * 4), round(0.5 * 1) = 0 (banker's rounding)
+    assert (masked[:, 0] == 49406).all() and (masked == EOT).sum() == 3
+    assert torch.equal(train.mask_tokens(tokens, 0.0, EOT, torch.Generator()), tokens)
+    again = train.mask_tokens(tokens, 0.5, EOT, torch.Generator().manual_seed(0))
+    assert torch.equal(masked, again)
+
+
+def test_draw_captions_picks_one_caption_of_each_record():
+    owner = torch.tensor([0, 0, 0, 1, 2, 2])
+    seen = set()
+    for seed in range(50):
+        drawn = train.draw_captions(owner, 3, torch.Generator().manual_seed(seed))
+        assert owner[drawn].tolist() == [0, 1, 2]
+        seen.add(int(drawn[0]))
+    assert seen == {0, 1, 2}  # every caption of a multi-caption record gets drawn
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    config = synthetic.SyntheticConfig(image_size=64)
+    synthetic.generate("pool", 40, seed=1, config=config, out_dir=root / "pool")
+    synthetic.generate("public", 24, seed=2, config=config, out_dir=root / "public")
+    ids = pl.read_parquet(root / "pool" / "records.parquet")["id"]
+    pl.DataFrame({"id": ids[:32]}).write_parquet(root / "A.parquet")
+    pl.DataFrame({"id": ids[32:]}).write_parquet(root / "holdout.parquet")
+    params = train.TrainingParams(epochs=2, batch_size=16, warmup_steps=1, save_epochs="1", threads=2)
+    train.train(str(root / "pool" / "records.parquet"), str(root / "A.parquet"), root / "model", params)
+    return root, params
+
+
+def test_training_writes_checkpoints_and_log(tiny_run):
+    root, params = tiny_run
+    log = pl.read_parquet(root / "model" / "train_log.parquet")
+    assert log["epoch"].to_list() == [1, 2]
+    assert set(log.columns) >= {"loss", "lr", "seconds", "logit_scale"}
+    checkpoint = torch.load(root / "model" / "model.pt", weights_only=True)
+    assert checkpoint["epoch"] == 2 and checkpoint["model_name"] == "dejavu-vit-tiny"
+    assert torch.load(root / "model" / "model_epoch1.pt", weights_only=True)["epoch"] == 1
+    assert not (root / "model" / "resume.pt").exists()
+
+
+def test_fixed_temperature_freezes_the_logit_scale(tmp_path, tiny_run):
+    root, params = tiny_run
+    fixed = train.TrainingParams(epochs=1, batch_size=16, warmup_steps=1, temperature=0.05, threads=2)
+    train.train(str(root / "pool" / "records.parquet"), str(root / "A.parquet"), tmp_path, fixed)
+    assert pl.read_parquet(tmp_path / "train_log.parquet")["logit_scale"][0] == pytest.approx(20.0)
+
+
+def test_training_resumes_after_a_kill(tmp_path, tiny_run, monkeypatch, caplog):
+    root, _ = tiny_run
+    params = train.TrainingParams(epochs=2, batch_size=16, warmup_steps=1, threads=2)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "write_parquet", killed)
+        with pytest.raises(KeyboardInterrupt):
+            train.train(str(root / "pool" / "records.parquet"), str(root / "A.parquet"), tmp_path, params)
+    assert (tmp_path / "resume.pt").exists()
+    with caplog.at_level(logging.INFO):
+        train.train(str(root / "pool" / "records.parquet"), str(root / "A.parquet"), tmp_path, params)
+    assert "resuming" in caplog.text
+    assert pl.read_parquet(tmp_path / "train_log.parquet")["epoch"].to_list() == [1, 2]
+
+
+def test_open_clip_train_checkpoint_format_loads(tmp_path, tiny_run):
+    root, _ = tiny_run
+    ours = torch.load(root / "model" / "model.pt", weights_only=True)
+    foreign = {"epoch": 2, "name": "run", "state_dict": {f"module.{k}": v for k, v in ours["state_dict"].items()}}
+    torch.save(foreign, tmp_path / "epoch_2.pt")
+    model, _, _, _ = models.load_checkpoint(tmp_path / "epoch_2.pt", torch.device("cpu"), "dejavu-vit-tiny")
+    assert torch.equal(model.logit_scale, ours["state_dict"]["logit_scale"])
+    with pytest.raises(ValueError, match="does not name its architecture"):
+        models.load_checkpoint(tmp_path / "epoch_2.pt", torch.device("cpu"))
+
+
+def test_embeddings_contract(tmp_path, tiny_run):
+    root, _ = tiny_run
+    model = str(root / "model" / "model.pt")
+    embed.embed(model, str(root / "public" / "records.parquet"), [], "image", str(tmp_path / "public.parquet"),
+                batch_size=10)
+    embed.embed(model, str(root / "pool" / "records.parquet"), [str(root / "A.parquet"), str(root / "holdout.parquet")],
+                "text", str(tmp_path / "captions.parquet"), batch_size=10)
+    schema = pq.read_schema(tmp_path / "public.parquet")
+    assert str(schema.field("embedding").type) == "fixed_size_list<element: float>[64]"
+    ids, vectors = read_embeddings(tmp_path / "captions.parquet")
+    assert len(ids) == 40 and list(ids[:32]) == pl.read_parquet(root / "A.parquet")["id"].to_list()
+    assert np.linalg.norm(vectors, axis=1) == pytest.approx(np.ones(40), abs=1e-5)
+    knn.knn(str(tmp_path / "captions.parquet"), str(tmp_path / "public.parquet"), str(tmp_path / "nb.parquet"), k=5)
+    neighbors = pl.read_parquet(tmp_path / "nb.parquet")
+    assert neighbors.schema == {"query_id": pl.String, "rank": pl.Int16, "public_id": pl.String, "score": pl.Float32}
+    assert neighbors.height == 40 * 5
+
+
+def test_knn_matches_brute_force():
+    rng = np.random.default_rng(0)
+    public = rng.normal(size=(500, 16)).astype(np.float32)
+    queries = rng.normal(size=(70, 16)).astype(np.float32)
+    public /= np.linalg.norm(public, axis=1, keepdims=True)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    scores, rows = knn.search(queries, public, k=7, batch_size=16)
+    similarity = queries @ public.T
+    expected = np.argsort(-similarity, axis=1)[:, :7]
+    assert np.array_equal(rows, expected)
+    assert scores == pytest.approx(np.take_along_axis(similarity, expected, axis=1), abs=1e-5)
+
+
+def test_gpu_requests_fail_loudly_without_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    with pytest.raises(models.DeviceError, match="no GPU is visible"):
+        models.select_device("cuda", allow_cpu_fallback=False)
+    assert models.select_device("cuda", allow_cpu_fallback=True).type == "cpu"
+    with pytest.raises(RuntimeError, match="faiss sees no GPU"):
+        knn.search(np.ones((1, 4), np.float32), np.ones((2, 4), np.float32), k=1, use_gpu="always")
