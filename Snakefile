@@ -19,6 +19,8 @@ include: "rules/train.smk"
 include: "rules/embed.smk"
 include: "rules/knn.smk"
 include: "rules/metrics.smk"
+include: "rules/utility.smk"
+include: "rules/one_model.smk"
 include: "rules/figures.smk"
 
 

@@ -1,4 +1,5 @@
 # Stage annotate: records -> annotations.parquet (id, labels, scores), one row per record.
+# One rule per annotator (datasets.<name>.annotator); each rule only matches the data sets using it.
 
 
 rule annotate_ground_truth:
@@ -6,7 +7,9 @@ rule annotate_ground_truth:
         records=f"{RESULTS}/data/{{dataset}}/records.parquet",
         ground_truth=f"{RESULTS}/data/{{dataset}}/ground_truth.parquet",
     output:
-        f"{RESULTS}/data/{{dataset}}/annotations.parquet",
+        ANNOTATIONS,
+    wildcard_constraints:
+        dataset=datasets_where("annotator", ["ground_truth"]),
     log:
         f"{RESULTS}/logs/annotate/{{dataset}}.log",
     conda:
@@ -14,3 +17,86 @@ rule annotate_ground_truth:
     shell:
         "python -m workflow_scripts.annotate --annotator ground_truth --records {input.records}"
         " --ground-truth {input.ground_truth} --out {output} > {log} 2>&1"
+
+
+rule annotate_precomputed:
+    input:
+        records=f"{RESULTS}/data/{{dataset}}/records.parquet",
+        annotations=lambda wc: dataset_spec(wc)["annotations"],
+    output:
+        ANNOTATIONS,
+    wildcard_constraints:
+        dataset=datasets_where("annotator", ["precomputed"]),
+    params:
+        flags=precomputed_flags,
+    log:
+        f"{RESULTS}/logs/annotate/{{dataset}}.log",
+    conda:
+        "../envs/dejavu.yaml"
+    shell:
+        "python -m workflow_scripts.annotate --annotator precomputed --records {input.records}"
+        " --annotations {input.annotations:q} {params.flags} --out {output} > {log} 2>&1"
+
+
+# A mix keeps the annotation each record got from its own data set's annotator (a mix draws a subset of them).
+rule annotate_parts:
+    input:
+        records=f"{RESULTS}/data/{{dataset}}/records.parquet",
+        parts=lambda wc: [f"{dataset_dir(part['dataset'])}/annotations.parquet" for part in dataset_spec(wc)["parts"]],
+    output:
+        ANNOTATIONS,
+    wildcard_constraints:
+        dataset=datasets_where("annotator", ["parts"]),
+    log:
+        f"{RESULTS}/logs/annotate/{{dataset}}.log",
+    conda:
+        "../envs/dejavu.yaml"
+    shell:
+        "python -m workflow_scripts.annotate --annotator precomputed --records {input.records}"
+        " --annotations {input.parts} --drop-unknown --out {output} > {log} 2>&1"
+
+
+rule detic_chunk:
+    input:
+        records=f"{RESULTS}/data/{{dataset}}/records.parquet",
+        vocabulary=lambda wc: detic_spec(wc)["vocabulary"],
+    output:
+        f"{RESULTS}/data/{{dataset}}/detic/chunk-{{chunk}}.parquet",
+    wildcard_constraints:
+        dataset=datasets_where("annotator", ["detic"]),
+        chunk=r"\d+",
+    params:
+        spec=detic_spec,
+        repo=lambda wc: shlex.quote(detic_spec(wc)["repo"]),
+        config_file=lambda wc: shlex.quote(detic_spec(wc)["config_file"]),
+        weights=lambda wc: shlex.quote(detic_spec(wc)["weights"]),
+    resources:
+        gpu=1,
+    log:
+        f"{RESULTS}/logs/annotate/{{dataset}}/detic-{{chunk}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/annotate/{{dataset}}/detic-{{chunk}}.tsv"
+    conda:
+        "../envs/detic.yaml"
+    shell:
+        "python -m workflow_scripts.detic detect --records {input.records} --chunk {wildcards.chunk}"
+        " --n-chunks {params.spec[n_chunks]} --detic-repo {params.repo} --config-file {params.config_file}"
+        " --weights {params.weights} --vocabulary {input.vocabulary:q} --score-threshold {params.spec[score_threshold]}"
+        " --device {params.spec[device]} --out {output} > {log} 2>&1"
+
+
+rule annotate_detic:
+    input:
+        records=f"{RESULTS}/data/{{dataset}}/records.parquet",
+        chunks=lambda wc: expand(f"{RESULTS}/data/{wc.dataset}/detic/chunk-{{chunk}}.parquet",
+                                 chunk=range(detic_spec(wc)["n_chunks"])),
+    output:
+        ANNOTATIONS,
+    wildcard_constraints:
+        dataset=datasets_where("annotator", ["detic"]),
+    log:
+        f"{RESULTS}/logs/annotate/{{dataset}}.log",
+    conda:
+        "../envs/dejavu.yaml"
+    shell:
+        "python -m workflow_scripts.detic merge --records {input.records} --chunks {input.chunks} --out {output} > {log} 2>&1"

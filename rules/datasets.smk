@@ -1,13 +1,16 @@
-# Stage datasets: raw data (here: the synthetic scene generator) -> records.parquet (+ ground_truth.parquet).
+# Stage datasets: raw data -> records.parquet + ground_truth.parquet (+ validation.parquet for real data).
+# One rule per source (datasets.<name>.source); each rule only matches the data sets of its source.
 
 
 rule synthetic_dataset:
     output:
-        records=f"{RESULTS}/data/{{dataset}}/records.parquet",
-        ground_truth=f"{RESULTS}/data/{{dataset}}/ground_truth.parquet",
+        records=DATASET_OUTPUTS["records"],
+        ground_truth=DATASET_OUTPUTS["ground_truth"],
         images=directory(f"{RESULTS}/data/{{dataset}}/images"),
+    wildcard_constraints:
+        dataset=datasets_where("source", ["synthetic"]),
     params:
-        spec=lambda wc: config["datasets"][wc.dataset],
+        spec=dataset_spec,
         generator=lambda wc: to_cli_flags(config.get("synthetic", {})),
         out_dir=lambda wc, output: os.path.dirname(output.records),
     log:
@@ -20,3 +23,100 @@ rule synthetic_dataset:
         "python -m workflow_scripts.synthetic --dataset {wildcards.dataset}"
         " --n-records {params.spec[n_records]} --seed {params.spec[seed]} {params.generator}"
         " --out-dir {params.out_dir} > {log} 2>&1"
+
+
+rule coco_dataset:
+    input:
+        captions=lambda wc: dataset_spec(wc)["captions"],
+        instances=optional_input("instances"),
+    output:
+        **DATASET_OUTPUTS,
+    wildcard_constraints:
+        dataset=datasets_where("source", ["coco"]),
+    params:
+        images=lambda wc: shlex.quote(dataset_spec(wc)["images"]),
+        instances=lambda wc, input: optional_flag("instances", input.instances),
+        validation=validation_flags,
+        out_dir=lambda wc, output: os.path.dirname(output.records),
+    threads: lambda wc: dataset_spec(wc)["threads"]
+    log:
+        f"{RESULTS}/logs/datasets/{{dataset}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/datasets/{{dataset}}.tsv"
+    conda:
+        "../envs/dejavu.yaml"
+    shell:
+        "python -m workflow_scripts.adapters coco --dataset {wildcards.dataset} --captions {input.captions:q}"
+        " {params.instances} --images {params.images} {params.validation} --out-dir {params.out_dir} > {log} 2>&1"
+
+
+rule image_folder_dataset:
+    input:
+        captions=optional_input("captions"),
+    output:
+        **DATASET_OUTPUTS,
+    wildcard_constraints:
+        dataset=datasets_where("source", ["image_folder"]),
+    params:
+        images=lambda wc: shlex.quote(dataset_spec(wc)["images"]),
+        captions=lambda wc, input: optional_flag("captions", input.captions),
+        validation=validation_flags,
+        out_dir=lambda wc, output: os.path.dirname(output.records),
+    threads: lambda wc: dataset_spec(wc)["threads"]
+    log:
+        f"{RESULTS}/logs/datasets/{{dataset}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/datasets/{{dataset}}.tsv"
+    conda:
+        "../envs/dejavu.yaml"
+    shell:
+        "python -m workflow_scripts.adapters image_folder --dataset {wildcards.dataset} --images {params.images}"
+        " {params.captions} {params.validation} --out-dir {params.out_dir} > {log} 2>&1"
+
+
+rule shards_dataset:
+    input:
+        shards=shard_files,
+        table=optional_input("table"),
+    output:
+        **DATASET_OUTPUTS,
+    wildcard_constraints:
+        dataset=datasets_where("source", ["shards"]),
+    params:
+        table=lambda wc, input: optional_flag("table", input.table),
+        validation=validation_flags,
+        out_dir=lambda wc, output: os.path.dirname(output.records),
+    threads: lambda wc: dataset_spec(wc)["threads"]
+    log:
+        f"{RESULTS}/logs/datasets/{{dataset}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/datasets/{{dataset}}.tsv"
+    conda:
+        "../envs/dejavu.yaml"
+    shell:
+        "python -m workflow_scripts.adapters shards --dataset {wildcards.dataset} --shards {input.shards:q}"
+        " {params.table} {params.validation} --out-dir {params.out_dir} > {log} 2>&1"
+
+
+rule mix_dataset:
+    input:
+        records=mix_part_records,
+        ground_truth=lambda wc: [path.replace("records.parquet", "ground_truth.parquet") for path in mix_part_records(wc)],
+    output:
+        **DATASET_OUTPUTS,
+    wildcard_constraints:
+        dataset=datasets_where("source", ["mix"]),
+    params:
+        parts=mix_part_flags,
+        seed=lambda wc: dataset_spec(wc)["seed"],
+        validation=validation_flags,
+        out_dir=lambda wc, output: os.path.dirname(output.records),
+    log:
+        f"{RESULTS}/logs/datasets/{{dataset}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/datasets/{{dataset}}.tsv"
+    conda:
+        "../envs/dejavu.yaml"
+    shell:
+        "python -m workflow_scripts.adapters mix --dataset {wildcards.dataset} --parts {params.parts}"
+        " --seed {params.seed} {params.validation} --out-dir {params.out_dir} > {log} 2>&1"

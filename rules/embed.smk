@@ -1,15 +1,41 @@
-# Stage embed: each model embeds the public images and the query captions (A's and the holdout's).
+# Stage embed: each model embeds the public images, shard by shard, and the query captions (A's and the holdout's).
+# P is split into embedding.public_shards contiguous row ranges named `I-of-N`; each shard is embedded by its own
+# job into its own (temporary) Parquet, then `knn gather` streams them, in order, into the contract file
+# public.parquet, which the kNN shard jobs read back by the same row ranges.
 
 
-rule embed_public:
+rule embed_public_shard:
     input:
         model=f"{RESULTS}/models/{{split}}/{{point}}/{{side}}/model.pt",
         records=public_records,
     output:
-        f"{RESULTS}/embeddings/{{split}}/{{point}}/{{side}}/public.parquet",
+        temp(f"{RESULTS}/embeddings/{{split}}/{{point}}/{{side}}/public_shards/{{shard}}.parquet"),
+    wildcard_constraints:
+        shard=r"\d+-of-\d+",
     params:
         emb=config["embedding"],
+        device=embed_device_flags(),
     threads: config["embedding"]["threads"]
+    resources:
+        gpu=EMBED_GPUS,
+    log:
+        f"{RESULTS}/logs/embed/{{split}}/{{point}}/{{side}}/public_shards/{{shard}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/embed/{{split}}/{{point}}/{{side}}/public_shards/{{shard}}.tsv"
+    conda:
+        "../envs/dejavu.yaml"
+    shell:
+        "python -m workflow_scripts.embed --model {input.model} --records {input.records} --modality image"
+        " --shard {wildcards.shard} --batch-size {params.emb[batch_size]} {params.device} --threads {threads}"
+        " --out {output} > {log} 2>&1"
+
+
+rule embed_public:
+    input:
+        shards=expand(f"{RESULTS}/embeddings/{{{{split}}}}/{{{{point}}}}/{{{{side}}}}/public_shards/{{shard}}.parquet",
+                      shard=PUBLIC_SHARDS),
+    output:
+        f"{RESULTS}/embeddings/{{split}}/{{point}}/{{side}}/public.parquet",
     log:
         f"{RESULTS}/logs/embed/{{split}}/{{point}}/{{side}}/public.log",
     benchmark:
@@ -17,8 +43,7 @@ rule embed_public:
     conda:
         "../envs/dejavu.yaml"
     shell:
-        "python -m workflow_scripts.embed --model {input.model} --records {input.records} --modality image"
-        " --batch-size {params.emb[batch_size]} --threads {threads} --out {output} > {log} 2>&1"
+        "python -m workflow_scripts.knn gather --shards {input.shards} --out {output} > {log} 2>&1"
 
 
 rule embed_captions:
@@ -30,8 +55,11 @@ rule embed_captions:
         f"{RESULTS}/embeddings/{{split}}/{{point}}/{{side}}/captions.parquet",
     params:
         emb=config["embedding"],
+        device=embed_device_flags(),
         ids=lambda wc, input: " ".join(f"--ids {path}" for path in input.queries),
     threads: config["embedding"]["threads"]
+    resources:
+        gpu=EMBED_GPUS,
     log:
         f"{RESULTS}/logs/embed/{{split}}/{{point}}/{{side}}/captions.log",
     benchmark:
@@ -41,4 +69,4 @@ rule embed_captions:
     shell:
         "python -m workflow_scripts.embed --model {input.model} --records {input.records} {params.ids}"
         " --modality text --caption-index {params.emb[caption_index]} --batch-size {params.emb[batch_size]}"
-        " --threads {threads} --out {output} > {log} 2>&1"
+        " {params.device} --threads {threads} --out {output} > {log} 2>&1"

@@ -1,10 +1,37 @@
 # Stage knn: exact inner-product search of each model's caption embeddings among its public-image embeddings.
+# One job per shard of P (PUBLIC_SHARDS, rules/embed.smk) writes every query's top-k within its shard; `knn`
+# merges them into the global top-k (score descending, then public id: workflow_scripts/knn.py), queries in batches.
+
+
+rule knn_shard:
+    input:
+        queries=f"{RESULTS}/embeddings/{{split}}/{{point}}/{{side}}/captions.parquet",
+        public=f"{RESULTS}/embeddings/{{split}}/{{point}}/{{side}}/public.parquet",
+    output:
+        temp(f"{RESULTS}/neighbors/{{split}}/{{point}}/{{side}}/shards/{{shard}}.parquet"),
+    wildcard_constraints:
+        shard=r"\d+-of-\d+",
+    params:
+        knn=config["knn"],
+    threads: config["knn"]["threads"]
+    resources:
+        gpu=KNN_GPUS,
+    log:
+        f"{RESULTS}/logs/knn/{{split}}/{{point}}/{{side}}/shards/{{shard}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/knn/{{split}}/{{point}}/{{side}}/shards/{{shard}}.tsv"
+    conda:
+        KNN_ENV
+    shell:
+        "python -m workflow_scripts.knn search --queries {input.queries} --public {input.public}"
+        " --shard {wildcards.shard} --k {params.knn[k]} --batch-size {params.knn[batch_size]}"
+        " --use-gpu {params.knn[use_gpu]} --threads {threads} --out {output} > {log} 2>&1"
 
 
 rule knn:
     input:
-        queries=f"{RESULTS}/embeddings/{{split}}/{{point}}/{{side}}/captions.parquet",
-        public=f"{RESULTS}/embeddings/{{split}}/{{point}}/{{side}}/public.parquet",
+        shards=expand(f"{RESULTS}/neighbors/{{{{split}}}}/{{{{point}}}}/{{{{side}}}}/shards/{{shard}}.parquet",
+                      shard=PUBLIC_SHARDS),
     output:
         f"{RESULTS}/neighbors/{{split}}/{{point}}/{{side}}.parquet",
     params:
@@ -16,6 +43,5 @@ rule knn:
     conda:
         "../envs/dejavu.yaml"
     shell:
-        "python -m workflow_scripts.knn --queries {input.queries} --public {input.public}"
-        " --k {params.knn[k]} --batch-size {params.knn[batch_size]} --use-gpu {params.knn[use_gpu]}"
-        " --out {output} > {log} 2>&1"
+        "python -m workflow_scripts.knn merge --shards {input.shards} --k {params.knn[k]}"
+        " --batch-size {params.knn[batch_size]} --out {output} > {log} 2>&1"

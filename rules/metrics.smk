@@ -7,7 +7,7 @@ rule metrics:
         reference=f"{RESULTS}/neighbors/{{split}}/{{point}}/B.parquet",
         query_annotations=pool_annotations,
         public_annotations=public_annotations,
-        queries=lambda wc: f"{RESULTS}/splits/{wc.split}/{QUERY_SETS[wc.queries]}.parquet",
+        queries=query_split,
     output:
         records=f"{RESULTS}/metrics/{{split}}/{{point}}/{{queries}}/records.parquet",
         population=f"{RESULTS}/metrics/{{split}}/{{point}}/{{queries}}/population.parquet",

@@ -18,7 +18,7 @@ rule splits:
     conda:
         "../envs/dejavu.yaml"
     shell:
-        "python -m workflow_scripts.splits --pool-records {input.pool_records}"
+        "python -m workflow_scripts.splits make --pool-records {input.pool_records}"
         " --pool-annotations {input.pool_annotations} --public-records {input.public_records}"
         " --n-target {params.spec[n_target]} --n-reference {params.spec[n_reference]}"
         " --n-holdout {params.spec[n_holdout]} --seed {params.spec[seed]}"

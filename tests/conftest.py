@@ -8,6 +8,22 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
+TINY = {
+    "datasets": {
+        "scenes_pool": {"source": "synthetic", "n_records": 300, "seed": 1, "annotator": "ground_truth"},
+        "scenes_public": {"source": "synthetic", "n_records": 150, "seed": 2, "annotator": "ground_truth"},
+    },
+    "splits": {"scenes": {"pool": "scenes_pool", "public": "scenes_public", "n_target": 96,
+                          "n_reference": 96, "n_holdout": 48, "seed": 0}},
+    "training": {"epochs": 2, "batch_size": 32, "warmup_steps": 2},
+    "sweep": {"epochs": [1, 2], "mask_ratio": [0.0]},
+    "knn": {"k": 5},
+    "metrics": {"k": 5, "top_n": 5, "bootstrap": {"n_boot": 10, "frac": 0.5, "seed": 0}},
+}
+POINT = "n_train~all/epochs~2/temperature~learned/weight_decay~0.1/mask_ratio~0.0/seed~0"
+SHORT_POINT = POINT.replace("epochs~2", "epochs~1")
+
+
 
 def snakemake_env() -> dict:
     """Environment for a Snakemake subprocess: this interpreter's bin first, so jobs find `python`."""
@@ -33,3 +49,11 @@ def run_snakemake(workdir: Path, config: dict | None = None, *args: str, check: 
 @pytest.fixture
 def repo() -> Path:
     return REPO
+
+
+@pytest.fixture(scope="session")
+def tiny_workflow(tmp_path_factory) -> Path:
+    """The real DAG run once on the tiny config; tests read its results (and must not change them)."""
+    workdir = tmp_path_factory.mktemp("tiny_workflow")
+    run_snakemake(workdir, TINY)
+    return workdir

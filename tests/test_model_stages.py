@@ -139,3 +139,21 @@ def test_gpu_requests_fail_loudly_without_a_gpu():
     assert models.select_device("cuda", allow_cpu_fallback=True).type == "cpu"
     with pytest.raises(RuntimeError, match="faiss sees no GPU"):
         knn.search(np.ones((1, 4), np.float32), np.ones((2, 4), np.float32), k=1, use_gpu="always")
+
+
+def test_distributed_training_under_torchrun(tmp_path, tiny_run):
+    """Two processes (gloo on the CPU) split each global batch; rank 0 alone writes the outputs."""
+    import subprocess
+    import sys
+
+    root, _ = tiny_run
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "workflow_scripts.train", "--records", str(root / "pool" / "records.parquet"),
+               "--split", str(root / "A.parquet"), "--out-dir", str(tmp_path), "--epochs", "2",
+               "--batch-size", "16", "--warmup-steps", "1", "--device", "cpu"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = pl.read_parquet(tmp_path / "train_log.parquet")
+    assert log["epoch"].to_list() == [1, 2]
+    assert '"world_size": 2' in pq.read_schema(tmp_path / "train_log.parquet").metadata[b"dejavu:params"].decode()
+    assert torch.load(tmp_path / "model.pt", weights_only=True)["epoch"] == 2

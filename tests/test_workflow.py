@@ -5,21 +5,7 @@ import polars as pl
 import pytest
 import yaml
 
-from conftest import REPO, run_snakemake
-
-TINY = {
-    "datasets": {
-        "scenes_pool": {"source": "synthetic", "n_records": 300, "seed": 1, "annotator": "ground_truth"},
-        "scenes_public": {"source": "synthetic", "n_records": 150, "seed": 2, "annotator": "ground_truth"},
-    },
-    "splits": {"scenes": {"pool": "scenes_pool", "public": "scenes_public", "n_target": 96,
-                          "n_reference": 96, "n_holdout": 48, "seed": 0}},
-    "training": {"epochs": 2, "batch_size": 32, "warmup_steps": 2},
-    "sweep": {"epochs": [2]},
-    "knn": {"k": 5},
-    "metrics": {"k": 5, "top_n": 5, "bootstrap": {"n_boot": 10, "frac": 0.5, "seed": 0}},
-}
-POINT = "epochs~2/temperature~learned/weight_decay~0.1/mask_ratio~0.0/seed~0"
+from conftest import POINT, REPO, TINY, run_snakemake
 
 CONTRACTS = {
     "data/scenes_pool/records.parquet": {"id": "string", "image_path": "string", "captions": "list<element: string>"},
@@ -43,13 +29,6 @@ CONTRACTS = {
     f"metrics/scenes/{POINT}/target/sample_level.parquet": {
         "order": "string", "top_l": "int64", "precision_gap": "double", "recall_gap": "double", "f1_gap": "double"},
 }
-
-
-@pytest.fixture(scope="module")
-def tiny_workflow(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("tiny_workflow")
-    run_snakemake(workdir, TINY)
-    return workdir
 
 
 def test_tiny_dag_writes_every_contract_table(tiny_workflow):
@@ -81,20 +60,26 @@ def test_invalid_config_is_refused_with_the_key(tmp_path):
 
 
 def test_default_config_finds_memorization_and_a_clean_control(tmp_path):
-    """The embedded default, exactly as `make run` runs it: gaps positive on A, near zero on the holdout."""
-    run_snakemake(tmp_path, None)
+    """The embedded default's longest unmasked point, as `make run` computes it: gaps positive on A (two-model
+    and one-model tests), near zero on the holdout."""
     config = yaml.safe_load((REPO / "config.yaml").read_text())
-    point = next(iter((tmp_path / "results" / "metrics" / "scenes").glob("epochs~*")))
-    assert config["sweep"]["epochs"] == [int(point.name.split("~")[1])]
-    metrics_dir = next((tmp_path / "results" / "metrics" / "scenes").rglob("target")).parent
-    for label_mode in ("all", "top_n"):
-        target = pl.read_parquet(metrics_dir / "target" / "population.parquet").filter(
-            pl.col("label_mode") == label_mode)
-        holdout = pl.read_parquet(metrics_dir / "holdout" / "population.parquet").filter(
-            pl.col("label_mode") == label_mode)
-        for metric in ("PPG", "PRG", "AUCG"):
-            row = target.filter(pl.col("metric") == metric).row(0, named=True)
-            assert row["value"] > 0 and row["mean"] > 2 * row["std"], (label_mode, row)
-        for metric in ("PPG", "PRG"):
-            row = holdout.filter(pl.col("metric") == metric).row(0, named=True)
-            assert abs(row["value"]) < 3 * row["std"], (label_mode, row)
+    epochs = max(config["sweep"]["epochs"])
+    point = (f"n_train~all/epochs~{epochs}/temperature~learned/weight_decay~{config['training']['weight_decay']}"
+             f"/mask_ratio~0.0/seed~{config['training']['seed']}")
+    tests = ("", *[f"one_model~{mode}/" for mode in config["one_model"]["modes"]])
+    targets = [f"results/metrics/scenes/{point}/{test}{queries}/population.parquet"
+               for test in tests for queries in ("target", "holdout")]
+    run_snakemake(tmp_path, None, *targets)
+    for test in tests:
+        for label_mode in ("all", "top_n"):
+            def population(queries):
+                path = tmp_path / f"results/metrics/scenes/{point}/{test}{queries}/population.parquet"
+                return pl.read_parquet(path).filter(pl.col("label_mode") == label_mode)
+
+            for metric in ("PPG", "PRG", "AUCG"):
+                row = population("target").filter(pl.col("metric") == metric).row(0, named=True)
+                assert row["value"] > 0 and row["mean"] > 2 * row["std"], (test, label_mode, row)
+            if not test:  # the control: f_B never saw the holdout either, so its gaps vanish
+                for metric in ("PPG", "PRG"):
+                    row = population("holdout").filter(pl.col("metric") == metric).row(0, named=True)
+                    assert abs(row["value"]) < 3 * row["std"], (label_mode, row)

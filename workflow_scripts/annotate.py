@@ -5,6 +5,13 @@ Annotator ``ground_truth`` takes the object lists a dataset adapter wrote
 checks them against the records: every record gets exactly one row (a record
 with no objects gets empty lists, never a missing row), labels and scores have
 equal lengths, and no row names an unknown record.
+
+Annotator ``precomputed`` takes user-supplied annotation tables (one, or the
+parts' annotations of a mixed data set), conformed the same way; a record
+without a row is an error unless missing records are allowed (they then get
+empty lists and are excluded from the metrics' gaps), and a row for an unknown
+id is an error unless unknown ids are dropped (a mix draws a subset of its
+parts; an adapter may have skipped invalid records).
 """
 
 from __future__ import annotations
@@ -50,6 +57,37 @@ def conform_annotations(records: pl.DataFrame, annotations: pl.DataFrame, annota
     )
 
 
+def check_complete(records: pl.DataFrame, annotations: pl.DataFrame, annotations_path: str,
+                   records_path: str) -> None:
+    missing = records.join(annotations, on="id", how="anti")["id"]
+    if len(missing):
+        raise DataError(f"{annotations_path}: no annotation row for {len(missing)} record(s) of {records_path}, "
+                        f"e.g. {missing.head(5).to_list()}")
+
+
+def _read_annotation_table(path: str) -> pl.DataFrame:
+    table = read_parquet(path, {"id": "str", "labels": "list<str>"})
+    if "scores" not in table.columns:  # a label list without confidences: every label is certain
+        table = table.with_columns(scores=pl.col("labels").list.eval(pl.lit(1.0, pl.Float32)))
+    return table.select("id", "labels", "scores").cast(ANNOTATION_SCHEMA)
+
+
+def annotate_precomputed(records_path: str, annotation_paths: list[str], out_path: str,
+                         allow_missing: bool = False, drop_unknown: bool = False) -> None:
+    records = read_parquet(records_path, {"id": "str"})
+    check_unique_ids(records["id"], records_path)
+    annotations = pl.concat([_read_annotation_table(path) for path in annotation_paths])
+    source = " + ".join(annotation_paths)
+    if drop_unknown:
+        annotations = annotations.join(records.select("id"), on="id", how="semi")
+    if not allow_missing:
+        check_complete(records, annotations, source, records_path)
+    conformed = conform_annotations(records, annotations, source, records_path)
+    write_parquet(conformed, out_path, stage="annotate",
+                  params={"annotator": "precomputed", "records": records_path, "sources": annotation_paths,
+                          "allow_missing": allow_missing, "drop_unknown": drop_unknown})
+
+
 def annotate_ground_truth(records_path: str, ground_truth_path: str, out_path: str) -> None:
     records = read_parquet(records_path, {"id": "str"})
     check_unique_ids(records["id"], records_path)
@@ -61,13 +99,25 @@ def annotate_ground_truth(records_path: str, ground_truth_path: str, out_path: s
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--annotator", choices=("ground_truth",), default="ground_truth")
+    parser.add_argument("--annotator", choices=("ground_truth", "precomputed"), default="ground_truth")
     parser.add_argument("--records", required=True)
-    parser.add_argument("--ground-truth", required=True, help="Parquet with id, labels[, scores] from the adapter")
+    parser.add_argument("--ground-truth", help="ground_truth: Parquet with id, labels[, scores] from the adapter")
+    parser.add_argument("--annotations", nargs="+", help="precomputed: Parquet table(s) with id, labels[, scores]")
+    parser.add_argument("--allow-missing", action="store_true",
+                        help="precomputed: records without a row get empty lists instead of an error")
+    parser.add_argument("--drop-unknown", action="store_true",
+                        help="precomputed: rows for ids not in the records are dropped instead of an error")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    annotate_ground_truth(args.records, args.ground_truth, args.out)
+    if args.annotator == "ground_truth":
+        if not args.ground_truth:
+            parser.error("--annotator ground_truth needs --ground-truth")
+        annotate_ground_truth(args.records, args.ground_truth, args.out)
+    else:
+        if not args.annotations:
+            parser.error("--annotator precomputed needs --annotations")
+        annotate_precomputed(args.records, args.annotations, args.out, args.allow_missing, args.drop_unknown)
 
 
 if __name__ == "__main__":

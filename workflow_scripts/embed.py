@@ -4,6 +4,13 @@ One entry point serves both modalities, both models and every dataset:
 `--modality image` embeds each record's image, `--modality text` embeds one
 caption per record (`--caption-index`, default the first). Embeddings are
 L2-normalised float32, computed in batches without gradients.
+
+Sharded public sets: `--shard I-of-N` embeds only rows [I·n//N, (I+1)·n//N) of
+the records file (`knn.shard_range`), so a job holds one shard; `python -m
+workflow_scripts.knn gather` joins the shard files.
+
+Device: `--device auto` takes a visible GPU, else the CPU with a log line;
+`--device cuda` without a GPU is an error unless `--allow-cpu-fallback true`.
 """
 
 from __future__ import annotations
@@ -13,19 +20,31 @@ import logging
 
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
 from workflow_scripts.images import load_rgb, resolve_image_paths
 from workflow_scripts.io import DataError, embeddings_table, read_parquet, write_parquet
+from workflow_scripts.knn import shard_range
 from workflow_scripts.models import load_checkpoint, select_device
 
 log = logging.getLogger(__name__)
+RECORD_COLUMNS = {"id": "str", "image_path": "str", "captions": "list<str>"}
 
 
-def select_records(records_path: str, id_paths: list[str]) -> pl.DataFrame:
-    """All records of a dataset, or those listed in the given split files, in split order."""
-    records = read_parquet(records_path, {"id": "str", "image_path": "str", "captions": "list<str>"})
+def select_records(records_path: str, id_paths: list[str], shard: str | None = None) -> pl.DataFrame:
+    """All records of a dataset, those listed in the given split files (in split order), or one shard's rows."""
+    if shard is not None:
+        if id_paths:
+            raise ValueError("--shard splits a whole record set; it cannot be combined with --ids")
+        missing = [name for name in RECORD_COLUMNS if name not in pq.read_schema(records_path).names]
+        if missing:
+            raise DataError(f"{records_path}: missing column(s) {missing}")
+        start, stop = shard_range(records_path, shard)
+        # Only the shard's rows are read: the job's memory follows the shard, not the record set.
+        return pl.scan_parquet(records_path).slice(start, stop - start).select(list(RECORD_COLUMNS)).collect()
+    records = read_parquet(records_path, RECORD_COLUMNS)
     if not id_paths:
         return records
     wanted = pl.concat([read_parquet(path, {"id": "str"}).select("id") for path in id_paths])
@@ -34,6 +53,19 @@ def select_records(records_path: str, id_paths: list[str]) -> pl.DataFrame:
     if len(missing):
         raise DataError(f"{records_path}: {len(missing)} requested id(s) missing, e.g. {missing.head(5).to_list()}")
     return selected
+
+
+def select_captions(records: pl.DataFrame, records_path: str, caption_index: int,
+                    skip_uncaptioned: bool) -> pl.DataFrame:
+    """Records with their `caption` #caption_index; records lacking it are an error, or left out (logged)."""
+    records = records.with_columns(caption=pl.col("captions").list.get(caption_index, null_on_oob=True))
+    missing = records.filter(pl.col("caption").is_null())["id"]
+    if len(missing) and not skip_uncaptioned:
+        raise DataError(f"{records_path}: record(s) without caption #{caption_index}: {missing.head(5).to_list()}")
+    if len(missing):
+        log.info("%s: %d record(s) without caption #%d left out, e.g. %s", records_path, len(missing),
+                 caption_index, missing.head(3).to_list())
+    return records.filter(pl.col("caption").is_not_null())
 
 
 @torch.no_grad()
@@ -49,11 +81,15 @@ def embed_batches(encode, items: list, prepare, batch_size: int, device: torch.d
 
 
 def embed(model_path: str, records_path: str, id_paths: list[str], modality: str, out_path: str,
-          batch_size: int = 512, caption_index: int = 0, device: str = "auto", threads: int = 1) -> None:
+          batch_size: int = 512, caption_index: int = 0, device: str = "auto", threads: int = 1,
+          shard: str | None = None, allow_cpu_fallback: bool = False, skip_uncaptioned: bool = False) -> None:
     torch.set_num_threads(threads)
-    torch_device = select_device(device)
+    torch_device = select_device(device, allow_cpu_fallback)
+    log.info("embedding on %s", torch_device)
     model, preprocess, tokenizer, checkpoint = load_checkpoint(model_path, torch_device)
-    records = select_records(records_path, id_paths)
+    records = select_records(records_path, id_paths, shard)
+    if modality == "text":
+        records = select_captions(records, records_path, caption_index, skip_uncaptioned)
     ids = records["id"].to_list()
     if modality == "image":
         paths = resolve_image_paths(records, records_path).to_list()
@@ -64,18 +100,14 @@ def embed(model_path: str, records_path: str, id_paths: list[str], modality: str
 
         encode = model.encode_image
     elif modality == "text":
-        captions = records["captions"].list.get(caption_index, null_on_oob=True)
-        missing = records.filter(captions.is_null())["id"]
-        if len(missing):
-            raise DataError(f"{records_path}: record(s) without caption #{caption_index}: {missing.head(5).to_list()}")
-        items = captions.to_list()
+        items = records["caption"].to_list()
         prepare = tokenizer
         encode = model.encode_text
     else:
         raise ValueError(f"modality must be 'image' or 'text', not {modality!r}")
     embeddings = embed_batches(encode, items, prepare, batch_size, torch_device, f"embedding {modality}s")
     params = {"model": model_path, "model_epoch": checkpoint.get("epoch"), "records": records_path,
-              "modality": modality, "caption_index": caption_index}
+              "modality": modality, "caption_index": caption_index, "shard": shard}
     write_parquet(embeddings_table(ids, embeddings), out_path, stage="embed", params=params)
 
 
@@ -85,15 +117,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--records", required=True, help="records Parquet of the dataset")
     parser.add_argument("--ids", action="append", default=[], help="split Parquet(s) selecting records (repeatable)")
     parser.add_argument("--modality", choices=("image", "text"), required=True)
+    parser.add_argument("--shard", help="'I-of-N': embed only shard I of N of the records (contiguous rows)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--caption-index", type=int, default=0)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    parser.add_argument("--allow-cpu-fallback", type=lambda text: text.lower() in ("1", "true", "yes"),
+                        default=False, help="true: --device cuda without a GPU runs on the CPU instead of failing")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--skip-uncaptioned", action="store_true",
+                        help="text: leave out records without the caption instead of failing (public sets)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     embed(args.model, args.records, args.ids, args.modality, args.out, args.batch_size, args.caption_index,
-          args.device, args.threads)
+          args.device, args.threads, args.shard, args.allow_cpu_fallback, args.skip_uncaptioned)
 
 
 if __name__ == "__main__":

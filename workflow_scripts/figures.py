@@ -1,14 +1,21 @@
-"""Figures from the cached metric tables (no model is touched).
+"""Figures from the cached tables (no model is touched).
 
+Per parameter point (`point` command):
 - recall CDFs of f_A and f_B over the target records and the holdout control
   (paper Fig. 7);
 - sample-level precision and recall gaps against top-L for each record order
-  (paper Fig. 3/4).
+  (paper Fig. 3/4);
+- the qualitative view (paper Fig. 1/11): target images with their captions and
+  the top public neighbours under f_A and f_B, objects marked as true or false
+  positives.
+Per split (`sweep` command): memorization gaps and utility against each swept
+parameter (paper Fig. 5; training-set size: Fig. 2), from the summary table.
 """
 
 from __future__ import annotations
 
 import argparse
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -18,6 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
+from workflow_scripts.images import load_rgb, resolve_image_paths  # noqa: E402
 from workflow_scripts.io import atomic_path, read_parquet  # noqa: E402
 
 MODEL_STYLES = {"target": ("f_A (target, trained on A)", "tab:red"),
@@ -72,7 +80,7 @@ def gap_vs_top_l_figure(sample_level_by_queries: dict[str, pl.DataFrame]) -> plt
     return figure
 
 
-def make_figures(metrics_dirs: dict[str, str], out_dir: str | Path) -> None:
+def make_point_figures(metrics_dirs: dict[str, str], out_dir: str | Path) -> None:
     out_dir = Path(out_dir)
     records = {q: read_parquet(Path(d) / "records.parquet") for q, d in metrics_dirs.items()}
     sample_level = {q: read_parquet(Path(d) / "sample_level.parquet") for q, d in metrics_dirs.items()}
@@ -80,13 +88,116 @@ def make_figures(metrics_dirs: dict[str, str], out_dir: str | Path) -> None:
     save_figure(gap_vs_top_l_figure(sample_level), out_dir / "gap_vs_top_l")
 
 
+SWEEP_GAPS = ("PPG", "PRG", "AUCG")
+
+
+def sweep_figure(summary: pl.DataFrame, parameter: str, utility_columns: list[str]) -> plt.Figure:
+    """Gaps (mean ± bootstrap std; holdout dashed) and utility against one parameter.
+
+    Points that differ in other swept parameters are drawn as separate lines.
+    """
+    varying = [c for c in ("n_train", "epochs", "temperature", "weight_decay", "mask_ratio", "seed")
+               if c != parameter and summary[c].n_unique() > 1]
+    figure, (gaps_axis, utility_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    groups = summary.sort(parameter).group_by(varying, maintain_order=True) if varying else [((), summary.sort(parameter))]
+    for key, rows in groups:
+        suffix = ", ".join(f"{name}={value}" for name, value in zip(varying, key))
+        x = rows[parameter].fill_null(-1).to_numpy() if rows[parameter].dtype.is_numeric() else rows[parameter]
+        for metric, colour in zip(SWEEP_GAPS, ("tab:red", "tab:blue", "tab:green")):
+            gaps_axis.errorbar(x, rows[f"{metric}_mean"], yerr=rows[f"{metric}_std"], marker="o", capsize=3,
+                               color=colour, label=f"{metric} {suffix}".strip())
+            gaps_axis.plot(x, rows[f"holdout_{metric}_mean"], "--", color=colour, alpha=0.5)
+        for column in utility_columns:
+            utility_axis.plot(x, rows[column], marker="o", label=f"{column} {suffix}".strip())
+    gaps_axis.axhline(0, color="k", linewidth=0.8)
+    gaps_axis.set(xlabel=parameter, ylabel="gap (f_A − f_B), mean ± std", title="memorization (holdout dashed)")
+    utility_axis.set(xlabel=parameter, ylabel="accuracy", title="utility", ylim=(0, 1.02))
+    for axis in (gaps_axis, utility_axis):
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    if parameter == "temperature":
+        gaps_axis.set_xlabel("temperature (−1: learned)")
+    return figure
+
+
+def make_sweep_figures(summary_path: str | Path, parameters: list[str], out_dir: str | Path) -> None:
+    summary = read_parquet(summary_path)
+    utility_columns = [c for c in summary.columns if c.startswith("A_")]
+    for parameter in parameters:
+        save_figure(sweep_figure(summary, parameter, utility_columns), Path(out_dir) / parameter)
+
+
+def _labelled_image(axis, image, title: str, labels: list[str], truth: set[str]) -> None:
+    axis.imshow(image)
+    axis.set_xticks([])
+    axis.set_yticks([])
+    axis.set_title(title, fontsize=7)
+    for line, label in enumerate(sorted(labels)):
+        colour = "green" if label in truth else "red"
+        axis.text(0.02, -0.08 - 0.09 * line, ("✓ " if label in truth else "✗ ") + label, color=colour,
+                  fontsize=6, transform=axis.transAxes, va="top")
+
+
+def qualitative_figure(records: pl.DataFrame, query_records: pl.DataFrame, query_annotations: pl.DataFrame,
+                       public_records: pl.DataFrame, public_annotations: pl.DataFrame,
+                       neighbors: dict[str, pl.DataFrame], n_examples: int = 3, n_neighbors: int = 5) -> plt.Figure:
+    """Records where f_A beats f_B most (top_n mode), their top public neighbours under both models."""
+    chosen = records.filter(pl.col("label_mode") == "top_n") \
+        .with_columns(gap=pl.col("n_correct_target") - pl.col("n_correct_reference")) \
+        .sort(["gap", "id"], descending=[True, False]).head(n_examples)["id"].to_list()
+    public = public_records.join(public_annotations.select("id", "labels"), on="id")
+    queries = query_records.join(query_annotations.select("id", "labels"), on="id")
+    figure, axes = plt.subplots(2 * len(chosen), n_neighbors + 1, figsize=(1.7 * (n_neighbors + 1), 4.8 * len(chosen)),
+                                squeeze=False)
+    for example, record_id in enumerate(chosen):
+        query = queries.filter(pl.col("id") == record_id).row(0, named=True)
+        truth = set(query["labels"])
+        for row_offset, (side, name) in enumerate((("A", "f_A"), ("B", "f_B"))):
+            row = 2 * example + row_offset
+            caption = "\n".join(textwrap.wrap(query["captions"][0] if query["captions"] else "", 28))
+            _labelled_image(axes[row, 0], load_rgb(query["image_path"], record_id), f"{record_id}\n{caption}",
+                            query["labels"], truth)
+            nearest = neighbors[side].filter(pl.col("query_id") == record_id).sort("rank").head(n_neighbors) \
+                .join(public, left_on="public_id", right_on="id", how="left", maintain_order="left")
+            for column, neighbour in enumerate(nearest.iter_rows(named=True), start=1):
+                _labelled_image(axes[row, column], load_rgb(neighbour["image_path"], neighbour["public_id"]),
+                                f"{name} #{neighbour['rank'] + 1} ({neighbour['score']:.2f})", neighbour["labels"], truth)
+    figure.suptitle("Target images (left) and their nearest public images under f_A (upper) and f_B (lower) rows;\n"
+                    "green: object really in the target image, red: not", fontsize=9)
+    figure.subplots_adjust(hspace=1.5)
+    return figure
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--metrics", action="append", required=True, metavar="QUERIES=DIR",
-                        help="metrics folder per query set, e.g. target=results/metrics/s/p/target (repeatable)")
-    parser.add_argument("--out-dir", required=True)
+    commands = parser.add_subparsers(dest="command", required=True)
+    point = commands.add_parser("point", help="recall CDFs and sample-level gaps of one parameter point")
+    point.add_argument("--metrics", action="append", required=True, metavar="QUERIES=DIR",
+                       help="metrics folder per query set, e.g. target=results/metrics/s/p/target (repeatable)")
+    point.add_argument("--out-dir", required=True)
+    sweep = commands.add_parser("sweep", help="gaps and utility against swept parameters")
+    sweep.add_argument("--summary", required=True, help="summary Parquet of a split")
+    sweep.add_argument("--parameter", action="append", required=True, help="swept parameter (repeatable)")
+    sweep.add_argument("--out-dir", required=True)
+    qualitative = commands.add_parser("qualitative", help="target images and their neighbours (paper Fig. 1)")
+    for name in ("metrics-records", "query-records", "query-annotations", "public-records", "public-annotations",
+                 "target-neighbors", "reference-neighbors", "out"):
+        qualitative.add_argument(f"--{name}", required=True)
     args = parser.parse_args(argv)
-    make_figures(dict(item.split("=", 1) for item in args.metrics), args.out_dir)
+    if args.command == "point":
+        make_point_figures(dict(item.split("=", 1) for item in args.metrics), args.out_dir)
+    elif args.command == "sweep":
+        make_sweep_figures(args.summary, args.parameter, args.out_dir)
+    else:
+        def with_paths(path):
+            frame = read_parquet(path)
+            return frame.with_columns(image_path=resolve_image_paths(frame, path))
+
+        figure = qualitative_figure(
+            read_parquet(args.metrics_records), with_paths(args.query_records), read_parquet(args.query_annotations),
+            with_paths(args.public_records), read_parquet(args.public_annotations),
+            {"A": read_parquet(args.target_neighbors), "B": read_parquet(args.reference_neighbors)})
+        save_figure(figure, Path(args.out).with_suffix(""))
 
 
 if __name__ == "__main__":

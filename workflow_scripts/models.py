@@ -1,7 +1,14 @@
-"""OpenCLIP model creation, device choice and checkpoints, shared by training and embedding."""
+"""OpenCLIP model creation, device choice and checkpoints, shared by training and embedding.
+
+`python -m workflow_scripts.models import` turns a model trained elsewhere into
+this workflow's checkpoint format, so the one-model test can audit it without
+retraining: an open_clip architecture with a `pretrained` tag (downloaded on a
+machine that can), or a checkpoint file (ours, or open_clip_train's).
+"""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 from pathlib import Path
@@ -82,3 +89,52 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device, model_name: s
     model.load_state_dict(state_dict)
     model.eval()
     return model, preprocess, tokenizer, checkpoint
+
+
+class PretrainedUnavailableError(RuntimeError):
+    pass
+
+
+def unavailable_weights_message(what: str, error: Exception, alternative: str) -> str:
+    """Why weights did not load, and what to do: they download on first use, which needs the hub."""
+    offline = " HF_HUB_OFFLINE=1 is set." if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+    return (f"cannot load {what}: {error}.{offline} Weights are downloaded on first use: run on a machine "
+            f"that can reach the hub, or {alternative}.")
+
+
+def import_target(out_path: str | os.PathLike, model_name: str, pretrained: str | None = None,
+                  checkpoint: str | None = None) -> None:
+    """Write an external model (pretrained tag or checkpoint file) as a checkpoint of this workflow."""
+    if (pretrained is None) == (checkpoint is None):
+        raise ValueError("give exactly one of a pretrained tag or a checkpoint path")
+    device = torch.device("cpu")
+    if checkpoint is not None:
+        model, _, _, _ = load_checkpoint(checkpoint, device, model_name)
+        source = {"checkpoint": str(checkpoint)}
+    else:
+        try:
+            model, _, _ = create_model(model_name, device, pretrained=pretrained)
+        except (OSError, RuntimeError, ValueError) as error:
+            raise PretrainedUnavailableError(unavailable_weights_message(
+                f"open_clip {model_name!r} with pretrained={pretrained!r}", error,
+                "download them there and give the file as `checkpoint`")) from error
+        source = {"pretrained": pretrained}
+    save_checkpoint(out_path, model, model_name, epoch=None, params={"imported": True, **source})
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Model utilities.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    imported = commands.add_parser("import", help="an external model as a checkpoint of this workflow")
+    imported.add_argument("--model", required=True, help="open_clip architecture name")
+    source = imported.add_mutually_exclusive_group(required=True)
+    source.add_argument("--pretrained", help="open_clip pretrained tag (downloaded)")
+    source.add_argument("--checkpoint", help="checkpoint file (this workflow's or open_clip_train's)")
+    imported.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import_target(args.out, args.model, args.pretrained, args.checkpoint)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,10 +1,16 @@
 """Parameter points: the grid of training parameters, one path segment per point.
 
 A point is spelled `name~value` joined by '/', in a fixed name order, as
-`snakemake.utils.Paramspace` writes them (e.g. `epochs~40/temperature~learned/
-weight_decay~0.1/mask_ratio~0.0/seed~0`). Each point therefore owns its model,
-embedding, neighbour and metric files: a new value adds targets instead of
-invalidating the others. `None` (a learned temperature) is spelled `learned`.
+`snakemake.utils.Paramspace` writes them (e.g. `n_train~all/epochs~40/
+temperature~learned/weight_decay~0.1/mask_ratio~0.0/seed~0`). Each point
+therefore owns its model, embedding, neighbour and metric files: a new value
+adds targets instead of invalidating the others. `None` is spelled `learned`
+for the temperature and `all` for the training-set size.
+
+Early stopping without retraining: points that differ only in `epochs` share
+one training *run*, the point with the largest of their epoch values. The run
+saves a checkpoint at every shorter epoch value, and the shorter points take
+their model from it.
 """
 
 from __future__ import annotations
@@ -13,19 +19,20 @@ import itertools
 import re
 from typing import Any, Mapping
 
-POINT_KEYS = ("epochs", "temperature", "weight_decay", "mask_ratio", "seed")
+POINT_KEYS = ("n_train", "epochs", "temperature", "weight_decay", "mask_ratio", "seed")
+NONE_SPELLING = {"n_train": "all", "temperature": "learned"}
 
 
-def format_value(value: Any) -> str:
+def format_value(key: str, value: Any) -> str:
     if value is None:
-        return "learned"
+        return NONE_SPELLING.get(key, "none")
     if isinstance(value, float):
         return repr(value)
     return str(value)
 
 
 def point_segment(point: Mapping[str, Any]) -> str:
-    return "/".join(f"{key}~{format_value(point[key])}" for key in POINT_KEYS)
+    return "/".join(f"{key}~{format_value(key, point[key])}" for key in POINT_KEYS)
 
 
 def expand_points(base: Mapping[str, Any], sweep: Mapping[str, list]) -> dict[str, dict[str, Any]]:
@@ -33,7 +40,7 @@ def expand_points(base: Mapping[str, Any], sweep: Mapping[str, list]) -> dict[st
     unknown = set(sweep) - set(POINT_KEYS)
     if unknown:
         raise ValueError(f"sweep names unknown parameter(s) {sorted(unknown)}; sweepable: {POINT_KEYS}")
-    axes = [sweep.get(key) or [base[key]] for key in POINT_KEYS]
+    axes = [sweep.get(key) or [base.get(key)] for key in POINT_KEYS]
     points = {}
     for values in itertools.product(*axes):
         point = dict(zip(POINT_KEYS, values))
@@ -41,6 +48,51 @@ def expand_points(base: Mapping[str, Any], sweep: Mapping[str, list]) -> dict[st
     return points
 
 
+def training_runs(points: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Map each point to its run: {point segment: {"run": run segment, "epoch": epoch to take}}.
+
+    A run is the longest point among those equal in everything but `epochs`.
+    """
+    longest: dict[tuple, int] = {}
+    for point in points.values():
+        key = tuple(point[k] for k in POINT_KEYS if k != "epochs")
+        longest[key] = max(longest.get(key, 0), point["epochs"])
+    plan = {}
+    for segment, point in points.items():
+        key = tuple(point[k] for k in POINT_KEYS if k != "epochs")
+        run = point_segment({**point, "epochs": longest[key]})
+        plan[segment] = {"run": run, "epoch": point["epochs"]}
+    return plan
+
+
+def save_epochs(plan: Mapping[str, Mapping[str, Any]], run: str) -> list[int]:
+    """The shorter epoch values a run must keep checkpoints for."""
+    epochs = {entry["epoch"] for entry in plan.values() if entry["run"] == run}
+    return sorted(epochs - {max(epochs)})
+
+
 def segment_regex() -> str:
     """Wildcard constraint matching exactly one point segment."""
     return "/".join(f"{re.escape(key)}~[^/~]+" for key in POINT_KEYS)
+
+
+def alternation(segments) -> str:
+    """Wildcard constraint matching exactly the given segments."""
+    return "|".join(re.escape(segment) for segment in sorted(segments))
+
+
+def parse_segment(segment: str) -> dict[str, Any]:
+    """Inverse of `point_segment`: typed values, `learned`/`all` back to None."""
+    point = {}
+    for part in segment.split("/"):
+        key, _, text = part.partition("~")
+        if key not in POINT_KEYS:
+            raise ValueError(f"{segment!r}: unknown parameter {key!r}")
+        if text == NONE_SPELLING.get(key):
+            point[key] = None
+        else:
+            try:
+                point[key] = int(text)
+            except ValueError:
+                point[key] = float(text)
+    return point

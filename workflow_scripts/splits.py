@@ -100,20 +100,37 @@ def make_splits(pool_records: str, pool_annotations: str, public_records: str, o
         write_parquet(frame.select("id"), Path(out_dir) / f"{SIDE_FILES[side]}.parquet", stage="splits", params=params)
 
 
+def subset_side(split_path: str, n: int, out_path: str) -> None:
+    """Write the first n ids of a side: smaller training sets nest inside larger ones."""
+    side = read_parquet(split_path, {"id": "str"}).select("id")
+    if n > len(side):
+        raise DataError(f"{split_path}: n_train={n} exceeds the {len(side)} ids of this side")
+    write_parquet(side.head(n), out_path, stage="splits", params={"split": split_path, "n_train": n})
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pool-records", required=True)
-    parser.add_argument("--pool-annotations", required=True)
-    parser.add_argument("--public-records", required=True)
-    parser.add_argument("--out-dir", required=True, help="folder for A.parquet, B.parquet, holdout.parquet")
-    parser.add_argument("--n-target", type=int, required=True)
-    parser.add_argument("--n-reference", type=int, required=True)
-    parser.add_argument("--n-holdout", type=int, required=True)
-    parser.add_argument("--seed", type=int, required=True)
+    commands = parser.add_subparsers(dest="command", required=True)
+    make = commands.add_parser("make", help="draw A, B and the holdout from a pool")
+    make.add_argument("--pool-records", required=True)
+    make.add_argument("--pool-annotations", required=True)
+    make.add_argument("--public-records", required=True)
+    make.add_argument("--out-dir", required=True, help="folder for A.parquet, B.parquet, holdout.parquet")
+    make.add_argument("--n-target", type=int, required=True)
+    make.add_argument("--n-reference", type=int, required=True)
+    make.add_argument("--n-holdout", type=int, required=True)
+    make.add_argument("--seed", type=int, required=True)
+    subset = commands.add_parser("subset", help="the first n ids of one side (training-set size sweeps)")
+    subset.add_argument("--split", required=True)
+    subset.add_argument("--n", type=int, required=True)
+    subset.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    make_splits(args.pool_records, args.pool_annotations, args.public_records, args.out_dir,
-                args.n_target, args.n_reference, args.n_holdout, args.seed)
+    if args.command == "subset":
+        subset_side(args.split, args.n, args.out)
+    else:
+        make_splits(args.pool_records, args.pool_annotations, args.public_records, args.out_dir,
+                    args.n_target, args.n_reference, args.n_holdout, args.seed)
 
 
 if __name__ == "__main__":

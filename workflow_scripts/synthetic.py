@@ -101,7 +101,8 @@ class SceneWorld:
         weights[self.preferred[scene]] += cfg.preferred_probability / cfg.preferred_per_scene
         return rng.choice(len(self.classes), size=n, replace=False, p=weights / weights.sum())
 
-    def render(self, scene: int, objects: np.ndarray, rng: np.random.Generator) -> Image.Image:
+    def render(self, scene: int, objects: np.ndarray, rng: np.random.Generator) -> tuple[Image.Image, int]:
+        """Draw the scene; return the image and the class of its largest (dominant) object."""
         size = self.config.image_size
         image = Image.new("RGB", (size, size), self.backgrounds[scene])
         draw = ImageDraw.Draw(image)
@@ -109,13 +110,16 @@ class SceneWorld:
         # Objects sit in distinct cells of a 3x3 grid so none hides another.
         cells = rng.choice(9, size=len(objects), replace=False)
         cell = size / 3
+        dominant, dominant_radius = int(objects[0]), 0.0
         for class_index, cell_index in zip(objects, cells):
             colour_name, shape = self.classes[class_index].split(" ")
             radius = cell * rng.uniform(0.3, 0.45)
             cx = (cell_index % 3 + 0.5) * cell + rng.uniform(-0.1, 0.1) * cell
             cy = (cell_index // 3 + 0.5) * cell + rng.uniform(-0.1, 0.1) * cell
             _draw_shape(draw, shape, cx, cy, radius, COLOURS[colour_name])
-        return image
+            if radius > dominant_radius:
+                dominant, dominant_radius = int(class_index), radius
+        return image, dominant
 
     def caption(self, scene: int, objects: np.ndarray, rng: np.random.Generator) -> str:
         cfg = self.config
@@ -189,13 +193,13 @@ def generate(
     out_dir = Path(out_dir)
     world = SceneWorld(config)
     rng = np.random.default_rng(seed)
-    ids, paths, captions, hashes, scenes, labels = [], [], [], [], [], []
+    ids, paths, captions, hashes, scenes, dominants, labels = [], [], [], [], [], [], []
     with atomic_path(out_dir / "images") as image_dir:
         image_dir.mkdir(parents=True)
         for index in tqdm(range(n_records), desc=f"generating {dataset}", unit="img", mininterval=2):
             scene = int(rng.integers(len(SCENES)))
             objects = world.sample_objects(scene, rng)
-            image = world.render(scene, objects, rng)
+            image, dominant = world.render(scene, objects, rng)
             record_id = f"{dataset}-{index:07d}"
             image.save(image_dir / f"{record_id}.png")
             ids.append(record_id)
@@ -203,12 +207,14 @@ def generate(
             captions.append([world.caption(scene, objects, rng)])
             hashes.append(content_hash(image))
             scenes.append(SCENES[scene])
+            dominants.append(world.classes[dominant])
             labels.append(sorted(world.classes[i] for i in objects))
     params = {"dataset": dataset, "n_records": n_records, "seed": seed, **config.__dict__}
     records = pl.DataFrame(
-        {"id": ids, "image_path": paths, "captions": captions, "image_sha256": hashes, "scene": scenes},
+        {"id": ids, "image_path": paths, "captions": captions, "image_sha256": hashes, "scene": scenes,
+         "dominant_object": dominants},
         schema={"id": pl.String, "image_path": pl.String, "captions": pl.List(pl.String),
-                "image_sha256": pl.String, "scene": pl.String},
+                "image_sha256": pl.String, "scene": pl.String, "dominant_object": pl.String},
     )
     ground_truth = pa.table({
         "id": pa.array(ids, pa.string()),

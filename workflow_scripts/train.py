@@ -6,6 +6,11 @@ autocast helper and weight-decay grouping rule. What is ours: the data
 pipeline (one caption drawn per record per epoch, text masking), the
 temperature option, checkpoints at chosen epochs, and resumption after a kill.
 
+Multi-GPU: launched under torchrun (or as several SLURM tasks), one process
+per GPU trains with DistributedDataParallel through open_clip_train's
+distributed helpers; the global batch is split across the processes, ClipLoss
+gathers features from all of them, and only rank 0 writes files.
+
 Temperature: `temperature=None` keeps open_clip's learned logit scale
 (initialised to 1/0.07 and clamped to at most 100 after every step, as
 open_clip_train does). A number fixes the softmax temperature: the logit scale
@@ -31,6 +36,7 @@ import numpy as np
 import polars as pl
 import torch
 from open_clip import ClipLoss
+from open_clip_train.distributed import init_distributed_device_so
 from open_clip_train.precision import get_autocast
 from open_clip_train.scheduler import cosine_lr
 from tqdm import tqdm
@@ -158,7 +164,11 @@ def train(records_path: str, split_path: str, out_dir: str | Path, params: Train
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(params.seed)
     torch.set_num_threads(params.threads)
-    device = select_device(params.device, params.allow_cpu_fallback)
+    distributed = init_distributed_device_so(device=select_device(params.device, params.allow_cpu_fallback).type)
+    device, rank, world_size = torch.device(distributed["device"]), distributed["global_rank"], distributed["world_size"]
+    is_master = rank == 0
+    if params.batch_size % world_size:
+        raise ValueError(f"batch_size {params.batch_size} is not divisible by the {world_size} training processes")
     side = load_side(records_path, split_path)
     if len(side) < params.batch_size:
         raise DataError(f"{split_path}: {len(side)} records, fewer than one batch of {params.batch_size}")
@@ -171,7 +181,11 @@ def train(records_path: str, split_path: str, out_dir: str | Path, params: Train
     steps_per_epoch = len(side) // params.batch_size
     scheduler = cosine_lr(optimizer, params.lr, params.warmup_steps, steps_per_epoch * params.epochs)
     autocast = get_autocast(params.precision if device.type == "cuda" else "fp32", device_type=device.type)
-    loss_fn = ClipLoss()
+    loss_fn = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world_size)
+    forward = model
+    if distributed["distributed"]:
+        forward = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None)
 
     images = SideImages(side["image_path"].to_list(), side["id"].to_list(), preprocess, params.preload_images)
     tokens, owner = tokenize_captions(tokenizer, side["captions"].to_list())
@@ -189,15 +203,18 @@ def train(records_path: str, split_path: str, out_dir: str | Path, params: Train
             log.info("resuming %s after epoch %d", out_dir, start_epoch)
 
     checkpoint_epochs = params.checkpoint_epochs()
-    progress = tqdm(range(start_epoch, params.epochs), desc=f"training {out_dir}", unit="epoch", mininterval=2)
+    progress = tqdm(range(start_epoch, params.epochs), desc=f"training {out_dir}", unit="epoch", mininterval=2,
+                    disable=not is_master)
     for epoch in progress:
         model.train()
         generator = torch.Generator().manual_seed(params.seed * 1_000_003 + epoch)
         epoch_tokens = mask_tokens(tokens[draw_captions(owner, len(side), generator)], params.mask_ratio,
                                    eot_token_id, generator)
         order = torch.randperm(len(side), generator=generator)
+        # Every process takes an equal slice of the same permutation, so all run the same number of steps.
+        order = order[: len(order) - len(order) % world_size][rank::world_size]
         loader = torch.utils.data.DataLoader(
-            images, batch_size=params.batch_size, sampler=order.tolist(), drop_last=True,
+            images, batch_size=params.batch_size // world_size, sampler=order.tolist(), drop_last=True,
             num_workers=params.num_workers,
         )
         started, losses = time.perf_counter(), []
@@ -206,7 +223,7 @@ def train(records_path: str, split_path: str, out_dir: str | Path, params: Train
             batch_images = batch_images.to(device, non_blocking=True)
             batch_tokens = epoch_tokens[batch_index].to(device, non_blocking=True)
             with autocast():
-                image_features, text_features, logit_scale = model(batch_images, batch_tokens)[:3]
+                image_features, text_features, logit_scale = forward(batch_images, batch_tokens)[:3]
                 loss = loss_fn(image_features, text_features, logit_scale)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -218,14 +235,21 @@ def train(records_path: str, split_path: str, out_dir: str | Path, params: Train
                "logit_scale": float(model.logit_scale.exp().item()), "seconds": time.perf_counter() - started}
         log_rows.append(row)
         progress.set_postfix(loss=f"{row['loss']:.3f}", scale=f"{row['logit_scale']:.1f}")
+        if not is_master:
+            continue
         log.info("epoch %(epoch)d loss %(loss).4f lr %(lr).2e logit_scale %(logit_scale).1f %(seconds).1fs", row)
         if epoch + 1 in checkpoint_epochs:
             save_checkpoint(out_dir / _checkpoint_name(epoch + 1, params.epochs), model, params.model,
                             epoch=epoch + 1, params=params.identity())
         save_checkpoint(resume_path, model, params.model, epoch=epoch + 1, optimizer=optimizer.state_dict(),
                         log_rows=log_rows, identity_hash=identity_hash)
-    write_parquet(pl.DataFrame(log_rows), out_dir / "train_log.parquet", stage="train", params=params.identity())
-    resume_path.unlink(missing_ok=True)
+    if distributed["distributed"]:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    if is_master:
+        write_parquet(pl.DataFrame(log_rows), out_dir / "train_log.parquet", stage="train",
+                      params={**params.identity(), "world_size": world_size})
+        resume_path.unlink(missing_ok=True)
 
 
 def _checkpoint_name(epoch: int, final_epoch: int) -> str:

@@ -1,0 +1,156 @@
+# One-model test (Kokhlikyan et al. 2024): the trained target f_A against a pretrained text model g that never
+# saw A. g embeds the query captions and the public set's captions; each query retrieves public *captions* (t2t).
+# The target retrieves public images (t2i) or, with its text tower, public captions (t2t). The metric tables
+# are those of the two-model test, under metrics/{split}/{point}/one_model~{mode}/{queries}/.
+
+
+wildcard_constraints:
+    mode="t2i|t2t",
+
+
+rule import_target:
+    """An external target (one_model.external_targets): a pretrained open_clip model or a checkpoint file."""
+    input:
+        lambda wc: ONE_MODEL["external_targets"][wc.target].get("checkpoint", []),
+    output:
+        f"{RESULTS}/models/{{split}}/external~{{target}}/A/model.pt",
+    params:
+        source=lambda wc, input: (
+            f"--checkpoint {input[0]}" if input
+            else f"--pretrained {ONE_MODEL['external_targets'][wc.target]['pretrained']}"
+        ),
+        model=lambda wc: ONE_MODEL["external_targets"][wc.target]["model"],
+    log:
+        f"{RESULTS}/logs/import/{{split}}/{{target}}.log",
+    conda:
+        "../envs/dejavu.yaml"
+    shell:
+        "python -m workflow_scripts.models import --model {params.model} {params.source} --out {output} > {log} 2>&1"
+
+
+rule embed_reference:
+    """g's caption embeddings: the queries (A's and the holdout's records) or the public set's captions."""
+    input:
+        records=lambda wc: pool_records(wc) if wc.collection == "captions" else public_records(wc),
+        queries=lambda wc: expand(f"{RESULTS}/splits/{wc.split}/{{name}}.parquet", name=QUERY_SETS.values())
+        if wc.collection == "captions" else [],
+    output:
+        f"{RESULTS}/embeddings/{{split}}/{REFERENCE}/{{collection}}.parquet",
+    wildcard_constraints:
+        collection="captions|public_captions",
+    params:
+        ids=lambda wc, input: " ".join(f"--ids {path}" for path in input.queries),
+        one_model={**ONE_MODEL, "device": config["embedding"]["device"]},
+        caption_index=config["embedding"]["caption_index"],
+    threads: config["embedding"]["threads"]
+    resources:
+        gpu=EMBED_GPUS,
+    log:
+        f"{RESULTS}/logs/embed/{{split}}/{REFERENCE}/{{collection}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/embed/{{split}}/{REFERENCE}/{{collection}}.tsv"
+    conda:
+        "../envs/dejavu.yaml"
+    shell:
+        "python -m workflow_scripts.text_reference --model {params.one_model[reference_model]}"
+        " --records {input.records} {params.ids} --caption-index {params.caption_index}"
+        " --batch-size {params.one_model[batch_size]} --device {params.one_model[device]} --threads {threads}"
+        " --out {output} > {log} 2>&1"
+
+
+rule embed_public_captions:
+    """The target's text tower on the public set's captions (t2t mode); uncaptioned public records are left out."""
+    input:
+        model=f"{RESULTS}/models/{{split}}/{{point}}/A/model.pt",
+        records=public_records,
+    output:
+        f"{RESULTS}/embeddings/{{split}}/{{point}}/A/public_captions.parquet",
+    params:
+        emb=config["embedding"],
+        device=embed_device_flags(),
+    threads: config["embedding"]["threads"]
+    resources:
+        gpu=EMBED_GPUS,
+    log:
+        f"{RESULTS}/logs/embed/{{split}}/{{point}}/A/public_captions.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/embed/{{split}}/{{point}}/A/public_captions.tsv"
+    conda:
+        "../envs/dejavu.yaml"
+    shell:
+        "python -m workflow_scripts.embed --model {input.model} --records {input.records} --modality text"
+        " --skip-uncaptioned --caption-index {params.emb[caption_index]} --batch-size {params.emb[batch_size]}"
+        " {params.device} --threads {threads} --out {output} > {log} 2>&1"
+
+
+rule knn_captions:
+    """Caption-to-caption search (t2t), unsharded: caption embeddings are small next to image sets."""
+    input:
+        queries=lambda wc: f"{RESULTS}/embeddings/{wc.split}/{wc.searcher}/captions.parquet",
+        public=lambda wc: f"{RESULTS}/embeddings/{wc.split}/{wc.searcher}/public_captions.parquet",
+    output:
+        f"{RESULTS}/neighbors/{{split}}/{{searcher}}/t2t.parquet",
+    wildcard_constraints:
+        searcher=f"{re.escape(REFERENCE)}|(?:{POINT_PATTERN})/A",
+    params:
+        knn=config["knn"],
+    threads: config["knn"]["threads"]
+    log:
+        f"{RESULTS}/logs/knn/{{split}}/{{searcher}}/t2t.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/knn/{{split}}/{{searcher}}/t2t.tsv"
+    conda:
+        "../envs/dejavu.yaml"
+    shell:
+        "python -m workflow_scripts.knn search --queries {input.queries} --public {input.public}"
+        " --k {params.knn[k]} --batch-size {params.knn[batch_size]} --use-gpu {params.knn[use_gpu]}"
+        " --threads {threads} --out {output} > {log} 2>&1"
+
+
+use rule metrics as metrics_one_model with:
+    input:
+        target=lambda wc: (
+            f"{RESULTS}/neighbors/{wc.split}/{wc.point}/A.parquet"
+            if wc.mode == "t2i"
+            else f"{RESULTS}/neighbors/{wc.split}/{wc.point}/A/t2t.parquet"
+        ),
+        reference=f"{RESULTS}/neighbors/{{split}}/{REFERENCE}/t2t.parquet",
+        query_annotations=pool_annotations,
+        public_annotations=public_annotations,
+        queries=query_split,
+    output:
+        records=f"{RESULTS}/metrics/{{split}}/{{point}}/one_model~{{mode}}/{{queries}}/records.parquet",
+        population=f"{RESULTS}/metrics/{{split}}/{{point}}/one_model~{{mode}}/{{queries}}/population.parquet",
+        sample_level=f"{RESULTS}/metrics/{{split}}/{{point}}/one_model~{{mode}}/{{queries}}/sample_level.parquet",
+    log:
+        f"{RESULTS}/logs/metrics/{{split}}/{{point}}/one_model~{{mode}}/{{queries}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/metrics/{{split}}/{{point}}/one_model~{{mode}}/{{queries}}.tsv"
+
+
+rule agreement:
+    """The two-model and one-model tests side by side on the target records: flags agreement and gaps."""
+    input:
+        two_model=expand(f"{RESULTS}/metrics/{{{{split}}}}/{{{{point}}}}/{{queries}}/{{table}}.parquet",
+                         queries=QUERY_SETS, table=("records", "population")),
+        one_model=expand(f"{RESULTS}/metrics/{{{{split}}}}/{{{{point}}}}/one_model~{{mode}}/{{queries}}/{{table}}.parquet",
+                         mode=ONE_MODEL_MODES, queries=QUERY_SETS, table=("records", "population")),
+    output:
+        agreement=f"{RESULTS}/agreement/{{split}}/{{point}}/agreement.parquet",
+        population=f"{RESULTS}/agreement/{{split}}/{{point}}/population.parquet",
+        heatmap=report(f"{RESULTS}/agreement/{{split}}/{{point}}/agreement.png", caption="../report/agreement.rst",
+                       category="One-model test", subcategory="{split}"),
+        heatmap_svg=f"{RESULTS}/agreement/{{split}}/{{point}}/agreement.svg",
+    params:
+        tests=lambda wc: " ".join(
+            [f"--test two_model={RESULTS}/metrics/{wc.split}/{wc.point}"]
+            + [f"--test one_model~{m}={RESULTS}/metrics/{wc.split}/{wc.point}/one_model~{m}"
+               for m in ONE_MODEL_MODES]
+        ),
+        out_dir=lambda wc, output: os.path.dirname(output.agreement),
+    log:
+        f"{RESULTS}/logs/agreement/{{split}}/{{point}}.log",
+    conda:
+        "../envs/dejavu.yaml"
+    shell:
+        "python -m workflow_scripts.agreement {params.tests} --out-dir {params.out_dir} > {log} 2>&1"

@@ -1,0 +1,27 @@
+# Stage utility: zero-shot and linear-probe accuracy of each model on a labelled evaluation set.
+
+
+rule utility:
+    input:
+        model=f"{RESULTS}/models/{{split}}/{{point}}/{{side}}/model.pt",
+        records=lambda wc: f"{dataset_dir(config['utility']['dataset'])}/records.parquet",
+    output:
+        f"{RESULTS}/utility/{{split}}/{{point}}/{{side}}.parquet",
+    params:
+        utility=config["utility"],
+        device=config["embedding"]["device"],
+        labels=" ".join(f"--label-column {c}" for c in config["utility"]["label_columns"]),
+        templates=" ".join(f"--template {shlex.quote(t)}" for t in config["utility"]["templates"]),
+    threads: config["embedding"]["threads"]
+    resources:
+        gpu=EMBED_GPUS,
+    log:
+        f"{RESULTS}/logs/utility/{{split}}/{{point}}/{{side}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/utility/{{split}}/{{point}}/{{side}}.tsv"
+    conda:
+        "../envs/dejavu.yaml"
+    shell:
+        "python -m workflow_scripts.utility --model {input.model} --records {input.records} {params.labels}"
+        " {params.templates} --probe-fraction {params.utility[probe_fraction]} --seed {params.utility[seed]}"
+        " --device {params.device} --threads {threads} --out {output} > {log} 2>&1"

