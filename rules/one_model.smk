@@ -40,7 +40,10 @@ rule embed_reference:
         collection="captions|public_captions",
     params:
         ids=lambda wc, input: " ".join(f"--ids {path}" for path in input.queries),
-        one_model={**ONE_MODEL, "device": config["embedding"]["device"]},
+        # Only what shapes g's embeddings, so editing other one-model settings reruns nothing here.
+        reference=ONE_MODEL["reference_model"],
+        batch_size=ONE_MODEL["batch_size"],
+        device=config["embedding"]["device"],
         caption_index=config["embedding"]["caption_index"],
     threads: config["embedding"]["threads"]
     resources:
@@ -52,9 +55,9 @@ rule embed_reference:
     conda:
         "../envs/dejavu.yaml"
     shell:
-        "python -m workflow_scripts.text_reference --model {params.one_model[reference_model]}"
+        "python -m workflow_scripts.text_reference --model {params.reference}"
         " --records {input.records} {params.ids} --caption-index {params.caption_index}"
-        " --batch-size {params.one_model[batch_size]} --device {params.one_model[device]} --threads {threads}"
+        " --batch-size {params.batch_size} --device {params.device} --threads {threads}"
         " --out {output} > {log} 2>&1"
 
 

@@ -40,10 +40,22 @@ def test_reference_model_resolves_the_offline_package():
     assert text_reference.resolve_model("some-org/unknown-model") == "some-org/unknown-model"
 
 
-def test_reference_model_missing_offline_gives_a_clear_error(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(text_reference.ReferenceModelError, match="cannot load text reference model"):
-        text_reference.load_model("no-such-org/no-such-model-xyz")
+def offline_python(code: str):
+    """Run `code` in a fresh interpreter with the hub offline (huggingface_hub reads it once, at import)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_reference_model_missing_offline_gives_a_clear_error():
+    result = offline_python("from workflow_scripts import text_reference\n"
+                            "text_reference.load_model('no-such-org/no-such-model-xyz')")
+    assert result.returncode != 0
+    assert "ReferenceModelError: cannot load text reference model 'no-such-org/no-such-model-xyz'" in result.stderr
+    assert "HF_HUB_OFFLINE=1 is set" in result.stderr
 
 
 def test_reference_embeddings_are_normalised_and_skip_uncaptioned(tmp_path):
@@ -72,12 +84,13 @@ def test_import_target_from_an_open_clip_train_checkpoint(tiny_workflow, tmp_pat
     assert all(torch.equal(imported["state_dict"][k], v) for k, v in ours["state_dict"].items())
 
 
-def test_import_pretrained_offline_gives_a_clear_error(tmp_path, monkeypatch):
-    from workflow_scripts import models
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(models.PretrainedUnavailableError, match="HF_HUB_OFFLINE=1 is set"):
-        models.import_target(tmp_path / "model.pt", "RN50", pretrained="openai")
+def test_import_pretrained_offline_gives_a_clear_error(tmp_path):
+    result = offline_python("from workflow_scripts import models\n"
+                            f"models.import_target({str(tmp_path / 'model.pt')!r}, 'RN50', pretrained='openai')")
+    assert result.returncode != 0
+    assert "PretrainedUnavailableError: cannot load open_clip 'RN50' with pretrained='openai'" in result.stderr
+    assert "HF_HUB_OFFLINE=1 is set" in result.stderr
+    assert not (tmp_path / "model.pt").exists()
 
 
 def test_external_target_is_audited_by_the_one_model_test(tiny_workflow, tmp_path):

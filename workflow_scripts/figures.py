@@ -92,31 +92,38 @@ SWEEP_GAPS = ("PPG", "PRG", "AUCG")
 
 
 def sweep_figure(summary: pl.DataFrame, parameter: str, utility_columns: list[str]) -> plt.Figure:
-    """Gaps (mean ± bootstrap std; holdout dashed) and utility against one parameter.
+    """Target gaps (mean ± bootstrap std), net gaps (target − holdout) and f_A's utility against one parameter.
 
-    Points that differ in other swept parameters are drawn as separate lines.
+    Colour says the metric; line style and marker say the values of the other swept parameters.
     """
     varying = [c for c in ("n_train", "epochs", "temperature", "weight_decay", "mask_ratio", "seed")
                if c != parameter and summary[c].n_unique() > 1]
-    figure, (gaps_axis, utility_axis) = plt.subplots(1, 2, figsize=(11, 4))
-    groups = summary.sort(parameter).group_by(varying, maintain_order=True) if varying else [((), summary.sort(parameter))]
-    for key, rows in groups:
-        suffix = ", ".join(f"{name}={value}" for name, value in zip(varying, key))
-        x = rows[parameter].fill_null(-1).to_numpy() if rows[parameter].dtype.is_numeric() else rows[parameter]
-        for metric, colour in zip(SWEEP_GAPS, ("tab:red", "tab:blue", "tab:green")):
-            gaps_axis.errorbar(x, rows[f"{metric}_mean"], yerr=rows[f"{metric}_std"], marker="o", capsize=3,
-                               color=colour, label=f"{metric} {suffix}".strip())
-            gaps_axis.plot(x, rows[f"holdout_{metric}_mean"], "--", color=colour, alpha=0.5)
-        for column in utility_columns:
-            utility_axis.plot(x, rows[column], marker="o", label=f"{column} {suffix}".strip())
-    gaps_axis.axhline(0, color="k", linewidth=0.8)
-    gaps_axis.set(xlabel=parameter, ylabel="gap (f_A − f_B), mean ± std", title="memorization (holdout dashed)")
-    utility_axis.set(xlabel=parameter, ylabel="accuracy", title="utility", ylim=(0, 1.02))
-    for axis in (gaps_axis, utility_axis):
+    figure, (gaps_axis, net_axis, utility_axis) = plt.subplots(1, 3, figsize=(16, 4.5))
+    groups = summary.sort(parameter).group_by(varying, maintain_order=True) if varying \
+        else [((), summary.sort(parameter))]
+    gap_colours = dict(zip(SWEEP_GAPS, ("tab:red", "tab:blue", "tab:green")))
+    utility_colours = dict(zip(utility_columns, plt.get_cmap("tab10").colors))
+    for (key, rows), style, marker in zip(groups, ("-", "--", ":", "-."), "osD^v"):
+        group = ", ".join(f"{name}={value}" for name, value in zip(varying, key))
+        x = rows[parameter].fill_null(-1).to_numpy()
+        for metric, colour in gap_colours.items():
+            gaps_axis.errorbar(x, rows[f"{metric}_mean"], yerr=rows[f"{metric}_std"], linestyle=style, marker=marker,
+                               capsize=3, color=colour, label=f"{metric} {group}".strip())
+            net_axis.plot(x, rows[f"{metric}_net"], linestyle=style, marker=marker, color=colour,
+                          label=f"{metric} {group}".strip())
+        for column, colour in utility_colours.items():
+            utility_axis.plot(x, rows[column], linestyle=style, marker=marker, color=colour,
+                              label=f"{column.removeprefix('A_')} {group}".strip())
+    label = "temperature (−1: learned)" if parameter == "temperature" else parameter
+    gaps_axis.set(xlabel=label, ylabel="gap (f_A − f_B)", title="target records: mean ± bootstrap std")
+    net_axis.set(xlabel=label, ylabel="target gap − holdout gap", title="net of the holdout control")
+    utility_axis.set(xlabel=label, ylabel="accuracy", title="utility of f_A", ylim=(0, 1.02))
+    for axis in (gaps_axis, net_axis, utility_axis):
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=7)
-    if parameter == "temperature":
-        gaps_axis.set_xlabel("temperature (−1: learned)")
+        axis.legend(fontsize=6)
+    for axis in (gaps_axis, net_axis):
+        axis.axhline(0, color="k", linewidth=0.8)
+    figure.tight_layout()
     return figure
 
 
