@@ -1,5 +1,6 @@
 # Shared setup: config validation, parameter points, path helpers, wildcard constraints.
 
+import glob
 import os
 import re
 import shlex
@@ -153,9 +154,6 @@ def all_targets():
 
 
 # --- datasets (rules/datasets.smk) ---
-
-import glob
-import shlex
 
 
 def datasets_where(key, values):

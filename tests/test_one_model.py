@@ -82,6 +82,15 @@ def test_import_target_from_an_open_clip_train_checkpoint(tiny_workflow, tmp_pat
     imported = torch.load(tmp_path / "model.pt", weights_only=True)
     assert imported["model_name"] == "dejavu-vit-tiny" and imported["params"]["imported"]
     assert all(torch.equal(imported["state_dict"][k], v) for k, v in ours["state_dict"].items())
+    # ... and it runs: the imported model embeds the public images like the original.
+    from workflow_scripts import embed
+
+    public = str(tiny_workflow / "results/data/scenes_public/records.parquet")
+    embed.embed(str(tmp_path / "model.pt"), public, [], "image", str(tmp_path / "imported.parquet"), batch_size=64)
+    embed.embed(str(tiny_workflow / "results/models/scenes" / POINT / "A/model.pt"), public, [], "image",
+                str(tmp_path / "original.parquet"), batch_size=64)
+    assert np.array_equal(read_embeddings(tmp_path / "imported.parquet")[1],
+                          read_embeddings(tmp_path / "original.parquet")[1])
 
 
 def test_import_pretrained_offline_gives_a_clear_error(tmp_path):

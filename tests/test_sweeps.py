@@ -97,7 +97,7 @@ def test_summary_has_one_row_per_point_matching_the_metric_tables(tiny_workflow)
     assert again.equals(table)
 
 
-def test_figures_rebuild_from_the_tables_alone(tiny_workflow, tmp_path):
+def test_figures_and_report_rebuild_from_the_tables_alone(tiny_workflow, tmp_path):
     workdir = tmp_path / "copy"
     shutil.copytree(tiny_workflow, workdir, symlinks=True)
     for cached in ("models", "embeddings", "figures"):
@@ -108,6 +108,9 @@ def test_figures_rebuild_from_the_tables_alone(tiny_workflow, tmp_path):
         assert (figures / "scenes" / POINT / f"{name}.png").stat().st_size > 1000
     assert (figures / "sweep" / "scenes" / "epochs.svg").exists()
     assert not (workdir / "results" / "models").exists()
+    run_snakemake(workdir, TINY, "--report", "report.html")
+    report = (workdir / "report.html").read_text()
+    assert "qualitative.png" in report and "scenes.csv" in report and "agreement.png" in report
 
 
 def test_linear_probe_and_probe_split():
