@@ -28,4 +28,5 @@ rule metrics:
         " --public-annotations {input.public_annotations} --queries {input.queries}"
         " --k {params.metrics[k]} --top-n {params.metrics[top_n]} --top-l {params.top_l}"
         " --n-boot {params.metrics[bootstrap][n_boot]} --frac {params.metrics[bootstrap][frac]}"
-        " --seed {params.metrics[bootstrap][seed]} --out-dir {params.out_dir} > {log} 2>&1"
+        " --seed {params.metrics[bootstrap][seed]} --batch-rows {params.metrics[batch_rows]}"
+        " --out-dir {params.out_dir} > {log} 2>&1"

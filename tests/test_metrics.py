@@ -220,3 +220,25 @@ def test_compute_refuses_missing_neighbours(tmp_path):
     queries = write(pl.DataFrame({"id": ["q1", "q2"]}), tmp_path / "queries.parquet")
     with pytest.raises(DataError, match="q2"):
         metrics.compute(nb, nb, truth, public, queries, tmp_path / "out", 1, 1, [1], 5, 0.5, 0)
+
+
+def test_batched_metrics_equal_one_batch(tmp_path):
+    rng = np.random.default_rng(0)
+    public_ids = [f"p{i}" for i in range(40)]
+    public = pl.DataFrame({"id": public_ids, "labels": [[f"c{j}" for j in rng.choice(8, 3, replace=False)]
+                                                        for _ in public_ids]})
+    truth = pl.DataFrame({"id": [f"q{i}" for i in range(30)],
+                          "labels": [[f"c{j}" for j in rng.choice(8, 2, replace=False)] for _ in range(30)]})
+    paths = {}
+    for side in ("a", "b"):
+        paths[side] = write(neighbors({q: list(rng.choice(public_ids, 4, replace=False)) for q in truth["id"]}),
+                            tmp_path / f"{side}.parquet")
+    common = dict(query_annotations=write(truth, tmp_path / "truth.parquet"),
+                  public_annotations=write(public, tmp_path / "public.parquet"),
+                  queries=write(truth.select("id"), tmp_path / "queries.parquet"),
+                  k=4, top_n=2, top_l=[5, 10], n_boot=10, frac=0.5, seed=0)
+    metrics.compute(paths["a"], paths["b"], out_dir=tmp_path / "one", **common)
+    metrics.compute(paths["a"], paths["b"], out_dir=tmp_path / "many", batch_rows=7, **common)  # 18 batches
+    for table in ("records", "population", "sample_level"):
+        assert pl.read_parquet(tmp_path / "one" / f"{table}.parquet").equals(
+            pl.read_parquet(tmp_path / "many" / f"{table}.parquet")), table

@@ -98,7 +98,7 @@ def paired_records(target: pl.LazyFrame, reference: pl.LazyFrame) -> pl.DataFram
         for frame, side in ((target, "target"), (reference, "reference"))
     ]
     return sides[0].join(sides[1].drop("n_objects"), on=["id", "label_mode"], how="inner") \
-        .sort("label_mode", "id").collect()
+        .collect(engine="streaming")
 
 
 # --- population gaps: arrays with records on the last axis, any leading batch axes (bootstrap) ---
@@ -180,10 +180,22 @@ def sample_level(records: pl.DataFrame, top_l: list[int], label_mode: str = "top
     return pl.concat(frames)
 
 
+def scan_annotations(path: str) -> pl.LazyFrame:
+    """A lazy (id, labels) view of an annotations file, its columns checked up front."""
+    if not Path(path).exists():
+        raise DataError(f"{path}: file does not exist")
+    names = pl.scan_parquet(path).collect_schema().names()
+    missing = [name for name in ("id", "labels") if name not in names]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; found {names}")
+    return pl.scan_parquet(path).select("id", "labels")
+
+
 def load_truth(annotations_path: str, queries_path: str) -> pl.LazyFrame:
-    annotations = read_parquet(annotations_path, {"id": "str", "labels": "list<str>"})
+    """(id, labels) of the query records, read from the annotations by a streamed semi-join."""
     queries = read_parquet(queries_path, {"id": "str"}).select("id")
-    truth = queries.join(annotations.select("id", "labels"), on="id", how="left")
+    annotated = scan_annotations(annotations_path).join(queries.lazy(), on="id", how="semi")
+    truth = queries.join(annotated.collect(engine="streaming"), on="id", how="left")
     missing = truth.filter(pl.col("labels").is_null())["id"]
     if len(missing):
         raise DataError(f"{annotations_path}: no annotation row for {len(missing)} query record(s) of "
@@ -191,31 +203,56 @@ def load_truth(annotations_path: str, queries_path: str) -> pl.LazyFrame:
     return truth.lazy()
 
 
-def load_neighbors(path: str, query_ids: pl.Series, public_ids: pl.Series) -> pl.LazyFrame:
+def check_neighbors(path: str, query_ids: pl.Series, public: pl.LazyFrame) -> None:
+    """Every query has neighbours, and every neighbour has an annotation row (streamed over the file)."""
     neighbors = pl.scan_parquet(path)
-    found = neighbors.select(pl.col("query_id").unique()).collect()["query_id"]
+    found = neighbors.select(pl.col("query_id").unique()).collect(engine="streaming")["query_id"]
     absent = query_ids.filter(~query_ids.is_in(found.implode()))
     if len(absent):
         raise DataError(f"{path}: no neighbours for {len(absent)} query record(s), e.g. {absent.head(5).to_list()}")
-    unknown = neighbors.select(pl.col("public_id").unique()).filter(~pl.col("public_id").is_in(public_ids.implode())) \
-        .head(5).collect()["public_id"]
+    unknown = neighbors.select(pl.col("public_id").unique()).join(public.select(public_id="id"), on="public_id",
+                                                                   how="anti").head(5).collect(engine="streaming")
     if len(unknown):
-        raise DataError(f"{path}: public id(s) without annotations, e.g. {unknown.to_list()}")
-    return neighbors.filter(pl.col("query_id").is_in(query_ids.implode()))
+        raise DataError(f"{path}: public id(s) without annotations, e.g. {unknown['public_id'].to_list()}")
+
+
+def batched_records(neighbor_paths: dict[str, str], public: pl.LazyFrame, truth: pl.LazyFrame, k: int, top_n: int,
+                    batch_rows: int) -> pl.DataFrame:
+    """Paired record scores, computed over query batches so memory follows `batch_rows` neighbour rows, not |A|·k.
+
+    A query belongs to batch hash(id) mod n_batches in every file alike; each batch streams through the
+    neighbour files and joins only the public annotations its neighbours name. More batches trade a pass
+    over the neighbour files each for less memory.
+    """
+    n_rows = max(pl.scan_parquet(path).select(pl.len()).collect().item() for path in neighbor_paths.values())
+    n_batches = max(1, -(-n_rows // batch_rows))
+    frames = []
+    for batch in range(n_batches):
+        def in_batch(column: str) -> pl.Expr:
+            return pl.col(column).hash(seed=0) % n_batches == batch
+
+        batch_truth = truth.filter(in_batch("id"))
+        scores = {}
+        for side, path in neighbor_paths.items():
+            neighbors = pl.scan_parquet(path).filter(in_batch("query_id")) \
+                .join(batch_truth.select(query_id="id"), on="query_id", how="semi")
+            named = public.join(neighbors.select(id="public_id").unique(), on="id", how="semi")
+            scores[side] = record_scores(neighbors, named, batch_truth, k, top_n)
+        frames.append(paired_records(scores["target"], scores["reference"]))
+    return pl.concat(frames).sort("label_mode", "id")
 
 
 def compute(target_neighbors: str, reference_neighbors: str, query_annotations: str, public_annotations: str,
             queries: str, out_dir: str | Path, k: int, top_n: int, top_l: list[int], n_boot: int, frac: float,
-            seed: int) -> None:
+            seed: int, batch_rows: int = 5_000_000) -> None:
     out_dir = Path(out_dir)
     truth = load_truth(query_annotations, queries)
-    public = read_parquet(public_annotations, {"id": "str", "labels": "list<str>"}).select("id", "labels")
+    public = scan_annotations(public_annotations)
     query_ids = truth.select("id").collect()["id"]
-    scores = {
-        side: record_scores(load_neighbors(path, query_ids, public["id"]), public.lazy(), truth, k, top_n)
-        for side, path in zip(SIDES, (target_neighbors, reference_neighbors))
-    }
-    records = paired_records(scores["target"], scores["reference"])
+    neighbor_paths = dict(zip(SIDES, (target_neighbors, reference_neighbors)))
+    for path in neighbor_paths.values():
+        check_neighbors(path, query_ids, public)
+    records = batched_records(neighbor_paths, public, truth, k, top_n, batch_rows)
     params = {"target_neighbors": target_neighbors, "reference_neighbors": reference_neighbors, "queries": queries,
               "k": k, "top_n": top_n, "top_l": top_l, "n_boot": n_boot, "frac": frac, "seed": seed}
     population = population_metrics(records, n_boot, frac, seed).with_columns(
@@ -240,10 +277,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-boot", type=int, default=100)
     parser.add_argument("--frac", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-rows", type=int, default=5_000_000,
+                        help="neighbour rows per query batch: bounds memory; each batch is one pass over the files")
     args = parser.parse_args(argv)
     compute(args.target_neighbors, args.reference_neighbors, args.query_annotations, args.public_annotations,
             args.queries, args.out_dir, args.k, args.top_n, [int(v) for v in args.top_l.split(",") if v],
-            args.n_boot, args.frac, args.seed)
+            args.n_boot, args.frac, args.seed, args.batch_rows)
 
 
 if __name__ == "__main__":
