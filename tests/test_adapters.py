@@ -320,7 +320,7 @@ def single_point_config(raw_root: Path, datasets: dict, split: dict) -> dict:
 def test_real_formats_run_through_the_dag_to_metrics(tmp_path):
     raw_root = tmp_path / "raw"
     coco = build_coco(raw_root / "coco", 56, seed=3)
-    shards = build_shards(raw_root / "laion", 2, 20, seed=4)
+    build_shards(raw_root / "laion", 2, 20, seed=4)  # the config globs them
     folder = build_image_folder(raw_root / "inet", 10, seed=5)
     laion_annotations = raw_root / "laion_annotations.parquet"
     ids = shard_ids("laion", 2, 20)

@@ -2,7 +2,6 @@
 
 import pyarrow.parquet as pq
 import polars as pl
-import pytest
 import yaml
 
 from conftest import POINT, REPO, TINY, run_snakemake
