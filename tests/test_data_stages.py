@@ -134,3 +134,15 @@ def test_duplicate_images_in_pool_are_refused(tmp_path):
     frame = pl.DataFrame({"id": ["a", "b", "c"], "image_sha256": ["h1", "h1", "h2"]})
     with pytest.raises(splits.OverlapError, match=r"\['a', 'b'\]"):
         splits.check_no_duplicate_images(frame, "pool.parquet")
+
+
+def test_unhashed_records_are_hashed_and_unreadable_images_named(scenes, tmp_path):
+    records = pl.read_parquet(scenes / "pool" / "records.parquet").head(3)
+    path = str(scenes / "pool" / "records.parquet")
+    rehashed = splits.with_hashes(records.with_columns(
+        image_sha256=pl.when(pl.col("id") == records["id"][1]).then(None).otherwise(pl.col("image_sha256"))), path)
+    assert rehashed["image_sha256"].equals(records["image_sha256"])
+    broken = records.drop("image_sha256").with_columns(
+        image_path=pl.when(pl.col("id") == records["id"][2]).then(pl.lit("images/gone.png")).otherwise("image_path"))
+    with pytest.raises(DataError, match=f"record '{records['id'][2]}'.*not found"):
+        splits.with_hashes(broken, path)

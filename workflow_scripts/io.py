@@ -148,13 +148,16 @@ def embeddings_table(ids: list[str] | np.ndarray, embeddings: np.ndarray) -> pa.
     return pa.table({"id": pa.array(list(ids), type=pa.string()), "embedding": column})
 
 
-def read_embeddings(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """Return (ids, float32 matrix [n, d]) from an embeddings Parquet file."""
-    table = pq.read_table(path, columns=["id", "embedding"])
+def embeddings_from_table(table: pa.Table, path: str | os.PathLike) -> tuple[pa.StringArray, np.ndarray]:
+    """(ids, float32 matrix [n, d]) of a table of the embeddings contract read from `path`."""
     column = table.column("embedding").combine_chunks()
     if not pa.types.is_fixed_size_list(column.type):
         raise DataError(f"{path}: column 'embedding' must be fixed_size_list<float32>, found {column.type}")
-    dim = column.type.list_size
-    matrix = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)
-    ids = np.asarray(table.column("id").to_pylist(), dtype=object)
-    return ids, matrix
+    matrix = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    return table.column("id").combine_chunks(), matrix.reshape(-1, column.type.list_size)
+
+
+def read_embeddings(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Return (ids as an object array, float32 matrix [n, d]) from an embeddings Parquet file."""
+    ids, matrix = embeddings_from_table(pq.read_table(path, columns=["id", "embedding"]), path)
+    return np.asarray(ids.to_pylist(), dtype=object), matrix

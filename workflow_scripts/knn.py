@@ -44,7 +44,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from workflow_scripts.io import DataError, atomic_path, provenance, read_metadata
+from workflow_scripts.io import DataError, atomic_path, embeddings_from_table, provenance, read_metadata
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +94,7 @@ def read_rows(path: str, start: int, stop: int, columns: list[str]) -> pa.Table:
 
 def read_embedding_rows(path: str, start: int, stop: int) -> tuple[pa.StringArray, np.ndarray]:
     """(ids, float32 matrix [n, d]) of rows [start, stop) of an embeddings Parquet file."""
-    table = read_rows(path, start, stop, ["id", "embedding"])
-    column = table.column("embedding").combine_chunks()
-    if not pa.types.is_fixed_size_list(column.type):
-        raise DataError(f"{path}: column 'embedding' must be fixed_size_list<float32>, found {column.type}")
-    matrix = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-    return table.column("id").combine_chunks(), matrix.reshape(-1, column.type.list_size)
+    return embeddings_from_table(read_rows(path, start, stop, ["id", "embedding"]), path)
 
 
 @contextlib.contextmanager

@@ -14,9 +14,9 @@ from itertools import combinations
 from pathlib import Path
 
 import polars as pl
-from tqdm import tqdm
 
-from workflow_scripts.images import content_hash, load_rgb, resolve_image_paths
+from workflow_scripts.adapters import hash_images
+from workflow_scripts.images import resolve_image_paths
 from workflow_scripts.io import DataError, check_unique_ids, read_parquet, write_parquet
 
 log = logging.getLogger(__name__)
@@ -29,14 +29,20 @@ class OverlapError(DataError):
 
 
 def with_hashes(records: pl.DataFrame, records_path: str) -> pl.DataFrame:
-    """Records with an `image_sha256` column, computing it where the adapter did not."""
-    if "image_sha256" in records.columns and records["image_sha256"].null_count() == 0:
+    """Records with an `image_sha256` for every row, decoding the images an adapter left unhashed."""
+    if "image_sha256" not in records.columns:
+        records = records.with_columns(image_sha256=pl.lit(None, pl.String))
+    unhashed = records.filter(pl.col("image_sha256").is_null())
+    if not len(unhashed):
         return records
-    paths = resolve_image_paths(records, records_path).to_list()
-    hashes = [content_hash(load_rgb(path, record_id))
-              for path, record_id in tqdm(zip(paths, records["id"]), total=len(paths), desc="hashing images",
-                                          unit="img", mininterval=2)]
-    return records.with_columns(image_sha256=pl.Series(hashes, dtype=pl.String))
+    hashes, errors = hash_images(resolve_image_paths(unhashed, records_path).to_list(), threads=1)
+    failed = [(record_id, error) for record_id, error in zip(unhashed["id"], errors) if error is not None]
+    if failed:
+        raise DataError(f"{records_path}: {len(failed)} image(s) cannot be read, e.g. record {failed[0][0]!r}: "
+                        f"{failed[0][1]}")
+    computed = unhashed.select("id", computed=pl.Series(hashes, dtype=pl.String))
+    return records.join(computed, on="id", how="left", maintain_order="left") \
+        .with_columns(image_sha256=pl.coalesce("image_sha256", "computed")).drop("computed")
 
 
 def check_disjoint(sets: dict[str, pl.DataFrame]) -> None:
