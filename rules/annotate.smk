@@ -71,7 +71,7 @@ rule detic_chunk:
         config_file=lambda wc: shlex.quote(detic_spec(wc)["config_file"]),
         weights=lambda wc: shlex.quote(detic_spec(wc)["weights"]),
     resources:
-        gpu=1,
+        gpu=detic_gpus,
     log:
         f"{RESULTS}/logs/annotate/{{dataset}}/detic-{{chunk}}.log",
     benchmark:
