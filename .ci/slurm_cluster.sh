@@ -16,6 +16,7 @@ set -euo pipefail
 STATE=${SLURM_CI_DIR:-/tmp/dejavu-slurm}
 CONF=$STATE/slurm.conf
 SYSTEM_CONF=/etc/slurm/slurm.conf
+MUNGE_PID=/run/munge/munged.pid
 PIDS=$STATE/pids
 MIN_MEMORY_MB=65536
 
@@ -91,9 +92,10 @@ up() {
     write_config
     : >"$PIDS"
     install -d -o munge -g munge -m 0755 /run/munge
-    if ! pgrep -u munge -x munged >/dev/null; then  # one munged per machine: reuse a running one
-        runuser -u munge -- /usr/sbin/munged --pid-file=/run/munge/munged.pid
-        echo "munged $(cat /run/munge/munged.pid)" >>"$PIDS"
+    # One munged per machine: reuse a running one (then `down` leaves it running too).
+    if ! alive "$(cat "$MUNGE_PID" 2>/dev/null)"; then
+        runuser -u munge -- /usr/sbin/munged --pid-file="$MUNGE_PID"
+        echo "munged $(cat "$MUNGE_PID")" >>"$PIDS"
     fi
     /usr/sbin/slurmctld -D -i -f "$CONF" >>"$STATE/slurmctld.out" 2>&1 &
     echo "slurmctld $!" >>"$PIDS"
