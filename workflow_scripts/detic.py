@@ -32,6 +32,7 @@ from typing import Any, Callable
 import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
+from PIL import ImageOps
 from tqdm import tqdm
 
 from workflow_scripts.annotate import ANNOTATION_SCHEMA, check_complete, conform_annotations
@@ -226,7 +227,6 @@ class ModelInputs:
 
     def __getitem__(self, index: int) -> tuple[str, dict]:
         import torch
-        from PIL import ImageOps
 
         image = np.asarray(ImageOps.exif_transpose(load_rgb(self.paths[index], self.ids[index])))
         if self.input_format == "BGR":
