@@ -56,10 +56,45 @@ rule annotate_parts:
         " --annotations {input.parts} --drop-unknown --out {output} > {log} 2>&1"
 
 
+# Detic: the vocabulary's CLIP text embeddings once per (vocabulary, prompt, CLIP weights), shared by every data
+# set using them; then one GPU job per chunk of a data set's records; then a merge.
+from workflow_scripts.detic import vocabulary_key, vocabulary_source
+
+DETIC_VOCABULARIES = {vocabulary_key(spec["detic"]): spec["detic"]
+                      for spec in config["datasets"].values() if spec["annotator"] == "detic"}
+
+
+def detic_class_embeddings(wildcards):
+    return f"{RESULTS}/detic/vocabularies/{vocabulary_key(detic_spec(wildcards))}.parquet"
+
+
+rule detic_vocabulary:
+    input:
+        names=lambda wc: str(vocabulary_source(DETIC_VOCABULARIES[wc.vocabulary]["vocabulary"],
+                                               DETIC_VOCABULARIES[wc.vocabulary]["repo"])),
+        clip_weights=lambda wc: DETIC_VOCABULARIES[wc.vocabulary]["clip_weights"],
+    output:
+        f"{RESULTS}/detic/vocabularies/{{vocabulary}}.parquet",
+    wildcard_constraints:
+        vocabulary="|".join(map(re.escape, DETIC_VOCABULARIES)) or "(?!)",
+    params:
+        vocabulary=lambda wc: shlex.quote(DETIC_VOCABULARIES[wc.vocabulary]["vocabulary"]),
+        repo=lambda wc: shlex.quote(DETIC_VOCABULARIES[wc.vocabulary]["repo"]),
+        prompt=lambda wc: shlex.quote(DETIC_VOCABULARIES[wc.vocabulary]["prompt"]),
+    log:
+        f"{RESULTS}/logs/annotate/detic-vocabulary-{{vocabulary}}.log",
+    conda:
+        "../envs/dejavu.yaml"
+    shell:
+        "python -m workflow_scripts.detic vocabulary --vocabulary {params.vocabulary} --detic-repo {params.repo}"
+        " --clip-weights {input.clip_weights:q} --prompt {params.prompt} --out {output} > {log} 2>&1"
+
+
 rule detic_chunk:
     input:
         records=f"{RESULTS}/data/{{dataset}}/records.parquet",
-        vocabulary=lambda wc: detic_spec(wc)["vocabulary"],
+        class_embeddings=detic_class_embeddings,
+        weights=lambda wc: detic_spec(wc)["weights"],
     output:
         f"{RESULTS}/data/{{dataset}}/detic/chunk-{{chunk}}.parquet",
     wildcard_constraints:
@@ -69,7 +104,7 @@ rule detic_chunk:
         spec=detic_spec,
         repo=lambda wc: shlex.quote(detic_spec(wc)["repo"]),
         config_file=lambda wc: shlex.quote(detic_spec(wc)["config_file"]),
-        weights=lambda wc: shlex.quote(detic_spec(wc)["weights"]),
+    threads: lambda wc: detic_spec(wc)["workers"] + 1  # image decoding processes and the job itself
     resources:
         gpu=detic_gpus,
     log:
@@ -81,8 +116,9 @@ rule detic_chunk:
     shell:
         "python -m workflow_scripts.detic detect --records {input.records} --chunk {wildcards.chunk}"
         " --n-chunks {params.spec[n_chunks]} --detic-repo {params.repo} --config-file {params.config_file}"
-        " --weights {params.weights} --vocabulary {input.vocabulary:q} --score-threshold {params.spec[score_threshold]}"
-        " --device {params.spec[device]} --out {output} > {log} 2>&1"
+        " --weights {input.weights:q} --class-embeddings {input.class_embeddings}"
+        " --score-threshold {params.spec[score_threshold]} --device {params.spec[device]}"
+        " --batch-size {params.spec[batch_size]} --workers {params.spec[workers]} --out {output} > {log} 2>&1"
 
 
 rule annotate_detic:

@@ -1,5 +1,5 @@
 """Real-data adapters (COCO, ImageNet-style folders, webdataset shards, mixes), their validation, the
-precomputed and Detic annotators, and a real-format DAG run from raw files to metrics."""
+precomputed annotator, and a real-format DAG run from raw files to metrics."""
 
 import json
 import re
@@ -10,13 +10,12 @@ from types import SimpleNamespace
 
 import polars as pl
 import pytest
-import torch
 import yaml
 
 from conftest import REPO, run_snakemake
 from real_data import (CATEGORIES, add_member, build_coco, build_image_folder, build_shards, jpeg_bytes,
                        shard_ids)
-from workflow_scripts import adapters, annotate, detic, splits
+from workflow_scripts import adapters, annotate, splits
 from workflow_scripts.images import load_rgb, resolve_image_paths
 from workflow_scripts.io import DataError, read_metadata
 
@@ -243,62 +242,6 @@ def test_precomputed_annotations_are_conformed_and_checked(small_records, tmp_pa
     assert pl.read_parquet(tmp_path / "out.parquet").height == 3
 
 
-class StandInPredictor:
-    """Mimics detectron2's DefaultPredictor: BGR uint8 array -> {"instances": pred_classes, scores tensors}."""
-
-    def __init__(self):
-        self.shapes = []
-
-    def __call__(self, bgr):
-        self.shapes.append(bgr.shape)
-        brightness = int(bgr.mean())
-        classes = torch.tensor([brightness % 3, 1, 2, 1])
-        scores = torch.tensor([0.9, 0.7, 0.2, 0.95])  # class 2 below threshold unless it is also the first
-        return {"instances": SimpleNamespace(pred_classes=classes, scores=scores)}
-
-
-def test_detic_outputs_become_class_names_with_scores():
-    instances = SimpleNamespace(pred_classes=torch.tensor([3, 0, 3, 1]), scores=torch.tensor([0.6, 0.4, 0.8, 0.5]))
-    labels, scores = detic.instances_to_annotation(instances, ["cat", "dog", "car", "tree"], threshold=0.5)
-    assert labels == ["tree", "dog"] and scores == pytest.approx([0.8, 0.5])
-    empty = SimpleNamespace(pred_classes=torch.zeros(0, dtype=torch.long), scores=torch.zeros(0))
-    assert detic.instances_to_annotation(empty, ["cat"], 0.5) == ([], [])
-    with pytest.raises(DataError, match="outside the vocabulary of 2"):
-        detic.instances_to_annotation(instances, ["cat", "dog"], 0.5)
-
-
-def test_detic_chunks_cover_every_record_and_merge_into_annotations(raw, tmp_path):
-    adapt(adapters.image_folder("inet", str(raw.folder)), tmp_path)
-    records = tmp_path / "records.parquet"
-    names = ["cat", "dog", "car"]
-    chunks = []
-    for chunk in range(3):
-        predictor = StandInPredictor()
-        chunks.append(str(tmp_path / f"chunk-{chunk}.parquet"))
-        detic.detect(str(records), chunk, 3, predictor, names, 0.5, chunks[-1])
-        assert predictor.shapes == [(40, 48, 3)] * 4
-    detic.main(["merge", "--records", str(records), "--chunks", *chunks, "--out", str(tmp_path / "annotations.parquet")])
-    out = pl.read_parquet(tmp_path / "annotations.parquet")
-    assert out["id"].to_list() == pl.read_parquet(records)["id"].to_list()
-    assert out.schema["scores"] == pl.List(pl.Float32)
-    assert all(labels[0] == "dog" and set(labels) <= set(names) for labels in out["labels"].to_list())
-    with pytest.raises(DataError, match=r"no annotation row for 4 record"):
-        detic.merge(str(records), chunks[:2], str(tmp_path / "partial.parquet"))
-
-
-def test_detic_without_detectron2_says_how_to_create_its_env(small_records, tmp_path):
-    try:
-        import detectron2  # noqa: F401
-        pytest.skip("detectron2 is installed here")
-    except ImportError:
-        pass
-    vocabulary = tmp_path / "vocabulary.txt"
-    vocabulary.write_text("cat\ndog\n")
-    with pytest.raises(SystemExit, match=r"detectron2 and Detic.*envs/detic\.yaml.*git clone --recursive"):
-        detic.main(["detect", "--records", str(small_records), "--chunk", "0", "--n-chunks", "1", "--detic-repo",
-                    str(tmp_path), "--vocabulary", str(vocabulary), "--out", str(tmp_path / "chunk.parquet")])
-
-
 # --- the real DAG ----------------------------------------------------------------------------------
 
 def single_point_config(raw_root: Path, datasets: dict, split: dict) -> dict:
@@ -353,20 +296,3 @@ def test_real_formats_run_through_the_dag_to_metrics(tmp_path):
         assert set(table["metric"]) >= {"PPG", "PRG", "AUCG"} and table["value"].is_not_null().all()
     second = run_snakemake(tmp_path, single_point_config(raw_root, datasets, split), "--until", "metrics", "--dry-run")
     assert re.search(r"Nothing to be done|total\s+0\n", second.stdout + second.stderr)  # --until words it so
-
-
-def test_detic_rule_is_chunked_and_stops_with_the_install_hint_without_detectron2(tmp_path):
-    folder = build_image_folder(tmp_path / "raw" / "inet", 2)
-    (tmp_path / "vocabulary.txt").write_text("cat\ndog\n")
-    datasets = {"inet": {"source": "image_folder", "images": str(folder), "annotator": "detic",
-                         "detic": {"repo": str(tmp_path / "Detic"), "vocabulary": str(tmp_path / "vocabulary.txt"),
-                                   "n_chunks": 3, "device": "cpu"}}}
-    config = {"datasets": datasets}
-    target = "results/data/inet/annotations.parquet"
-    dry = run_snakemake(tmp_path, config, target, "--dry-run")
-    assert "detic_chunk" in dry.stdout and "annotate_detic" in dry.stdout
-    assert dry.stdout.count("chunk-") >= 3
-    result = run_snakemake(tmp_path, config, "results/data/inet/detic/chunk-0.parquet", check=False)
-    assert result.returncode != 0
-    log = (tmp_path / "results/logs/annotate/inet/detic-0.log").read_text()
-    assert "detectron2 and Detic" in log and "envs/detic.yaml" in log
