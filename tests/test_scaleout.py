@@ -232,6 +232,18 @@ def test_slurm_cpus_and_gpus_follow_the_config(tmp_path):
     assert "--gpus" not in calls["knn_shard"] and " --cpus-per-task=4" in calls["knn_shard"]
 
 
+@pytest.mark.parametrize("device, gpus", [("cuda", " --gpus=1"), ("cpu", "")])
+def test_slurm_detic_chunks_request_a_gpu_unless_pinned_to_the_cpu(tmp_path, device, gpus):
+    for name in ("names.txt", "ViT-B-32.pt", "detic.pth"):
+        (tmp_path / name).write_text("stand-in")  # inputs of the plan; a dry run reads none of them
+    spec = {"repo": str(tmp_path / "Detic"), "vocabulary": str(tmp_path / "names.txt"), "device": device,
+            "clip_weights": str(tmp_path / "ViT-B-32.pt"), "weights": str(tmp_path / "detic.pth"), "workers": 3}
+    config = {"datasets": {"scenes_public": {"source": "synthetic", "n_records": 150, "seed": 2,
+                                             "annotator": "detic", "detic": spec}}}
+    calls = planned_sbatch_calls(tmp_path, config, "--cores", "8")
+    assert calls["detic_chunk"].endswith(" --cpus-per-task=4" + gpus), calls["detic_chunk"]  # workers + the job
+
+
 def test_local_gpu_profile_plans_one_gpu_per_gpu_job(tmp_path):
     result = run_snakemake(tmp_path, None, "--dry-run", "--workflow-profile", str(REPO / "profiles" / "local-gpu"))
     planned = planned_jobs(result.stdout + result.stderr)
