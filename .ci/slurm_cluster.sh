@@ -2,7 +2,7 @@
 # A single-node SLURM cluster on this machine, for CI and for trying profiles/slurm (run as root).
 #
 #   .ci/slurm_cluster.sh up      install Debian's slurm packages if missing, start munged, slurmctld, slurmd
-#   .ci/slurm_cluster.sh down    cancel every job, stop the three daemons by the PIDs `up` recorded
+#   .ci/slurm_cluster.sh down    cancel every job, stop the daemons by the PIDs `up` recorded, unlink slurm.conf
 #
 # State (slurm.conf, logs, spool, PID files) lives in $SLURM_CI_DIR (default /tmp/dejavu-slurm); `up` is
 # idempotent: a cluster already up from that directory is left as it is. /etc/slurm/slurm.conf links to the
@@ -120,6 +120,7 @@ down() {
         alive "$pid" && kill -KILL "$pid"
     done
     rm -f "$PIDS"
+    [[ $(readlink "$SYSTEM_CONF") == "$CONF" ]] && rm -f "$SYSTEM_CONF"  # slurm commands then fail at once
     echo "slurm_cluster: down ($STATE)"
 }
 
