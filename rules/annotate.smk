@@ -104,8 +104,9 @@ rule detic_chunk:
         spec=detic_spec,
         repo=lambda wc: shlex.quote(detic_spec(wc)["repo"]),
         config_file=lambda wc: shlex.quote(detic_spec(wc)["config_file"]),
+    threads: lambda wc: detic_spec(wc)["workers"] + 1  # image decoding processes and the job itself
     resources:
-        gpu=1,
+        gpu=detic_gpus,
     log:
         f"{RESULTS}/logs/annotate/{{dataset}}/detic-{{chunk}}.log",
     benchmark:

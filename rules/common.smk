@@ -245,11 +245,28 @@ def precomputed_flags(wildcards):
     return "--allow-missing --drop-unknown" if dataset_spec(wildcards)["on_invalid"] == "skip" else ""
 
 
+# --- GPU requests: every rule's `resources: gpu=` (the SLURM plugin's sbatch --gpus, local-gpu's gpu=1) ---
+
+def gpus_for(device, gpus=1):
+    """GPUs a job asks for: none when the config pins it to the CPU, else `gpus` (auto takes a granted GPU).
+
+    The one place where device choices become scheduler requests, so a CPU-only config requests no GPU anywhere.
+    """
+    return 0 if device == "cpu" else gpus
+
+
+TRAIN_GPUS = gpus_for(config["training"]["device"], config["training"]["gpus_per_job"])
+EMBED_GPUS = gpus_for(config["embedding"]["device"])  # embed_*, utility, embed_reference
+KNN_GPUS = gpus_for("cpu" if config["knn"]["use_gpu"] == "never" else "cuda")
+
+
+def detic_gpus(wildcards):
+    return gpus_for(detic_spec(wildcards)["device"])
+
+
 # --- embed (rules/embed.smk) ---
 
 PUBLIC_SHARDS = [f"{i}-of-{config['embedding']['public_shards']}" for i in range(config["embedding"]["public_shards"])]
-# Embedding jobs hold a GPU unless the config pins them to the CPU (`--resources gpu=1` runs them one at a time).
-EMBED_GPUS = 0 if config["embedding"]["device"] == "cpu" else 1
 
 
 def embed_device_flags():
@@ -259,10 +276,8 @@ def embed_device_flags():
 
 # --- knn (rules/knn.smk) ---
 
-# knn.use_gpu=always searches in the faiss-gpu environment and holds a GPU; auto holds one too (it takes the GPU
-# when its faiss can), in the faiss-cpu environment under --use-conda: faiss-gpu fails to load on a machine
-# without a CUDA driver. never keeps the search on the CPU.
-KNN_GPUS = 0 if config["knn"]["use_gpu"] == "never" else 1
+# knn.use_gpu=always searches in the faiss-gpu environment; auto (it takes the GPU when its faiss can) stays in
+# the faiss-cpu environment under --use-conda: faiss-gpu fails to load on a machine without a CUDA driver.
 KNN_ENV = "../envs/dejavu-gpu.yaml" if config["knn"]["use_gpu"] == "always" else "../envs/dejavu.yaml"
 
 

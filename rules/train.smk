@@ -38,7 +38,7 @@ rule train:
         ),
     threads: config["training"].get("threads", 1)
     resources:
-        gpu=lambda wc: 0 if config["training"].get("device") == "cpu" else config["training"]["gpus_per_job"],
+        gpu=TRAIN_GPUS,
     log:
         f"{RESULTS}/logs/train/{{split}}/{{point}}/{{side}}.log",
     benchmark:

@@ -165,49 +165,87 @@ def test_gpu_search_gives_the_cpu_table(embedded_sets):
 
 # --- profiles: what Snakemake plans, and the sbatch call the SLURM plugin builds from it ---
 
-def planned_resources(output: str) -> dict[str, dict]:
-    """rule name -> resources of its first job, from a dry run's job listing."""
-    planned = {}
-    for rule, resources in re.findall(r"^rule (\w+):\n(?:    .*\n)*?    resources: (.*)$", output, re.MULTILINE):
-        values = dict(item.split("=", 1) for item in resources.split(", "))
-        planned.setdefault(rule, {name: int(v) if v.isdigit() else v for name, v in values.items()})
-    return planned
-
-
 class PlannedResources(dict):
     """Snakemake's job.resources: a mapping with attribute access."""
     __getattr__ = dict.__getitem__
 
 
-def sbatch_call(rule: str, resources: dict) -> str:
+def planned_jobs(output: str) -> dict[str, SimpleNamespace]:
+    """rule name -> its first job (threads and resources, as the plugin reads them), from a dry run's listing."""
+    planned = {}
+    for rule, block in re.findall(r"^rule (\w+):\n((?:    .*\n)+)", output, re.MULTILINE):
+        threads = re.search(r"^    threads: (\d+)$", block, re.MULTILINE)
+        listed = re.search(r"^    resources: (.*)$", block, re.MULTILINE).group(1)
+        values = dict(item.split("=", 1) for item in listed.split(", "))
+        resources = PlannedResources({name: int(v) if v.isdigit() else v for name, v in values.items()})
+        planned.setdefault(rule, SimpleNamespace(name=rule, threads=int(threads.group(1)) if threads else 1,
+                                                 resources=resources, is_group=lambda: False))
+    return planned
+
+
+def sbatch_call(job: SimpleNamespace) -> str:
     from snakemake_executor_plugin_slurm import Executor
     from snakemake_executor_plugin_slurm.submit_string import get_submit_command
     from snakemake_executor_plugin_slurm.utils import set_gres_string
 
-    job = SimpleNamespace(name=rule, threads=1, resources=PlannedResources(resources), is_group=lambda: False)
-    executor = SimpleNamespace(_partitions=None, _fallback_partition=None, logger=logging.getLogger("slurm"))
-    params = {"run_uuid": "run", "slurm_logfile": "slurm.log", "comment_str": f"rule_{rule}", "account": "",
+    # _fallback_partition "": no partition set, so no -p (the plugin would name the one sinfo marks as default)
+    executor = SimpleNamespace(_partitions=None, _fallback_partition="", logger=logging.getLogger("slurm"))
+    params = {"run_uuid": "run", "slurm_logfile": "slurm.log", "comment_str": f"rule_{job.name}", "account": "",
               "partition": Executor.get_partition_arg(executor, job), "workdir": None}
     return get_submit_command(job, params) + set_gres_string(job)
 
 
-def test_slurm_profile_requests_gpus_for_the_gpu_rules(tmp_path):
-    result = run_snakemake(tmp_path, None, "--dry-run", "--workflow-profile", str(REPO / "profiles" / "slurm"))
+def planned_sbatch_calls(tmp_path, config: dict | None, *args: str) -> dict[str, str]:
+    result = run_snakemake(tmp_path, config, "--dry-run", "--workflow-profile", str(REPO / "profiles" / "slurm"), *args)
     output = result.stdout + result.stderr
     assert "Using workflow specific profile" in output
-    planned = planned_resources(output)
-    for rule in GPU_RULES:
-        call = sbatch_call(rule, planned[rule])
-        assert " --gpus=1" in call and " -p gpu" in call, (rule, call)
-        assert re.search(r" --mem \d+", call) and re.search(r" -t \d+", call) and "--cpus-per-task=" in call, call
-    assert planned["embed_public_shard"]["mem_mb"] == 32000 and planned["train"]["runtime"] == 1440
-    for rule in ("knn", "embed_public", "metrics"):
-        call = sbatch_call(rule, planned[rule])
-        assert "--gpus" not in call and " -p cpu" in call, (rule, call)
+    return {rule: sbatch_call(job) for rule, job in planned_jobs(output).items()}
+
+
+def test_slurm_profile_requests_gpus_for_the_gpu_rules_of_the_default_config(tmp_path):
+    calls = planned_sbatch_calls(tmp_path, None)  # config.yaml: device auto, knn.use_gpu auto
+    for rule in GPU_RULES + ("utility",):
+        assert " --gpus=1" in calls[rule], (rule, calls[rule])
+    for rule, call in calls.items():
+        assert " -p " not in call, call  # the cluster's default partition: the profile runs unedited
+        assert re.search(r" --mem \d+", call) and re.search(r" -t \d+", call), call
+        assert " --cpus-per-task=1" in call, call  # config.yaml's threads: 1 everywhere
+    for rule in ("knn", "embed_public", "metrics", "splits", "synthetic_dataset"):
+        assert "--gpus" not in calls[rule], (rule, calls[rule])
+    assert " --mem 32000" in calls["embed_public_shard"] and " -t 1440" in calls["train"]
+
+
+def test_slurm_profile_requests_no_gpu_for_a_cpu_only_config(tmp_path):
+    from test_slurm import CPU_ONLY
+
+    calls = planned_sbatch_calls(tmp_path, CPU_ONLY)
+    assert set(GPU_RULES) <= set(calls)
+    assert not [call for call in calls.values() if "--gpus" in call or "--gres" in call]
+
+
+def test_slurm_cpus_and_gpus_follow_the_config(tmp_path):
+    config = {"training": {"threads": 6, "gpus_per_job": 2}, "embedding": {"threads": 3},
+              "knn": {"threads": 4, "use_gpu": "never"}}
+    calls = planned_sbatch_calls(tmp_path, config, "--cores", "8")  # --cores caps every job's threads
+    assert " --gpus=2" in calls["train"] and " --cpus-per-task=6" in calls["train"]
+    assert " --gpus=1" in calls["embed_public_shard"] and " --cpus-per-task=3" in calls["embed_public_shard"]
+    assert "--gpus" not in calls["knn_shard"] and " --cpus-per-task=4" in calls["knn_shard"]
+
+
+@pytest.mark.parametrize("device, gpus", [("cuda", " --gpus=1"), ("cpu", "")])
+def test_slurm_detic_chunks_request_a_gpu_unless_pinned_to_the_cpu(tmp_path, device, gpus):
+    for name in ("names.txt", "ViT-B-32.pt", "detic.pth"):
+        (tmp_path / name).write_text("stand-in")  # inputs of the plan; a dry run reads none of them
+    spec = {"repo": str(tmp_path / "Detic"), "vocabulary": str(tmp_path / "names.txt"), "device": device,
+            "clip_weights": str(tmp_path / "ViT-B-32.pt"), "weights": str(tmp_path / "detic.pth"), "workers": 3}
+    config = {"datasets": {"scenes_public": {"source": "synthetic", "n_records": 150, "seed": 2,
+                                             "annotator": "detic", "detic": spec}}}
+    calls = planned_sbatch_calls(tmp_path, config, "--cores", "8")
+    assert calls["detic_chunk"].endswith(" --cpus-per-task=4" + gpus), calls["detic_chunk"]  # workers + the job
 
 
 def test_local_gpu_profile_plans_one_gpu_per_gpu_job(tmp_path):
     result = run_snakemake(tmp_path, None, "--dry-run", "--workflow-profile", str(REPO / "profiles" / "local-gpu"))
-    planned = planned_resources(result.stdout + result.stderr)
-    assert all(planned[rule]["gpu"] == 1 for rule in GPU_RULES)
-    assert "gpu" not in planned["knn"]
+    planned = planned_jobs(result.stdout + result.stderr)
+    assert all(planned[rule].resources["gpu"] == 1 for rule in GPU_RULES)
+    assert "gpu" not in planned["knn"].resources
