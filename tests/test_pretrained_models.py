@@ -22,7 +22,7 @@ TEXTS = ["a red star in a kitchen", "two blue rings", "nothing at all"]
 def write_published_model(folder):
     """open_clip's local-dir format: open_clip_config.json (model_cfg, preprocess_cfg) and the weights file."""
     folder.mkdir(parents=True, exist_ok=True)
-    model_cfg = {**models.model_config(ARCHITECTURE), "quick_gelu": True}
+    model_cfg = {**models.open_clip.get_model_config(ARCHITECTURE), "quick_gelu": True}
     (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": PREPROCESS}))
     torch.manual_seed(0)
     torch.save(models.open_clip.create_model(ARCHITECTURE, force_quick_gelu=True).state_dict(),
