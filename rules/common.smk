@@ -84,7 +84,7 @@ def public_annotations(wildcards):
 def training_flags(wildcards):
     """CLI flags of the training stage: the run's values over the `training` block (n_train picks the split file)."""
     settings = {**config["training"], **POINTS[wildcards.point]}
-    for launcher_setting in ("n_train", "gpus_per_job", "threads"):
+    for launcher_setting in ("enabled", "n_train", "gpus_per_job", "threads"):
         settings.pop(launcher_setting)
     settings["save_epochs"] = ",".join(map(str, save_epochs(PLAN, wildcards.point)))
     return to_cli_flags(settings)

@@ -85,6 +85,11 @@ def fit_logistic_regression(features: torch.Tensor, labels: torch.Tensor, n_clas
         return loss
 
     optimizer.step(closure)
+    state = optimizer.state[weight]
+    converged = state["n_iter"] < max_iter
+    log.log(logging.INFO if converged else logging.WARNING, "linear probe: L-BFGS %s after %d iterations (%d "
+            "function evaluations)", "converged" if converged else "stopped by probe_max_iter, not converged,",
+            state["n_iter"], state["func_evals"])
     return weight.detach(), bias.detach()
 
 
