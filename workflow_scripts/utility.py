@@ -93,8 +93,8 @@ def fit_logistic_regression(features: torch.Tensor, labels: torch.Tensor, n_clas
     return weight.detach(), bias.detach()
 
 
-def linear_probe_accuracy(features: np.ndarray, labels: np.ndarray, train_mask: np.ndarray, device: torch.device,
-                          max_iter: int = 1000) -> float:
+def linear_probe_accuracy(features: np.ndarray, labels: np.ndarray, train_mask: np.ndarray,
+                          device: torch.device = torch.device("cpu"), max_iter: int = 1000) -> float:
     """Accuracy on the rows outside `train_mask` of a probe fitted on the rows inside it (standardised features)."""
     x = torch.from_numpy(features).to(device, torch.float32)
     y = torch.from_numpy(labels).to(device, torch.int64)
