@@ -27,6 +27,8 @@ RUNS = {entry["run"] for entry in PLAN.values()}
 SWEPT = [key for key, values in config.get("sweep", {}).items() if len(values) > 1]
 QUERY_SETS = {"target": "A", "holdout": "holdout"}  # metrics query set -> split file
 SIDES = ("A", "B")  # A trains f_A (target), B trains f_B (reference)
+# training.enabled false (config/audit_pretrained.yaml): nothing is trained, only external targets are audited.
+TRAINED_POINTS = POINTS if config["training"]["enabled"] else {}
 
 
 def _check_config():
@@ -82,7 +84,7 @@ def public_annotations(wildcards):
 def training_flags(wildcards):
     """CLI flags of the training stage: the run's values over the `training` block (n_train picks the split file)."""
     settings = {**config["training"], **POINTS[wildcards.point]}
-    for launcher_setting in ("n_train", "gpus_per_job", "threads"):
+    for launcher_setting in ("enabled", "n_train", "gpus_per_job", "threads"):
         settings.pop(launcher_setting)
     settings["save_epochs"] = ",".join(map(str, save_epochs(PLAN, wildcards.point)))
     return to_cli_flags(settings)
@@ -120,7 +122,7 @@ def summary_inputs(wildcards):
 def figure_targets():
     """Every figure, all of them regenerated from cached tables."""
     targets = []
-    for split in config["splits"]:
+    for split in config["splits"] if TRAINED_POINTS else []:
         targets += expand(f"{RESULTS}/figures/{split}/{{point}}/{{figure}}.{{ext}}", point=POINTS,
                           figure=("recall_cdf", "gap_vs_top_l", "qualitative"), ext=("png", "svg"))
         targets += expand(f"{RESULTS}/figures/sweep/{split}/{{parameter}}.{{ext}}", parameter=SWEPT,
@@ -131,8 +133,9 @@ def figure_targets():
 def all_targets():
     targets = figure_targets()
     for split in config["splits"]:
-        targets.append(f"{RESULTS}/summary/{split}.parquet")
-        for point in POINTS:
+        if TRAINED_POINTS:
+            targets.append(f"{RESULTS}/summary/{split}.parquet")
+        for point in TRAINED_POINTS:
             for queries in QUERY_SETS:
                 targets += expand(
                     "{results}/metrics/{split}/{point}/{queries}/{table}.parquet",
@@ -150,6 +153,8 @@ def all_targets():
             results=RESULTS, split=split, target=ONE_MODEL["external_targets"], mode=ONE_MODEL_MODES,
             queries=QUERY_SETS,
         )
+        targets += expand("{results}/utility/{split}/external~{target}/A.parquet", results=RESULTS, split=split,
+                          target=ONE_MODEL["external_targets"] if ONE_MODEL_MODES else [])
     return targets
 
 

@@ -9,23 +9,20 @@ wildcard_constraints:
 
 
 rule import_target:
-    """An external target (one_model.external_targets): a pretrained open_clip model or a checkpoint file."""
+    """An external target (one_model.external_targets): an hf-hub:/local-dir: model, or an open_clip architecture
+    with a pretrained tag and/or a weights file (models.import_target)."""
     input:
         lambda wc: ONE_MODEL["external_targets"][wc.target].get("checkpoint", []),
     output:
         f"{RESULTS}/models/{{split}}/external~{{target}}/A/model.pt",
     params:
-        source=lambda wc, input: (
-            f"--checkpoint {input[0]}" if input
-            else f"--pretrained {ONE_MODEL['external_targets'][wc.target]['pretrained']}"
-        ),
-        model=lambda wc: ONE_MODEL["external_targets"][wc.target]["model"],
+        source=lambda wc: to_cli_flags(ONE_MODEL["external_targets"][wc.target]),
     log:
         f"{RESULTS}/logs/import/{{split}}/{{target}}.log",
     conda:
         "../envs/dejavu.yaml"
     shell:
-        "python -m workflow_scripts.models import --model {params.model} {params.source} --out {output} > {log} 2>&1"
+        "python -m workflow_scripts.models import {params.source} --out {output} > {log} 2>&1"
 
 
 rule embed_reference:
@@ -42,6 +39,9 @@ rule embed_reference:
         ids=lambda wc, input: " ".join(f"--ids {path}" for path in input.queries),
         # Only what shapes g's embeddings, so editing other one-model settings reruns nothing here.
         reference=ONE_MODEL["reference_model"],
+        reference_options=to_cli_flags(
+            {key: value for key, value in ONE_MODEL["reference_options"].items() if value is not None}
+        ),
         batch_size=ONE_MODEL["batch_size"],
         device=config["embedding"]["device"],
         caption_index=config["embedding"]["caption_index"],
@@ -55,7 +55,7 @@ rule embed_reference:
     conda:
         "../envs/dejavu.yaml"
     shell:
-        "python -m workflow_scripts.text_reference --model {params.reference}"
+        "python -m workflow_scripts.text_reference --model {params.reference} {params.reference_options}"
         " --records {input.records} {params.ids} --caption-index {params.caption_index}"
         " --batch-size {params.batch_size} --device {params.device} --threads {threads}"
         " --out {output} > {log} 2>&1"

@@ -24,4 +24,5 @@ rule utility:
     shell:
         "python -m workflow_scripts.utility --model {input.model} --records {input.records} {params.labels}"
         " {params.templates} --probe-fraction {params.utility[probe_fraction]} --seed {params.utility[seed]}"
+        " --probe-max-iter {params.utility[probe_max_iter]}"
         " --device {params.device} --threads {threads} --out {output} > {log} 2>&1"

@@ -116,3 +116,14 @@ def test_external_target_is_audited_by_the_one_model_test(tiny_workflow, tmp_pat
     assert {"import_target", "embed_public_shard", "knn", "knn_captions", "metrics_one_model"} <= rules
     assert all("external~mine" in wc.get("point", "external~mine") for rule, wc in jobs if rule != "all")
     assert not any(rule in ("train", "metrics", "agreement") for rule, _ in jobs)
+
+
+def test_changing_gs_prompt_reruns_its_embeddings(tiny_workflow):
+    """g's options are result settings: a new prompt re-embeds g's captions (and what follows), nothing else."""
+    from conftest import TINY, run_snakemake
+    from test_sweeps import planned_jobs
+
+    config = {**TINY, "one_model": {"reference_options": {"prompt": "query: "}}}
+    rules = {rule for rule, _ in planned_jobs(run_snakemake(tiny_workflow, config, "--dry-run").stdout)}
+    assert {"embed_reference", "knn_captions", "metrics_one_model", "agreement"} <= rules
+    assert not rules & {"train", "embed_public_shard", "import_target"}
