@@ -66,7 +66,9 @@ rule detic_chunk:
         dataset=datasets_where("annotator", ["detic"]),
         chunk=r"\d+",
     params:
-        spec=detic_spec,
+        n_chunks=lambda wc: detic_spec(wc)["n_chunks"],
+        score_threshold=lambda wc: detic_spec(wc)["score_threshold"],
+        execution=lambda wc, threads: to_cli_flags({"device": detic_spec(wc)["device"]}),
         repo=lambda wc: shlex.quote(detic_spec(wc)["repo"]),
         config_file=lambda wc: shlex.quote(detic_spec(wc)["config_file"]),
         weights=lambda wc: shlex.quote(detic_spec(wc)["weights"]),
@@ -80,9 +82,9 @@ rule detic_chunk:
         "../envs/detic.yaml"
     shell:
         "python -m workflow_scripts.detic detect --records {input.records} --chunk {wildcards.chunk}"
-        " --n-chunks {params.spec[n_chunks]} --detic-repo {params.repo} --config-file {params.config_file}"
-        " --weights {params.weights} --vocabulary {input.vocabulary:q} --score-threshold {params.spec[score_threshold]}"
-        " --device {params.spec[device]} --out {output} > {log} 2>&1"
+        " --n-chunks {params.n_chunks} --detic-repo {params.repo} --config-file {params.config_file}"
+        " --weights {params.weights} --vocabulary {input.vocabulary:q} --score-threshold {params.score_threshold}"
+        " {params.execution} --out {output} > {log} 2>&1"
 
 
 rule annotate_detic:

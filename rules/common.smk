@@ -1,6 +1,8 @@
 # Shared setup: config validation, parameter points, path helpers, wildcard constraints.
 
+import functools
 import glob
+import hashlib
 import os
 import re
 import shlex
@@ -10,7 +12,9 @@ from snakemake.utils import validate
 
 # The stage logic lives in the importable package workflow_scripts/ next to this Snakefile;
 # jobs run `python -m workflow_scripts.<stage>`, locally, in conda envs or on cluster nodes.
-shell.prefix(f"set -euo pipefail; export PYTHONPATH='{workflow.basedir}'${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
+# The directory is shell-quoted (a path may hold ' or spaces) and its braces doubled for Snakemake's formatting.
+_WORKFLOW_DIR = shlex.quote(workflow.basedir).replace("{", "{{").replace("}", "}}")
+shell.prefix(f"set -euo pipefail; export PYTHONPATH={_WORKFLOW_DIR}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 sys.path.insert(0, workflow.basedir)
 
 from workflow_scripts.cli import to_cli_flags
@@ -27,6 +31,26 @@ RUNS = {entry["run"] for entry in PLAN.values()}
 SWEPT = [key for key, values in config.get("sweep", {}).items() if len(values) > 1]
 QUERY_SETS = {"target": "A", "holdout": "holdout"}  # metrics query set -> split file
 SIDES = ("A", "B")  # A trains f_A (target), B trains f_B (reference)
+
+
+def execution_flags(pass_threads=True, **settings):
+    """A params function rendering execution settings (and the job's threads, unless not `pass_threads`) as flags.
+
+    Execution settings (threads, devices, batch sizes, row budgets) change how a job runs, never what it writes.
+    Snakemake records a rule's params and reruns a job when they change, except params computed from the job's
+    input, output, threads or resources (persistence: `non_derived_params`): taking `threads` puts these flags
+    among the latter, so editing them schedules nothing. Result-shaping values go into ordinary params.
+    """
+
+    def flags(wildcards, threads):
+        return to_cli_flags({**settings, "threads": threads} if pass_threads else settings)
+
+    return flags
+
+
+def match_nothing():
+    """A wildcard regex no value matches: for rules whose alternatives the config leaves empty."""
+    return "(?!)"
 
 
 def _check_config():
@@ -79,11 +103,17 @@ def public_annotations(wildcards):
     return f"{dataset_dir(split_of(wildcards)['public'])}/annotations.parquet"
 
 
+# Training settings that choose where and how fast a model trains, not what it learns: the launcher's and
+# Snakemake's (gpus_per_job, threads), and those passed to the stage as execution flags.
+TRAINING_LAUNCH = ("gpus_per_job", "threads")
+TRAINING_EXECUTION = ("device", "allow_cpu_fallback", "preload_images", "num_workers")
+
+
 def training_flags(wildcards):
     """CLI flags of the training stage: the run's values over the `training` block (n_train picks the split file)."""
     settings = {**config["training"], **POINTS[wildcards.point]}
-    for launcher_setting in ("n_train", "gpus_per_job", "threads"):
-        settings.pop(launcher_setting)
+    for setting in ("n_train", *TRAINING_LAUNCH, *TRAINING_EXECUTION):
+        settings.pop(setting)
     settings["save_epochs"] = ",".join(map(str, save_epochs(PLAN, wildcards.point)))
     return to_cli_flags(settings)
 
@@ -159,7 +189,7 @@ def all_targets():
 def datasets_where(key, values):
     """Wildcard regex of the configured data sets whose `key` is in `values`; matches nothing if there are none."""
     names = [name for name, spec in config["datasets"].items() if spec[key] in values]
-    return "|".join(map(re.escape, names)) or "(?!)"
+    return "|".join(map(re.escape, names)) or match_nothing()
 
 
 def dataset_spec(wildcards):
@@ -189,9 +219,34 @@ _check_dataset_config()
 
 
 def validation_flags(wildcards):
-    spec = dataset_spec(wildcards)
-    return to_cli_flags({"on_invalid": spec["on_invalid"], "threads": spec["threads"],
+    """What the adapters keep: the result-shaping validation flags (threads go through `execution_flags`)."""
+    return to_cli_flags({"on_invalid": dataset_spec(wildcards)["on_invalid"],
                          "training_pool": wildcards.dataset in TRAINING_POOLS})
+
+
+@functools.cache
+def _image_set_digest(folder):
+    """sha256 of every file under `folder`: relative path, size and mtime (ns), in path order."""
+    root = os.path.expanduser(folder)
+    if not os.path.isdir(root):
+        raise ValueError(f"config datasets: image folder {folder!r} does not exist")
+    digest = hashlib.sha256()
+    for directory, subdirectories, files in os.walk(root):
+        subdirectories.sort()
+        for name in sorted(files):
+            path = os.path.join(directory, name)
+            stat = os.stat(path)
+            digest.update(f"{os.path.relpath(path, root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def image_set(wildcards):
+    """A params value that changes when an image of the data set's folder is added, deleted or replaced.
+
+    Images are not rule inputs (a folder of 10^5 files), so this digest of their listing is what reruns the
+    data set, and everything downstream, when the folder changes.
+    """
+    return _image_set_digest(dataset_spec(wildcards)["images"])
 
 
 def shard_files(wildcards):
@@ -252,9 +307,10 @@ PUBLIC_SHARDS = [f"{i}-of-{config['embedding']['public_shards']}" for i in range
 EMBED_GPUS = 0 if config["embedding"]["device"] == "cpu" else 1
 
 
-def embed_device_flags():
+def embed_execution_flags():
     emb = config["embedding"]
-    return f"--device {emb['device']} --allow-cpu-fallback {str(emb['allow_cpu_fallback']).lower()}"
+    return execution_flags(batch_size=emb["batch_size"], device=emb["device"],
+                           allow_cpu_fallback=str(emb["allow_cpu_fallback"]).lower())
 
 
 # --- knn (rules/knn.smk) ---

@@ -10,8 +10,9 @@ rule synthetic_dataset:
     wildcard_constraints:
         dataset=datasets_where("source", ["synthetic"]),
     params:
-        spec=dataset_spec,
-        generator=lambda wc: to_cli_flags(config.get("synthetic", {})),
+        n_records=lambda wc: dataset_spec(wc)["n_records"],
+        seed=lambda wc: dataset_spec(wc)["seed"],
+        generator=to_cli_flags(config.get("synthetic", {})),
         out_dir=lambda wc, output: os.path.dirname(output.records),
     log:
         f"{RESULTS}/logs/datasets/{{dataset}}.log",
@@ -21,7 +22,7 @@ rule synthetic_dataset:
         "../envs/dejavu.yaml"
     shell:
         "python -m workflow_scripts.synthetic --dataset {wildcards.dataset}"
-        " --n-records {params.spec[n_records]} --seed {params.spec[seed]} {params.generator}"
+        " --n-records {params.n_records} --seed {params.seed} {params.generator}"
         " --out-dir {params.out_dir} > {log} 2>&1"
 
 
@@ -35,8 +36,10 @@ rule coco_dataset:
         dataset=datasets_where("source", ["coco"]),
     params:
         images=lambda wc: shlex.quote(dataset_spec(wc)["images"]),
+        image_set=image_set,
         instances=lambda wc, input: optional_flag("instances", input.instances),
         validation=validation_flags,
+        execution=execution_flags(),
         out_dir=lambda wc, output: os.path.dirname(output.records),
     threads: lambda wc: dataset_spec(wc)["threads"]
     log:
@@ -47,7 +50,7 @@ rule coco_dataset:
         "../envs/dejavu.yaml"
     shell:
         "python -m workflow_scripts.adapters coco --dataset {wildcards.dataset} --captions {input.captions:q}"
-        " {params.instances} --images {params.images} {params.validation} --out-dir {params.out_dir} > {log} 2>&1"
+        " {params.instances} --images {params.images} {params.validation} {params.execution} --out-dir {params.out_dir} > {log} 2>&1"
 
 
 rule image_folder_dataset:
@@ -59,8 +62,10 @@ rule image_folder_dataset:
         dataset=datasets_where("source", ["image_folder"]),
     params:
         images=lambda wc: shlex.quote(dataset_spec(wc)["images"]),
+        image_set=image_set,
         captions=lambda wc, input: optional_flag("captions", input.captions),
         validation=validation_flags,
+        execution=execution_flags(),
         out_dir=lambda wc, output: os.path.dirname(output.records),
     threads: lambda wc: dataset_spec(wc)["threads"]
     log:
@@ -71,7 +76,7 @@ rule image_folder_dataset:
         "../envs/dejavu.yaml"
     shell:
         "python -m workflow_scripts.adapters image_folder --dataset {wildcards.dataset} --images {params.images}"
-        " {params.captions} {params.validation} --out-dir {params.out_dir} > {log} 2>&1"
+        " {params.captions} {params.validation} {params.execution} --out-dir {params.out_dir} > {log} 2>&1"
 
 
 rule shards_dataset:
@@ -85,6 +90,7 @@ rule shards_dataset:
     params:
         table=lambda wc, input: optional_flag("table", input.table),
         validation=validation_flags,
+        execution=execution_flags(),
         out_dir=lambda wc, output: os.path.dirname(output.records),
     threads: lambda wc: dataset_spec(wc)["threads"]
     log:
@@ -95,7 +101,7 @@ rule shards_dataset:
         "../envs/dejavu.yaml"
     shell:
         "python -m workflow_scripts.adapters shards --dataset {wildcards.dataset} --shards {input.shards:q}"
-        " {params.table} {params.validation} --out-dir {params.out_dir} > {log} 2>&1"
+        " {params.table} {params.validation} {params.execution} --out-dir {params.out_dir} > {log} 2>&1"
 
 
 rule mix_dataset:
@@ -110,7 +116,9 @@ rule mix_dataset:
         parts=mix_part_flags,
         seed=lambda wc: dataset_spec(wc)["seed"],
         validation=validation_flags,
+        execution=execution_flags(),
         out_dir=lambda wc, output: os.path.dirname(output.records),
+    threads: lambda wc: dataset_spec(wc)["threads"]
     log:
         f"{RESULTS}/logs/datasets/{{dataset}}.log",
     benchmark:
@@ -119,4 +127,4 @@ rule mix_dataset:
         "../envs/dejavu.yaml"
     shell:
         "python -m workflow_scripts.adapters mix --dataset {wildcards.dataset} --parts {params.parts}"
-        " --seed {params.seed} {params.validation} --out-dir {params.out_dir} > {log} 2>&1"
+        " --seed {params.seed} {params.validation} {params.execution} --out-dir {params.out_dir} > {log} 2>&1"

@@ -13,8 +13,7 @@ rule embed_public_shard:
     wildcard_constraints:
         shard=r"\d+-of-\d+",
     params:
-        emb=config["embedding"],
-        device=embed_device_flags(),
+        execution=embed_execution_flags(),
     threads: config["embedding"]["threads"]
     resources:
         gpu=EMBED_GPUS,
@@ -26,8 +25,7 @@ rule embed_public_shard:
         "../envs/dejavu.yaml"
     shell:
         "python -m workflow_scripts.embed --model {input.model} --records {input.records} --modality image"
-        " --shard {wildcards.shard} --batch-size {params.emb[batch_size]} {params.device} --threads {threads}"
-        " --out {output} > {log} 2>&1"
+        " --shard {wildcards.shard} {params.execution} --out {output} > {log} 2>&1"
 
 
 rule embed_public:
@@ -54,8 +52,8 @@ rule embed_captions:
     output:
         f"{RESULTS}/embeddings/{{split}}/{{point}}/{{side}}/captions.parquet",
     params:
-        emb=config["embedding"],
-        device=embed_device_flags(),
+        caption_index=config["embedding"]["caption_index"],
+        execution=embed_execution_flags(),
         ids=lambda wc, input: " ".join(f"--ids {path}" for path in input.queries),
     threads: config["embedding"]["threads"]
     resources:
@@ -68,5 +66,4 @@ rule embed_captions:
         "../envs/dejavu.yaml"
     shell:
         "python -m workflow_scripts.embed --model {input.model} --records {input.records} {params.ids}"
-        " --modality text --caption-index {params.emb[caption_index]} --batch-size {params.emb[batch_size]}"
-        " {params.device} --threads {threads} --out {output} > {log} 2>&1"
+        " --modality text --caption-index {params.caption_index} {params.execution} --out {output} > {log} 2>&1"

@@ -12,7 +12,8 @@ rule knn_shard:
     wildcard_constraints:
         shard=r"\d+-of-\d+",
     params:
-        knn=config["knn"],
+        k=config["knn"]["k"],
+        execution=execution_flags(batch_size=config["knn"]["batch_size"], use_gpu=config["knn"]["use_gpu"]),
     threads: config["knn"]["threads"]
     resources:
         gpu=KNN_GPUS,
@@ -24,8 +25,7 @@ rule knn_shard:
         KNN_ENV
     shell:
         "python -m workflow_scripts.knn search --queries {input.queries} --public {input.public}"
-        " --shard {wildcards.shard} --k {params.knn[k]} --batch-size {params.knn[batch_size]}"
-        " --use-gpu {params.knn[use_gpu]} --threads {threads} --out {output} > {log} 2>&1"
+        " --shard {wildcards.shard} --k {params.k} {params.execution} --out {output} > {log} 2>&1"
 
 
 rule knn:
@@ -35,7 +35,8 @@ rule knn:
     output:
         f"{RESULTS}/neighbors/{{split}}/{{point}}/{{side}}.parquet",
     params:
-        knn=config["knn"],
+        k=config["knn"]["k"],
+        execution=execution_flags(batch_size=config["knn"]["batch_size"]),
     log:
         f"{RESULTS}/logs/knn/{{split}}/{{point}}/{{side}}.log",
     benchmark:
@@ -43,5 +44,5 @@ rule knn:
     conda:
         "../envs/dejavu.yaml"
     shell:
-        "python -m workflow_scripts.knn merge --shards {input.shards} --k {params.knn[k]}"
-        " --batch-size {params.knn[batch_size]} --out {output} > {log} 2>&1"
+        "python -m workflow_scripts.knn merge --shards {input.shards} --k {params.k} {params.execution}"
+        " --out {output} > {log} 2>&1"

@@ -13,8 +13,13 @@ rule metrics:
         population=f"{RESULTS}/metrics/{{split}}/{{point}}/{{queries}}/population.parquet",
         sample_level=f"{RESULTS}/metrics/{{split}}/{{point}}/{{queries}}/sample_level.parquet",
     params:
-        metrics=config["metrics"],
+        k=config["metrics"]["k"],
+        top_n=config["metrics"]["top_n"],
         top_l=",".join(map(str, config["metrics"]["top_l"])),
+        n_boot=config["metrics"]["bootstrap"]["n_boot"],
+        frac=config["metrics"]["bootstrap"]["frac"],
+        seed=config["metrics"]["bootstrap"]["seed"],
+        execution=execution_flags(pass_threads=False, batch_rows=config["metrics"]["batch_rows"]),
         out_dir=lambda wc, output: os.path.dirname(output.records),
     log:
         f"{RESULTS}/logs/metrics/{{split}}/{{point}}/{{queries}}.log",
@@ -26,7 +31,6 @@ rule metrics:
         "python -m workflow_scripts.metrics --target-neighbors {input.target}"
         " --reference-neighbors {input.reference} --query-annotations {input.query_annotations}"
         " --public-annotations {input.public_annotations} --queries {input.queries}"
-        " --k {params.metrics[k]} --top-n {params.metrics[top_n]} --top-l {params.top_l}"
-        " --n-boot {params.metrics[bootstrap][n_boot]} --frac {params.metrics[bootstrap][frac]}"
-        " --seed {params.metrics[bootstrap][seed]} --batch-rows {params.metrics[batch_rows]}"
+        " --k {params.k} --top-n {params.top_n} --top-l {params.top_l}"
+        " --n-boot {params.n_boot} --frac {params.frac} --seed {params.seed} {params.execution}"
         " --out-dir {params.out_dir} > {log} 2>&1"

@@ -42,9 +42,8 @@ rule embed_reference:
         ids=lambda wc, input: " ".join(f"--ids {path}" for path in input.queries),
         # Only what shapes g's embeddings, so editing other one-model settings reruns nothing here.
         reference=ONE_MODEL["reference_model"],
-        batch_size=ONE_MODEL["batch_size"],
-        device=config["embedding"]["device"],
         caption_index=config["embedding"]["caption_index"],
+        execution=execution_flags(batch_size=ONE_MODEL["batch_size"], device=config["embedding"]["device"]),
     threads: config["embedding"]["threads"]
     resources:
         gpu=EMBED_GPUS,
@@ -57,8 +56,7 @@ rule embed_reference:
     shell:
         "python -m workflow_scripts.text_reference --model {params.reference}"
         " --records {input.records} {params.ids} --caption-index {params.caption_index}"
-        " --batch-size {params.batch_size} --device {params.device} --threads {threads}"
-        " --out {output} > {log} 2>&1"
+        " {params.execution} --out {output} > {log} 2>&1"
 
 
 rule embed_public_captions:
@@ -69,8 +67,8 @@ rule embed_public_captions:
     output:
         f"{RESULTS}/embeddings/{{split}}/{{point}}/A/public_captions.parquet",
     params:
-        emb=config["embedding"],
-        device=embed_device_flags(),
+        caption_index=config["embedding"]["caption_index"],
+        execution=embed_execution_flags(),
     threads: config["embedding"]["threads"]
     resources:
         gpu=EMBED_GPUS,
@@ -82,8 +80,7 @@ rule embed_public_captions:
         "../envs/dejavu.yaml"
     shell:
         "python -m workflow_scripts.embed --model {input.model} --records {input.records} --modality text"
-        " --skip-uncaptioned --caption-index {params.emb[caption_index]} --batch-size {params.emb[batch_size]}"
-        " {params.device} --threads {threads} --out {output} > {log} 2>&1"
+        " --skip-uncaptioned --caption-index {params.caption_index} {params.execution} --out {output} > {log} 2>&1"
 
 
 rule knn_captions:
@@ -96,7 +93,8 @@ rule knn_captions:
     wildcard_constraints:
         searcher=f"{re.escape(REFERENCE)}|(?:{POINT_PATTERN})/A",
     params:
-        knn=config["knn"],
+        k=config["knn"]["k"],
+        execution=execution_flags(batch_size=config["knn"]["batch_size"], use_gpu=config["knn"]["use_gpu"]),
     threads: config["knn"]["threads"]
     log:
         f"{RESULTS}/logs/knn/{{split}}/{{searcher}}/t2t.log",
@@ -106,8 +104,7 @@ rule knn_captions:
         "../envs/dejavu.yaml"
     shell:
         "python -m workflow_scripts.knn search --queries {input.queries} --public {input.public}"
-        " --k {params.knn[k]} --batch-size {params.knn[batch_size]} --use-gpu {params.knn[use_gpu]}"
-        " --threads {threads} --out {output} > {log} 2>&1"
+        " --k {params.k} {params.execution} --out {output} > {log} 2>&1"
 
 
 use rule metrics as metrics_one_model with:

@@ -30,12 +30,13 @@ rule train:
         flags=training_flags,
         out_dir=lambda wc, output: os.path.dirname(output.model),
         # One process per GPU under torchrun when a job gets several (DDP); a plain process otherwise.
-        launcher=(
+        launcher=lambda wc, threads: (
             "python -m torch.distributed.run --standalone --nproc_per_node "
             f"{config['training']['gpus_per_job']} -m"
             if config["training"]["gpus_per_job"] > 1
             else "python -m"
         ),
+        execution=execution_flags(**{key: config["training"][key] for key in TRAINING_EXECUTION}),
     threads: config["training"].get("threads", 1)
     resources:
         gpu=lambda wc: 0 if config["training"].get("device") == "cpu" else config["training"]["gpus_per_job"],
@@ -47,7 +48,7 @@ rule train:
         "../envs/dejavu.yaml"
     shell:
         "{params.launcher} workflow_scripts.train --records {input.records} --split {input.split}"
-        " --out-dir {params.out_dir} {params.flags} --threads {threads} > {log} 2>&1"
+        " --out-dir {params.out_dir} {params.flags} {params.execution} > {log} 2>&1"
 
 
 rule early_stopped_model:

@@ -8,8 +8,9 @@ rule utility:
     output:
         f"{RESULTS}/utility/{{split}}/{{point}}/{{side}}.parquet",
     params:
-        utility=config["utility"],
-        device=config["embedding"]["device"],
+        probe_fraction=config["utility"]["probe_fraction"],
+        seed=config["utility"]["seed"],
+        execution=execution_flags(device=config["embedding"]["device"]),
         labels=" ".join(f"--label-column {c}" for c in config["utility"]["label_columns"]),
         templates=" ".join(f"--template {shlex.quote(t)}" for t in config["utility"]["templates"]),
     threads: config["embedding"]["threads"]
@@ -23,5 +24,5 @@ rule utility:
         "../envs/dejavu.yaml"
     shell:
         "python -m workflow_scripts.utility --model {input.model} --records {input.records} {params.labels}"
-        " {params.templates} --probe-fraction {params.utility[probe_fraction]} --seed {params.utility[seed]}"
-        " --device {params.device} --threads {threads} --out {output} > {log} 2>&1"
+        " {params.templates} --probe-fraction {params.probe_fraction} --seed {params.seed}"
+        " {params.execution} --out {output} > {log} 2>&1"
