@@ -8,10 +8,10 @@ rule annotate_ground_truth:
         ground_truth=f"{RESULTS}/data/{{dataset}}/ground_truth.parquet",
     output:
         ANNOTATIONS,
-    wildcard_constraints:
-        dataset=datasets_where("annotator", ["ground_truth"]),
     log:
         f"{RESULTS}/logs/annotate/{{dataset}}.log",
+    wildcard_constraints:
+        dataset=datasets_where("annotator", ["ground_truth"]),
     conda:
         "../envs/dejavu.yaml"
     shell:
@@ -25,14 +25,14 @@ rule annotate_precomputed:
         annotations=lambda wc: dataset_spec(wc)["annotations"],
     output:
         ANNOTATIONS,
-    wildcard_constraints:
-        dataset=datasets_where("annotator", ["precomputed"]),
-    params:
-        flags=precomputed_flags,
     log:
         f"{RESULTS}/logs/annotate/{{dataset}}.log",
+    wildcard_constraints:
+        dataset=datasets_where("annotator", ["precomputed"]),
     conda:
         "../envs/dejavu.yaml"
+    params:
+        flags=precomputed_flags,
     shell:
         "python -m workflow_scripts.annotate --annotator precomputed --records {input.records}"
         " --annotations {input.annotations:q} {params.flags} --out {output} > {log} 2>&1"
@@ -45,10 +45,10 @@ rule annotate_parts:
         parts=lambda wc: [f"{dataset_dir(part['dataset'])}/annotations.parquet" for part in dataset_spec(wc)["parts"]],
     output:
         ANNOTATIONS,
-    wildcard_constraints:
-        dataset=datasets_where("annotator", ["parts"]),
     log:
         f"{RESULTS}/logs/annotate/{{dataset}}.log",
+    wildcard_constraints:
+        dataset=datasets_where("annotator", ["parts"]),
     conda:
         "../envs/dejavu.yaml"
     shell:
@@ -62,9 +62,17 @@ rule detic_chunk:
         vocabulary=lambda wc: detic_spec(wc)["vocabulary"],
     output:
         f"{RESULTS}/data/{{dataset}}/detic/chunk-{{chunk}}.parquet",
+    log:
+        f"{RESULTS}/logs/annotate/{{dataset}}/detic-{{chunk}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/annotate/{{dataset}}/detic-{{chunk}}.tsv"
     wildcard_constraints:
         dataset=datasets_where("annotator", ["detic"]),
         chunk=r"\d+",
+    conda:
+        "../envs/detic.yaml"
+    resources:
+        gpu=1,
     params:
         n_chunks=lambda wc: detic_spec(wc)["n_chunks"],
         score_threshold=lambda wc: detic_spec(wc)["score_threshold"],
@@ -72,14 +80,6 @@ rule detic_chunk:
         repo=lambda wc: shlex.quote(detic_spec(wc)["repo"]),
         config_file=lambda wc: shlex.quote(detic_spec(wc)["config_file"]),
         weights=lambda wc: shlex.quote(detic_spec(wc)["weights"]),
-    resources:
-        gpu=1,
-    log:
-        f"{RESULTS}/logs/annotate/{{dataset}}/detic-{{chunk}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/annotate/{{dataset}}/detic-{{chunk}}.tsv"
-    conda:
-        "../envs/detic.yaml"
     shell:
         "python -m workflow_scripts.detic detect --records {input.records} --chunk {wildcards.chunk}"
         " --n-chunks {params.n_chunks} --detic-repo {params.repo} --config-file {params.config_file}"
@@ -90,14 +90,15 @@ rule detic_chunk:
 rule annotate_detic:
     input:
         records=f"{RESULTS}/data/{{dataset}}/records.parquet",
-        chunks=lambda wc: expand(f"{RESULTS}/data/{wc.dataset}/detic/chunk-{{chunk}}.parquet",
-                                 chunk=range(detic_spec(wc)["n_chunks"])),
+        chunks=lambda wc: expand(
+            f"{RESULTS}/data/{wc.dataset}/detic/chunk-{{chunk}}.parquet", chunk=range(detic_spec(wc)["n_chunks"])
+        ),
     output:
         ANNOTATIONS,
-    wildcard_constraints:
-        dataset=datasets_where("annotator", ["detic"]),
     log:
         f"{RESULTS}/logs/annotate/{{dataset}}.log",
+    wildcard_constraints:
+        dataset=datasets_where("annotator", ["detic"]),
     conda:
         "../envs/dejavu.yaml"
     shell:

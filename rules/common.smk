@@ -20,7 +20,6 @@ sys.path.insert(0, workflow.basedir)
 from workflow_scripts.cli import to_cli_flags
 from workflow_scripts.paramspace import alternation, expand_points, save_epochs, segment_regex, training_runs
 
-
 validate(config, "../config/schema.yaml")
 
 RESULTS = "results"
@@ -141,8 +140,11 @@ def run_checkpoint(wildcards):
 
 def summary_inputs(wildcards):
     return {
-        "population": expand(f"{RESULTS}/metrics/{wildcards.split}/{{point}}/{{queries}}/population.parquet",
-                             point=POINTS, queries=QUERY_SETS),
+        "population": expand(
+            f"{RESULTS}/metrics/{wildcards.split}/{{point}}/{{queries}}/population.parquet",
+            point=POINTS,
+            queries=QUERY_SETS,
+        ),
         "utility": expand(f"{RESULTS}/utility/{wildcards.split}/{{point}}/{{side}}.parquet", point=POINTS, side=SIDES),
     }
 
@@ -151,10 +153,13 @@ def figure_targets():
     """Every figure, all of them regenerated from cached tables."""
     targets = []
     for split in config["splits"]:
-        targets += expand(f"{RESULTS}/figures/{split}/{{point}}/{{figure}}.{{ext}}", point=POINTS,
-                          figure=("recall_cdf", "gap_vs_top_l", "qualitative"), ext=("png", "svg"))
-        targets += expand(f"{RESULTS}/figures/sweep/{split}/{{parameter}}.{{ext}}", parameter=SWEPT,
-                          ext=("png", "svg"))
+        targets += expand(
+            f"{RESULTS}/figures/{split}/{{point}}/{{figure}}.{{ext}}",
+            point=POINTS,
+            figure=("recall_cdf", "gap_vs_top_l", "qualitative"),
+            ext=("png", "svg"),
+        )
+        targets += expand(f"{RESULTS}/figures/sweep/{split}/{{parameter}}.{{ext}}", parameter=SWEPT, ext=("png", "svg"))
     return targets
 
 
@@ -166,18 +171,28 @@ def all_targets():
             for queries in QUERY_SETS:
                 targets += expand(
                     "{results}/metrics/{split}/{point}/{queries}/{table}.parquet",
-                    results=RESULTS, split=split, point=point, queries=queries,
+                    results=RESULTS,
+                    split=split,
+                    point=point,
+                    queries=queries,
                     table=("records", "population", "sample_level"),
                 )
             if ONE_MODEL_MODES:
                 targets += expand(
                     "{results}/metrics/{split}/{point}/one_model~{mode}/{queries}/population.parquet",
-                    results=RESULTS, split=split, point=point, mode=ONE_MODEL_MODES, queries=QUERY_SETS,
+                    results=RESULTS,
+                    split=split,
+                    point=point,
+                    mode=ONE_MODEL_MODES,
+                    queries=QUERY_SETS,
                 )
                 targets.append(f"{RESULTS}/agreement/{split}/{point}/agreement.parquet")
         targets += expand(
             "{results}/metrics/{split}/external~{target}/one_model~{mode}/{queries}/population.parquet",
-            results=RESULTS, split=split, target=ONE_MODEL["external_targets"], mode=ONE_MODEL_MODES,
+            results=RESULTS,
+            split=split,
+            target=ONE_MODEL["external_targets"],
+            mode=ONE_MODEL_MODES,
             queries=QUERY_SETS,
         )
     return targets
@@ -204,7 +219,9 @@ def _check_dataset_config():
     for name, spec in config["datasets"].items():
         where = f"config datasets.{name}"
         if spec["annotator"] == "parts" and spec["source"] != "mix":
-            raise ValueError(f"{where}: annotator 'parts' takes the annotations of a mix's parts; source is {spec['source']!r}")
+            raise ValueError(
+                f"{where}: annotator 'parts' takes the annotations of a mix's parts; source is {spec['source']!r}"
+            )
         if spec["annotator"] == "ground_truth" and spec["source"] == "shards":
             raise ValueError(f"{where}: image-caption shards carry no object lists; use annotator detic or precomputed")
         parts = [part["dataset"] for part in spec.get("parts", [])]
@@ -220,8 +237,9 @@ _check_dataset_config()
 
 def validation_flags(wildcards):
     """What the adapters keep: the result-shaping validation flags (threads go through `execution_flags`)."""
-    return to_cli_flags({"on_invalid": dataset_spec(wildcards)["on_invalid"],
-                         "training_pool": wildcards.dataset in TRAINING_POOLS})
+    return to_cli_flags(
+        {"on_invalid": dataset_spec(wildcards)["on_invalid"], "training_pool": wildcards.dataset in TRAINING_POOLS}
+    )
 
 
 @functools.cache
@@ -275,8 +293,12 @@ def mix_part_records(wildcards):
 
 def mix_part_flags(wildcards):
     parts = dataset_spec(wildcards)["parts"]
-    return " ".join(shlex.quote(f"{part['dataset']}={dataset_dir(part['dataset'])}/records.parquet"
-                                f"={part.get('n_records', 'all')}") for part in parts)
+    return " ".join(
+        shlex.quote(
+            f"{part['dataset']}={dataset_dir(part['dataset'])}/records.parquet" f"={part.get('n_records', 'all')}"
+        )
+        for part in parts
+    )
 
 
 DATASET_OUTPUTS = {
@@ -309,8 +331,9 @@ EMBED_GPUS = 0 if config["embedding"]["device"] == "cpu" else 1
 
 def embed_execution_flags():
     emb = config["embedding"]
-    return execution_flags(batch_size=emb["batch_size"], device=emb["device"],
-                           allow_cpu_fallback=str(emb["allow_cpu_fallback"]).lower())
+    return execution_flags(
+        batch_size=emb["batch_size"], device=emb["device"], allow_cpu_fallback=str(emb["allow_cpu_fallback"]).lower()
+    )
 
 
 # --- knn (rules/knn.smk) ---
@@ -323,6 +346,7 @@ KNN_ENV = "../envs/dejavu-gpu.yaml" if config["knn"]["use_gpu"] == "always" else
 
 
 # --- figures (rules/figures.smk) ---
+
 
 def _figure(path, caption, category):
     return report(path, caption=f"../report/{caption}.rst", category=category, subcategory="{split}")

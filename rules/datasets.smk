@@ -7,19 +7,19 @@ rule synthetic_dataset:
         records=DATASET_OUTPUTS["records"],
         ground_truth=DATASET_OUTPUTS["ground_truth"],
         images=directory(f"{RESULTS}/data/{{dataset}}/images"),
+    log:
+        f"{RESULTS}/logs/datasets/{{dataset}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/datasets/{{dataset}}.tsv"
     wildcard_constraints:
         dataset=datasets_where("source", ["synthetic"]),
+    conda:
+        "../envs/dejavu.yaml"
     params:
         n_records=lambda wc: dataset_spec(wc)["n_records"],
         seed=lambda wc: dataset_spec(wc)["seed"],
         generator=to_cli_flags(config.get("synthetic", {})),
         out_dir=lambda wc, output: os.path.dirname(output.records),
-    log:
-        f"{RESULTS}/logs/datasets/{{dataset}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/datasets/{{dataset}}.tsv"
-    conda:
-        "../envs/dejavu.yaml"
     shell:
         "python -m workflow_scripts.synthetic --dataset {wildcards.dataset}"
         " --n-records {params.n_records} --seed {params.seed} {params.generator}"
@@ -32,8 +32,15 @@ rule coco_dataset:
         instances=optional_input("instances"),
     output:
         **DATASET_OUTPUTS,
+    log:
+        f"{RESULTS}/logs/datasets/{{dataset}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/datasets/{{dataset}}.tsv"
     wildcard_constraints:
         dataset=datasets_where("source", ["coco"]),
+    conda:
+        "../envs/dejavu.yaml"
+    threads: lambda wc: dataset_spec(wc)["threads"]
     params:
         images=lambda wc: shlex.quote(dataset_spec(wc)["images"]),
         image_set=image_set,
@@ -41,13 +48,6 @@ rule coco_dataset:
         validation=validation_flags,
         execution=execution_flags(),
         out_dir=lambda wc, output: os.path.dirname(output.records),
-    threads: lambda wc: dataset_spec(wc)["threads"]
-    log:
-        f"{RESULTS}/logs/datasets/{{dataset}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/datasets/{{dataset}}.tsv"
-    conda:
-        "../envs/dejavu.yaml"
     shell:
         "python -m workflow_scripts.adapters coco --dataset {wildcards.dataset} --captions {input.captions:q}"
         " {params.instances} --images {params.images} {params.validation} {params.execution} --out-dir {params.out_dir} > {log} 2>&1"
@@ -58,8 +58,15 @@ rule image_folder_dataset:
         captions=optional_input("captions"),
     output:
         **DATASET_OUTPUTS,
+    log:
+        f"{RESULTS}/logs/datasets/{{dataset}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/datasets/{{dataset}}.tsv"
     wildcard_constraints:
         dataset=datasets_where("source", ["image_folder"]),
+    conda:
+        "../envs/dejavu.yaml"
+    threads: lambda wc: dataset_spec(wc)["threads"]
     params:
         images=lambda wc: shlex.quote(dataset_spec(wc)["images"]),
         image_set=image_set,
@@ -67,13 +74,6 @@ rule image_folder_dataset:
         validation=validation_flags,
         execution=execution_flags(),
         out_dir=lambda wc, output: os.path.dirname(output.records),
-    threads: lambda wc: dataset_spec(wc)["threads"]
-    log:
-        f"{RESULTS}/logs/datasets/{{dataset}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/datasets/{{dataset}}.tsv"
-    conda:
-        "../envs/dejavu.yaml"
     shell:
         "python -m workflow_scripts.adapters image_folder --dataset {wildcards.dataset} --images {params.images}"
         " {params.captions} {params.validation} {params.execution} --out-dir {params.out_dir} > {log} 2>&1"
@@ -85,20 +85,20 @@ rule shards_dataset:
         table=optional_input("table"),
     output:
         **DATASET_OUTPUTS,
+    log:
+        f"{RESULTS}/logs/datasets/{{dataset}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/datasets/{{dataset}}.tsv"
     wildcard_constraints:
         dataset=datasets_where("source", ["shards"]),
+    conda:
+        "../envs/dejavu.yaml"
+    threads: lambda wc: dataset_spec(wc)["threads"]
     params:
         table=lambda wc, input: optional_flag("table", input.table),
         validation=validation_flags,
         execution=execution_flags(),
         out_dir=lambda wc, output: os.path.dirname(output.records),
-    threads: lambda wc: dataset_spec(wc)["threads"]
-    log:
-        f"{RESULTS}/logs/datasets/{{dataset}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/datasets/{{dataset}}.tsv"
-    conda:
-        "../envs/dejavu.yaml"
     shell:
         "python -m workflow_scripts.adapters shards --dataset {wildcards.dataset} --shards {input.shards:q}"
         " {params.table} {params.validation} {params.execution} --out-dir {params.out_dir} > {log} 2>&1"
@@ -107,24 +107,26 @@ rule shards_dataset:
 rule mix_dataset:
     input:
         records=mix_part_records,
-        ground_truth=lambda wc: [path.replace("records.parquet", "ground_truth.parquet") for path in mix_part_records(wc)],
+        ground_truth=lambda wc: [
+            path.replace("records.parquet", "ground_truth.parquet") for path in mix_part_records(wc)
+        ],
     output:
         **DATASET_OUTPUTS,
+    log:
+        f"{RESULTS}/logs/datasets/{{dataset}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/datasets/{{dataset}}.tsv"
     wildcard_constraints:
         dataset=datasets_where("source", ["mix"]),
+    conda:
+        "../envs/dejavu.yaml"
+    threads: lambda wc: dataset_spec(wc)["threads"]
     params:
         parts=mix_part_flags,
         seed=lambda wc: dataset_spec(wc)["seed"],
         validation=validation_flags,
         execution=execution_flags(),
         out_dir=lambda wc, output: os.path.dirname(output.records),
-    threads: lambda wc: dataset_spec(wc)["threads"]
-    log:
-        f"{RESULTS}/logs/datasets/{{dataset}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/datasets/{{dataset}}.tsv"
-    conda:
-        "../envs/dejavu.yaml"
     shell:
         "python -m workflow_scripts.adapters mix --dataset {wildcards.dataset} --parts {params.parts}"
         " --seed {params.seed} {params.validation} {params.execution} --out-dir {params.out_dir} > {log} 2>&1"

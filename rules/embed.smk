@@ -10,19 +10,19 @@ rule embed_public_shard:
         records=public_records,
     output:
         temp(f"{RESULTS}/embeddings/{{split}}/{{point}}/{{side}}/public_shards/{{shard}}.parquet"),
-    wildcard_constraints:
-        shard=r"\d+-of-\d+",
-    params:
-        execution=embed_execution_flags(),
-    threads: config["embedding"]["threads"]
-    resources:
-        gpu=EMBED_GPUS,
     log:
         f"{RESULTS}/logs/embed/{{split}}/{{point}}/{{side}}/public_shards/{{shard}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/embed/{{split}}/{{point}}/{{side}}/public_shards/{{shard}}.tsv"
+    wildcard_constraints:
+        shard=r"\d+-of-\d+",
     conda:
         "../envs/dejavu.yaml"
+    threads: config["embedding"]["threads"]
+    resources:
+        gpu=EMBED_GPUS,
+    params:
+        execution=embed_execution_flags(),
     shell:
         "python -m workflow_scripts.embed --model {input.model} --records {input.records} --modality image"
         " --shard {wildcards.shard} {params.execution} --out {output} > {log} 2>&1"
@@ -30,8 +30,10 @@ rule embed_public_shard:
 
 rule embed_public:
     input:
-        shards=expand(f"{RESULTS}/embeddings/{{{{split}}}}/{{{{point}}}}/{{{{side}}}}/public_shards/{{shard}}.parquet",
-                      shard=PUBLIC_SHARDS),
+        shards=expand(
+            f"{RESULTS}/embeddings/{{{{split}}}}/{{{{point}}}}/{{{{side}}}}/public_shards/{{shard}}.parquet",
+            shard=PUBLIC_SHARDS,
+        ),
     output:
         f"{RESULTS}/embeddings/{{split}}/{{point}}/{{side}}/public.parquet",
     log:
@@ -51,19 +53,19 @@ rule embed_captions:
         queries=expand(f"{RESULTS}/splits/{{{{split}}}}/{{name}}.parquet", name=QUERY_SETS.values()),
     output:
         f"{RESULTS}/embeddings/{{split}}/{{point}}/{{side}}/captions.parquet",
-    params:
-        caption_index=config["embedding"]["caption_index"],
-        execution=embed_execution_flags(),
-        ids=lambda wc, input: " ".join(f"--ids {path}" for path in input.queries),
-    threads: config["embedding"]["threads"]
-    resources:
-        gpu=EMBED_GPUS,
     log:
         f"{RESULTS}/logs/embed/{{split}}/{{point}}/{{side}}/captions.log",
     benchmark:
         f"{RESULTS}/benchmarks/embed/{{split}}/{{point}}/{{side}}/captions.tsv"
     conda:
         "../envs/dejavu.yaml"
+    threads: config["embedding"]["threads"]
+    resources:
+        gpu=EMBED_GPUS,
+    params:
+        caption_index=config["embedding"]["caption_index"],
+        execution=embed_execution_flags(),
+        ids=lambda wc, input: " ".join(f"--ids {path}" for path in input.queries),
     shell:
         "python -m workflow_scripts.embed --model {input.model} --records {input.records} {params.ids}"
         " --modality text --caption-index {params.caption_index} {params.execution} --out {output} > {log} 2>&1"

@@ -13,15 +13,13 @@ rule figures_point:
         recall_cdf_svg=f"{RESULTS}/figures/{{split}}/{{point}}/recall_cdf.svg",
         gap_png=_figure(f"{RESULTS}/figures/{{split}}/{{point}}/gap_vs_top_l.png", "gap_vs_top_l", "Sample level"),
         gap_svg=f"{RESULTS}/figures/{{split}}/{{point}}/gap_vs_top_l.svg",
-    params:
-        metrics=lambda wc: " ".join(
-            f"--metrics {q}={RESULTS}/metrics/{wc.split}/{wc.point}/{q}" for q in QUERY_SETS
-        ),
-        out_dir=lambda wc, output: os.path.dirname(output.recall_cdf_png),
     log:
         f"{RESULTS}/logs/figures/{{split}}/{{point}}/point.log",
     conda:
         "../envs/dejavu.yaml"
+    params:
+        metrics=lambda wc: " ".join(f"--metrics {q}={RESULTS}/metrics/{wc.split}/{wc.point}/{q}" for q in QUERY_SETS),
+        out_dir=lambda wc, output: os.path.dirname(output.recall_cdf_png),
     shell:
         "python -m workflow_scripts.figures point {params.metrics} --out-dir {params.out_dir} > {log} 2>&1"
 
@@ -56,14 +54,14 @@ rule summary:
     output:
         table=f"{RESULTS}/summary/{{split}}.parquet",
         csv=report(f"{RESULTS}/summary/{{split}}.csv", caption="../report/summary.rst", category="Summary"),
-    params:
-        points=" ".join(f"--point {point}" for point in POINTS),
-        # results/summary/{split}.parquet -> results
-        results=lambda wc, output: os.path.dirname(os.path.dirname(output.table)),
     log:
         f"{RESULTS}/logs/summary/{{split}}.log",
     conda:
         "../envs/dejavu.yaml"
+    params:
+        points=" ".join(f"--point {point}" for point in POINTS),
+        # results/summary/{split}.parquet -> results
+        results=lambda wc, output: os.path.dirname(os.path.dirname(output.table)),
     shell:
         "python -m workflow_scripts.summary --results {params.results} --split {wildcards.split} {params.points}"
         " --out {output.table} > {log} 2>&1"
@@ -82,13 +80,13 @@ if SWEPT:  # a sweep figure per parameter that takes several values
                 subcategory="{split}",
             ),
             expand(f"{RESULTS}/figures/sweep/{{{{split}}}}/{{parameter}}.svg", parameter=SWEPT),
-        params:
-            parameters=" ".join(f"--parameter {p}" for p in SWEPT),
-            out_dir=lambda wc: f"{RESULTS}/figures/sweep/{wc.split}",
         log:
             f"{RESULTS}/logs/figures/sweep/{{split}}.log",
         conda:
             "../envs/dejavu.yaml"
+        params:
+            parameters=" ".join(f"--parameter {p}" for p in SWEPT),
+            out_dir=lambda wc: f"{RESULTS}/figures/sweep/{wc.split}",
         shell:
             "python -m workflow_scripts.figures sweep --summary {input} {params.parameters}"
             " --out-dir {params.out_dir} > {log} 2>&1"

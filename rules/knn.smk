@@ -9,20 +9,20 @@ rule knn_shard:
         public=f"{RESULTS}/embeddings/{{split}}/{{point}}/{{side}}/public.parquet",
     output:
         temp(f"{RESULTS}/neighbors/{{split}}/{{point}}/{{side}}/shards/{{shard}}.parquet"),
-    wildcard_constraints:
-        shard=r"\d+-of-\d+",
-    params:
-        k=config["knn"]["k"],
-        execution=execution_flags(batch_size=config["knn"]["batch_size"], use_gpu=config["knn"]["use_gpu"]),
-    threads: config["knn"]["threads"]
-    resources:
-        gpu=KNN_GPUS,
     log:
         f"{RESULTS}/logs/knn/{{split}}/{{point}}/{{side}}/shards/{{shard}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/knn/{{split}}/{{point}}/{{side}}/shards/{{shard}}.tsv"
+    wildcard_constraints:
+        shard=r"\d+-of-\d+",
     conda:
         KNN_ENV
+    threads: config["knn"]["threads"]
+    resources:
+        gpu=KNN_GPUS,
+    params:
+        k=config["knn"]["k"],
+        execution=execution_flags(batch_size=config["knn"]["batch_size"], use_gpu=config["knn"]["use_gpu"]),
     shell:
         "python -m workflow_scripts.knn search --queries {input.queries} --public {input.public}"
         " --shard {wildcards.shard} --k {params.k} {params.execution} --out {output} > {log} 2>&1"
@@ -30,19 +30,21 @@ rule knn_shard:
 
 rule knn:
     input:
-        shards=expand(f"{RESULTS}/neighbors/{{{{split}}}}/{{{{point}}}}/{{{{side}}}}/shards/{{shard}}.parquet",
-                      shard=PUBLIC_SHARDS),
+        shards=expand(
+            f"{RESULTS}/neighbors/{{{{split}}}}/{{{{point}}}}/{{{{side}}}}/shards/{{shard}}.parquet",
+            shard=PUBLIC_SHARDS,
+        ),
     output:
         f"{RESULTS}/neighbors/{{split}}/{{point}}/{{side}}.parquet",
-    params:
-        k=config["knn"]["k"],
-        execution=execution_flags(batch_size=config["knn"]["batch_size"]),
     log:
         f"{RESULTS}/logs/knn/{{split}}/{{point}}/{{side}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/knn/{{split}}/{{point}}/{{side}}.tsv"
     conda:
         "../envs/dejavu.yaml"
+    params:
+        k=config["knn"]["k"],
+        execution=execution_flags(batch_size=config["knn"]["batch_size"]),
     shell:
         "python -m workflow_scripts.knn merge --shards {input.shards} --k {params.k} {params.execution}"
         " --out {output} > {log} 2>&1"

@@ -12,6 +12,12 @@ rule metrics:
         records=f"{RESULTS}/metrics/{{split}}/{{point}}/{{queries}}/records.parquet",
         population=f"{RESULTS}/metrics/{{split}}/{{point}}/{{queries}}/population.parquet",
         sample_level=f"{RESULTS}/metrics/{{split}}/{{point}}/{{queries}}/sample_level.parquet",
+    log:
+        f"{RESULTS}/logs/metrics/{{split}}/{{point}}/{{queries}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/metrics/{{split}}/{{point}}/{{queries}}.tsv"
+    conda:
+        "../envs/dejavu.yaml"
     params:
         k=config["metrics"]["k"],
         top_n=config["metrics"]["top_n"],
@@ -21,12 +27,6 @@ rule metrics:
         seed=config["metrics"]["bootstrap"]["seed"],
         execution=execution_flags(pass_threads=False, batch_rows=config["metrics"]["batch_rows"]),
         out_dir=lambda wc, output: os.path.dirname(output.records),
-    log:
-        f"{RESULTS}/logs/metrics/{{split}}/{{point}}/{{queries}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/metrics/{{split}}/{{point}}/{{queries}}.tsv"
-    conda:
-        "../envs/dejavu.yaml"
     shell:
         "python -m workflow_scripts.metrics --target-neighbors {input.target}"
         " --reference-neighbors {input.reference} --query-annotations {input.query_annotations}"

@@ -14,16 +14,17 @@ rule import_target:
         lambda wc: ONE_MODEL["external_targets"][wc.target].get("checkpoint", []),
     output:
         f"{RESULTS}/models/{{split}}/external~{{target}}/A/model.pt",
-    params:
-        source=lambda wc, input: (
-            f"--checkpoint {input[0]}" if input
-            else f"--pretrained {ONE_MODEL['external_targets'][wc.target]['pretrained']}"
-        ),
-        model=lambda wc: ONE_MODEL["external_targets"][wc.target]["model"],
     log:
         f"{RESULTS}/logs/import/{{split}}/{{target}}.log",
     conda:
         "../envs/dejavu.yaml"
+    params:
+        source=lambda wc, input: (
+            f"--checkpoint {input[0]}"
+            if input
+            else f"--pretrained {ONE_MODEL['external_targets'][wc.target]['pretrained']}"
+        ),
+        model=lambda wc: ONE_MODEL["external_targets"][wc.target]["model"],
     shell:
         "python -m workflow_scripts.models import --model {params.model} {params.source} --out {output} > {log} 2>&1"
 
@@ -32,27 +33,30 @@ rule embed_reference:
     """g's caption embeddings: the queries (A's and the holdout's records) or the public set's captions."""
     input:
         records=lambda wc: pool_records(wc) if wc.collection == "captions" else public_records(wc),
-        queries=lambda wc: expand(f"{RESULTS}/splits/{wc.split}/{{name}}.parquet", name=QUERY_SETS.values())
-        if wc.collection == "captions" else [],
+        queries=lambda wc: (
+            expand(f"{RESULTS}/splits/{wc.split}/{{name}}.parquet", name=QUERY_SETS.values())
+            if wc.collection == "captions"
+            else []
+        ),
     output:
         f"{RESULTS}/embeddings/{{split}}/{REFERENCE}/{{collection}}.parquet",
+    log:
+        f"{RESULTS}/logs/embed/{{split}}/{REFERENCE}/{{collection}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/embed/{{split}}/{REFERENCE}/{{collection}}.tsv"
     wildcard_constraints:
         collection="captions|public_captions",
+    conda:
+        "../envs/dejavu.yaml"
+    threads: config["embedding"]["threads"]
+    resources:
+        gpu=EMBED_GPUS,
     params:
         ids=lambda wc, input: " ".join(f"--ids {path}" for path in input.queries),
         # Only what shapes g's embeddings, so editing other one-model settings reruns nothing here.
         reference=ONE_MODEL["reference_model"],
         caption_index=config["embedding"]["caption_index"],
         execution=execution_flags(batch_size=ONE_MODEL["batch_size"], device=config["embedding"]["device"]),
-    threads: config["embedding"]["threads"]
-    resources:
-        gpu=EMBED_GPUS,
-    log:
-        f"{RESULTS}/logs/embed/{{split}}/{REFERENCE}/{{collection}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/embed/{{split}}/{REFERENCE}/{{collection}}.tsv"
-    conda:
-        "../envs/dejavu.yaml"
     shell:
         "python -m workflow_scripts.text_reference --model {params.reference}"
         " --records {input.records} {params.ids} --caption-index {params.caption_index}"
@@ -66,18 +70,18 @@ rule embed_public_captions:
         records=public_records,
     output:
         f"{RESULTS}/embeddings/{{split}}/{{point}}/A/public_captions.parquet",
-    params:
-        caption_index=config["embedding"]["caption_index"],
-        execution=embed_execution_flags(),
-    threads: config["embedding"]["threads"]
-    resources:
-        gpu=EMBED_GPUS,
     log:
         f"{RESULTS}/logs/embed/{{split}}/{{point}}/A/public_captions.log",
     benchmark:
         f"{RESULTS}/benchmarks/embed/{{split}}/{{point}}/A/public_captions.tsv"
     conda:
         "../envs/dejavu.yaml"
+    threads: config["embedding"]["threads"]
+    resources:
+        gpu=EMBED_GPUS,
+    params:
+        caption_index=config["embedding"]["caption_index"],
+        execution=embed_execution_flags(),
     shell:
         "python -m workflow_scripts.embed --model {input.model} --records {input.records} --modality text"
         " --skip-uncaptioned --caption-index {params.caption_index} {params.execution} --out {output} > {log} 2>&1"
@@ -90,18 +94,18 @@ rule knn_captions:
         public=lambda wc: f"{RESULTS}/embeddings/{wc.split}/{wc.searcher}/public_captions.parquet",
     output:
         f"{RESULTS}/neighbors/{{split}}/{{searcher}}/t2t.parquet",
-    wildcard_constraints:
-        searcher=f"{re.escape(REFERENCE)}|(?:{POINT_PATTERN})/A",
-    params:
-        k=config["knn"]["k"],
-        execution=execution_flags(batch_size=config["knn"]["batch_size"], use_gpu=config["knn"]["use_gpu"]),
-    threads: config["knn"]["threads"]
     log:
         f"{RESULTS}/logs/knn/{{split}}/{{searcher}}/t2t.log",
     benchmark:
         f"{RESULTS}/benchmarks/knn/{{split}}/{{searcher}}/t2t.tsv"
+    wildcard_constraints:
+        searcher=f"{re.escape(REFERENCE)}|(?:{POINT_PATTERN})/A",
     conda:
         "../envs/dejavu.yaml"
+    threads: config["knn"]["threads"]
+    params:
+        k=config["knn"]["k"],
+        execution=execution_flags(batch_size=config["knn"]["batch_size"], use_gpu=config["knn"]["use_gpu"]),
     shell:
         "python -m workflow_scripts.knn search --queries {input.queries} --public {input.public}"
         " --k {params.k} {params.execution} --out {output} > {log} 2>&1"
@@ -131,26 +135,36 @@ use rule metrics as metrics_one_model with:
 rule agreement:
     """The two-model and one-model tests side by side on the target records: flags agreement and gaps."""
     input:
-        two_model=expand(f"{RESULTS}/metrics/{{{{split}}}}/{{{{point}}}}/{{queries}}/{{table}}.parquet",
-                         queries=QUERY_SETS, table=("records", "population")),
-        one_model=expand(f"{RESULTS}/metrics/{{{{split}}}}/{{{{point}}}}/one_model~{{mode}}/{{queries}}/{{table}}.parquet",
-                         mode=ONE_MODEL_MODES, queries=QUERY_SETS, table=("records", "population")),
+        two_model=expand(
+            f"{RESULTS}/metrics/{{{{split}}}}/{{{{point}}}}/{{queries}}/{{table}}.parquet",
+            queries=QUERY_SETS,
+            table=("records", "population"),
+        ),
+        one_model=expand(
+            f"{RESULTS}/metrics/{{{{split}}}}/{{{{point}}}}/one_model~{{mode}}/{{queries}}/{{table}}.parquet",
+            mode=ONE_MODEL_MODES,
+            queries=QUERY_SETS,
+            table=("records", "population"),
+        ),
     output:
         agreement=f"{RESULTS}/agreement/{{split}}/{{point}}/agreement.parquet",
         population=f"{RESULTS}/agreement/{{split}}/{{point}}/population.parquet",
-        heatmap=report(f"{RESULTS}/agreement/{{split}}/{{point}}/agreement.png", caption="../report/agreement.rst",
-                       category="One-model test", subcategory="{split}"),
-        heatmap_svg=f"{RESULTS}/agreement/{{split}}/{{point}}/agreement.svg",
-    params:
-        tests=lambda wc: " ".join(
-            [f"--test two_model={RESULTS}/metrics/{wc.split}/{wc.point}"]
-            + [f"--test one_model~{m}={RESULTS}/metrics/{wc.split}/{wc.point}/one_model~{m}"
-               for m in ONE_MODEL_MODES]
+        heatmap=report(
+            f"{RESULTS}/agreement/{{split}}/{{point}}/agreement.png",
+            caption="../report/agreement.rst",
+            category="One-model test",
+            subcategory="{split}",
         ),
-        out_dir=lambda wc, output: os.path.dirname(output.agreement),
+        heatmap_svg=f"{RESULTS}/agreement/{{split}}/{{point}}/agreement.svg",
     log:
         f"{RESULTS}/logs/agreement/{{split}}/{{point}}.log",
     conda:
         "../envs/dejavu.yaml"
+    params:
+        tests=lambda wc: " ".join(
+            [f"--test two_model={RESULTS}/metrics/{wc.split}/{wc.point}"]
+            + [f"--test one_model~{m}={RESULTS}/metrics/{wc.split}/{wc.point}/one_model~{m}" for m in ONE_MODEL_MODES]
+        ),
+        out_dir=lambda wc, output: os.path.dirname(output.agreement),
     shell:
         "python -m workflow_scripts.agreement {params.tests} --out-dir {params.out_dir} > {log} 2>&1"

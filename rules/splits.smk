@@ -10,16 +10,16 @@ rule splits:
         A=f"{RESULTS}/splits/{{split}}/A.parquet",
         B=f"{RESULTS}/splits/{{split}}/B.parquet",
         holdout=f"{RESULTS}/splits/{{split}}/holdout.parquet",
+    log:
+        f"{RESULTS}/logs/splits/{{split}}.log",
+    conda:
+        "../envs/dejavu.yaml"
     params:
         n_target=lambda wc: split_of(wc)["n_target"],
         n_reference=lambda wc: split_of(wc)["n_reference"],
         n_holdout=lambda wc: split_of(wc)["n_holdout"],
         seed=lambda wc: split_of(wc)["seed"],
         out_dir=lambda wc, output: os.path.dirname(output.A),
-    log:
-        f"{RESULTS}/logs/splits/{{split}}.log",
-    conda:
-        "../envs/dejavu.yaml"
     shell:
         "python -m workflow_scripts.splits make --pool-records {input.pool_records}"
         " --pool-annotations {input.pool_annotations} --public-records {input.public_records}"

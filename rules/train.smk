@@ -7,10 +7,10 @@ rule subset_split:
         f"{RESULTS}/splits/{{split}}/{{side}}.parquet",
     output:
         f"{RESULTS}/splits/{{split}}/n_train~{{n_train}}/{{side}}.parquet",
-    wildcard_constraints:
-        n_train=r"\d+",
     log:
         f"{RESULTS}/logs/splits/{{split}}/n_train~{{n_train}}/{{side}}.log",
+    wildcard_constraints:
+        n_train=r"\d+",
     conda:
         "../envs/dejavu.yaml"
     shell:
@@ -24,28 +24,27 @@ rule train:
     output:
         model=f"{RESULTS}/models/{{split}}/{{point}}/{{side}}/model.pt",
         log_table=f"{RESULTS}/models/{{split}}/{{point}}/{{side}}/train_log.parquet",
+    log:
+        f"{RESULTS}/logs/train/{{split}}/{{point}}/{{side}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/train/{{split}}/{{point}}/{{side}}.tsv"
     wildcard_constraints:
         point=alternation(RUNS),
+    conda:
+        "../envs/dejavu.yaml"
+    threads: config["training"].get("threads", 1)
+    resources:
+        gpu=lambda wc: 0 if config["training"].get("device") == "cpu" else config["training"]["gpus_per_job"],
     params:
         flags=training_flags,
         out_dir=lambda wc, output: os.path.dirname(output.model),
         # One process per GPU under torchrun when a job gets several (DDP); a plain process otherwise.
         launcher=lambda wc, threads: (
-            "python -m torch.distributed.run --standalone --nproc_per_node "
-            f"{config['training']['gpus_per_job']} -m"
+            "python -m torch.distributed.run --standalone --nproc_per_node " f"{config['training']['gpus_per_job']} -m"
             if config["training"]["gpus_per_job"] > 1
             else "python -m"
         ),
         execution=execution_flags(**{key: config["training"][key] for key in TRAINING_EXECUTION}),
-    threads: config["training"].get("threads", 1)
-    resources:
-        gpu=lambda wc: 0 if config["training"].get("device") == "cpu" else config["training"]["gpus_per_job"],
-    log:
-        f"{RESULTS}/logs/train/{{split}}/{{point}}/{{side}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/train/{{split}}/{{point}}/{{side}}.tsv"
-    conda:
-        "../envs/dejavu.yaml"
     shell:
         "{params.launcher} workflow_scripts.train --records {input.records} --split {input.split}"
         " --out-dir {params.out_dir} {params.flags} {params.execution} > {log} 2>&1"
@@ -57,14 +56,14 @@ rule early_stopped_model:
         run_model=lambda wc: f"{RESULTS}/models/{wc.split}/{PLAN[wc.point]['run']}/{wc.side}/model.pt",
     output:
         f"{RESULTS}/models/{{split}}/{{point}}/{{side}}/model.pt",
-    wildcard_constraints:
-        point=alternation(set(POINTS) - RUNS) or "(?!)",
-    params:
-        checkpoint=run_checkpoint,
     log:
         f"{RESULTS}/logs/train/{{split}}/{{point}}/{{side}}.log",
+    wildcard_constraints:
+        point=alternation(set(POINTS) - RUNS) or "(?!)",
     conda:
         "../envs/dejavu.yaml"
+    params:
+        checkpoint=run_checkpoint,
     shell:
         # touch: the link shares the checkpoint's older mtime, which would look outdated next to the run's model.
         "(ln -f {params.checkpoint} {output} || cp {params.checkpoint} {output}) > {log} 2>&1 && touch {output}"

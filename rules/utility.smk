@@ -7,21 +7,21 @@ rule utility:
         records=lambda wc: f"{dataset_dir(config['utility']['dataset'])}/records.parquet",
     output:
         f"{RESULTS}/utility/{{split}}/{{point}}/{{side}}.parquet",
-    params:
-        probe_fraction=config["utility"]["probe_fraction"],
-        seed=config["utility"]["seed"],
-        execution=execution_flags(device=config["embedding"]["device"]),
-        labels=" ".join(f"--label-column {c}" for c in config["utility"]["label_columns"]),
-        templates=" ".join(f"--template {shlex.quote(t)}" for t in config["utility"]["templates"]),
-    threads: config["embedding"]["threads"]
-    resources:
-        gpu=EMBED_GPUS,
     log:
         f"{RESULTS}/logs/utility/{{split}}/{{point}}/{{side}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/utility/{{split}}/{{point}}/{{side}}.tsv"
     conda:
         "../envs/dejavu.yaml"
+    threads: config["embedding"]["threads"]
+    resources:
+        gpu=EMBED_GPUS,
+    params:
+        probe_fraction=config["utility"]["probe_fraction"],
+        seed=config["utility"]["seed"],
+        execution=execution_flags(device=config["embedding"]["device"]),
+        labels=" ".join(f"--label-column {c}" for c in config["utility"]["label_columns"]),
+        templates=" ".join(f"--template {shlex.quote(t)}" for t in config["utility"]["templates"]),
     shell:
         "python -m workflow_scripts.utility --model {input.model} --records {input.records} {params.labels}"
         " {params.templates} --probe-fraction {params.probe_fraction} --seed {params.seed}"
