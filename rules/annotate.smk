@@ -2,12 +2,21 @@
 # One rule per annotator (datasets.<name>.annotator); each rule only matches the data sets using it.
 
 
+def detic_spec(wildcards):
+    return dataset_spec(wildcards)["detic"]
+
+
+def precomputed_flags(wildcards):
+    """A data set that skips invalid records may have annotation rows for records it dropped, and lack none it keeps."""
+    return "--allow-missing --drop-unknown" if dataset_spec(wildcards)["on_invalid"] == "skip" else ""
+
+
 rule annotate_ground_truth:
     input:
-        records=f"{RESULTS}/data/{{dataset}}/records.parquet",
-        ground_truth=f"{RESULTS}/data/{{dataset}}/ground_truth.parquet",
+        records=PATHS["records"],
+        ground_truth=PATHS["ground_truth"],
     output:
-        ANNOTATIONS,
+        PATHS["annotations"],
     log:
         f"{RESULTS}/logs/annotate/{{dataset}}.log",
     wildcard_constraints:
@@ -21,10 +30,10 @@ rule annotate_ground_truth:
 
 rule annotate_precomputed:
     input:
-        records=f"{RESULTS}/data/{{dataset}}/records.parquet",
+        records=PATHS["records"],
         annotations=lambda wc: dataset_spec(wc)["annotations"],
     output:
-        ANNOTATIONS,
+        PATHS["annotations"],
     log:
         f"{RESULTS}/logs/annotate/{{dataset}}.log",
     wildcard_constraints:
@@ -41,10 +50,10 @@ rule annotate_precomputed:
 # A mix keeps the annotation each record got from its own data set's annotator (a mix draws a subset of them).
 rule annotate_parts:
     input:
-        records=f"{RESULTS}/data/{{dataset}}/records.parquet",
-        parts=lambda wc: [f"{dataset_dir(part['dataset'])}/annotations.parquet" for part in dataset_spec(wc)["parts"]],
+        records=PATHS["records"],
+        parts=lambda wc: [path("annotations", dataset=part["dataset"]) for part in dataset_spec(wc)["parts"]],
     output:
-        ANNOTATIONS,
+        PATHS["annotations"],
     log:
         f"{RESULTS}/logs/annotate/{{dataset}}.log",
     wildcard_constraints:
@@ -58,10 +67,10 @@ rule annotate_parts:
 
 rule detic_chunk:
     input:
-        records=f"{RESULTS}/data/{{dataset}}/records.parquet",
+        records=PATHS["records"],
         vocabulary=lambda wc: detic_spec(wc)["vocabulary"],
     output:
-        f"{RESULTS}/data/{{dataset}}/detic/chunk-{{chunk}}.parquet",
+        PATHS["detic_chunk"],
     log:
         f"{RESULTS}/logs/annotate/{{dataset}}/detic-{{chunk}}.log",
     benchmark:
@@ -89,12 +98,10 @@ rule detic_chunk:
 
 rule annotate_detic:
     input:
-        records=f"{RESULTS}/data/{{dataset}}/records.parquet",
-        chunks=lambda wc: expand(
-            f"{RESULTS}/data/{wc.dataset}/detic/chunk-{{chunk}}.parquet", chunk=range(detic_spec(wc)["n_chunks"])
-        ),
+        records=PATHS["records"],
+        chunks=lambda wc: expand(path("detic_chunk", dataset=wc.dataset), chunk=range(detic_spec(wc)["n_chunks"])),
     output:
-        ANNOTATIONS,
+        PATHS["annotations"],
     log:
         f"{RESULTS}/logs/annotate/{{dataset}}.log",
     wildcard_constraints:

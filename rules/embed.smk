@@ -3,13 +3,24 @@
 # job into its own (temporary) Parquet, then `knn gather` streams them, in order, into the contract file
 # public.parquet, which the kNN shard jobs read back by the same row ranges.
 
+PUBLIC_SHARDS = [f"{i}-of-{config['embedding']['public_shards']}" for i in range(config["embedding"]["public_shards"])]
+# Embedding jobs hold a GPU unless the config pins them to the CPU (`--resources gpu=1` runs them one at a time).
+EMBED_GPUS = 0 if config["embedding"]["device"] == "cpu" else 1
+
+
+def embed_execution_flags():
+    emb = config["embedding"]
+    return execution_flags(
+        batch_size=emb["batch_size"], device=emb["device"], allow_cpu_fallback=str(emb["allow_cpu_fallback"]).lower()
+    )
+
 
 rule embed_public_shard:
     input:
-        model=f"{RESULTS}/models/{{split}}/{{point}}/{{side}}/model.pt",
+        model=PATHS["model"],
         records=public_records,
     output:
-        temp(f"{RESULTS}/embeddings/{{split}}/{{point}}/{{side}}/public_shards/{{shard}}.parquet"),
+        temp(PATHS["public_shard_embeddings"]),
     log:
         f"{RESULTS}/logs/embed/{{split}}/{{point}}/{{side}}/public_shards/{{shard}}.log",
     benchmark:
@@ -30,12 +41,9 @@ rule embed_public_shard:
 
 rule embed_public:
     input:
-        shards=expand(
-            f"{RESULTS}/embeddings/{{{{split}}}}/{{{{point}}}}/{{{{side}}}}/public_shards/{{shard}}.parquet",
-            shard=PUBLIC_SHARDS,
-        ),
+        shards=expand(PATHS["public_shard_embeddings"], shard=PUBLIC_SHARDS, allow_missing=True),
     output:
-        f"{RESULTS}/embeddings/{{split}}/{{point}}/{{side}}/public.parquet",
+        path("embeddings", searcher="{point}/{side}", collection="public"),
     log:
         f"{RESULTS}/logs/embed/{{split}}/{{point}}/{{side}}/public.log",
     benchmark:
@@ -48,11 +56,11 @@ rule embed_public:
 
 rule embed_captions:
     input:
-        model=f"{RESULTS}/models/{{split}}/{{point}}/{{side}}/model.pt",
+        model=PATHS["model"],
         records=pool_records,
-        queries=expand(f"{RESULTS}/splits/{{{{split}}}}/{{name}}.parquet", name=QUERY_SETS.values()),
+        queries=expand(PATHS["split"], name=QUERY_SETS.values(), allow_missing=True),
     output:
-        f"{RESULTS}/embeddings/{{split}}/{{point}}/{{side}}/captions.parquet",
+        path("embeddings", searcher="{point}/{side}", collection="captions"),
     log:
         f"{RESULTS}/logs/embed/{{split}}/{{point}}/{{side}}/captions.log",
     benchmark:

@@ -1,18 +1,47 @@
 # Stage figures and summary: regenerated from the cached tables alone (no model is loaded).
 
 
+def _figure(path, caption, category):
+    return report(path, caption=f"../report/{caption}.rst", category=category, subcategory="{split}")
+
+
+def summary_inputs(wildcards):
+    return {
+        "population": expand(
+            path("metrics", split=wildcards.split, table="population"),
+            point=POINTS,
+            queries=QUERY_SETS,
+        ),
+        "utility": expand(path("utility", split=wildcards.split), point=POINTS, side=SIDES),
+    }
+
+
+def figure_targets():
+    """Every figure, all of them regenerated from cached tables."""
+    targets = []
+    for split in config["splits"]:
+        targets += expand(
+            path("figure", split=split),
+            point=POINTS,
+            figure=("recall_cdf", "gap_vs_top_l", "qualitative"),
+            ext=("png", "svg"),
+        )
+        targets += expand(path("sweep_figure", split=split), parameter=SWEPT, ext=("png", "svg"))
+    return targets
+
+
 rule figures_point:
     input:
         **{
-            f"{queries}_{table}": f"{RESULTS}/metrics/{{split}}/{{point}}/{queries}/{table}.parquet"
+            f"{queries}_{table}": path("metrics", queries=queries, table=table)
             for queries in QUERY_SETS
             for table in ("records", "sample_level")
         },
     output:
-        recall_cdf_png=_figure(f"{RESULTS}/figures/{{split}}/{{point}}/recall_cdf.png", "recall_cdf", "Recall CDFs"),
-        recall_cdf_svg=f"{RESULTS}/figures/{{split}}/{{point}}/recall_cdf.svg",
-        gap_png=_figure(f"{RESULTS}/figures/{{split}}/{{point}}/gap_vs_top_l.png", "gap_vs_top_l", "Sample level"),
-        gap_svg=f"{RESULTS}/figures/{{split}}/{{point}}/gap_vs_top_l.svg",
+        recall_cdf_png=_figure(path("figure", figure="recall_cdf", ext="png"), "recall_cdf", "Recall CDFs"),
+        recall_cdf_svg=path("figure", figure="recall_cdf", ext="svg"),
+        gap_png=_figure(path("figure", figure="gap_vs_top_l", ext="png"), "gap_vs_top_l", "Sample level"),
+        gap_svg=path("figure", figure="gap_vs_top_l", ext="svg"),
     log:
         f"{RESULTS}/logs/figures/{{split}}/{{point}}/point.log",
     conda:
@@ -26,16 +55,16 @@ rule figures_point:
 
 rule figures_qualitative:
     input:
-        metrics_records=f"{RESULTS}/metrics/{{split}}/{{point}}/target/records.parquet",
+        metrics_records=path("metrics", queries="target", table="records"),
         query_records=pool_records,
         query_annotations=pool_annotations,
         public_records=public_records,
         public_annotations=public_annotations,
-        target_neighbors=f"{RESULTS}/neighbors/{{split}}/{{point}}/A.parquet",
-        reference_neighbors=f"{RESULTS}/neighbors/{{split}}/{{point}}/B.parquet",
+        target_neighbors=path("neighbors", side="A"),
+        reference_neighbors=path("neighbors", side="B"),
     output:
-        png=_figure(f"{RESULTS}/figures/{{split}}/{{point}}/qualitative.png", "qualitative", "Qualitative"),
-        svg=f"{RESULTS}/figures/{{split}}/{{point}}/qualitative.svg",
+        png=_figure(path("figure", figure="qualitative", ext="png"), "qualitative", "Qualitative"),
+        svg=path("figure", figure="qualitative", ext="svg"),
     log:
         f"{RESULTS}/logs/figures/{{split}}/{{point}}/qualitative.log",
     conda:
@@ -52,8 +81,8 @@ rule summary:
     input:
         unpack(summary_inputs),
     output:
-        table=f"{RESULTS}/summary/{{split}}.parquet",
-        csv=report(f"{RESULTS}/summary/{{split}}.csv", caption="../report/summary.rst", category="Summary"),
+        table=path("summary", ext="parquet"),
+        csv=report(path("summary", ext="csv"), caption="../report/summary.rst", category="Summary"),
     log:
         f"{RESULTS}/logs/summary/{{split}}.log",
     conda:
@@ -71,15 +100,15 @@ if SWEPT:  # a sweep figure per parameter that takes several values
 
     rule figures_sweep:
         input:
-            f"{RESULTS}/summary/{{split}}.parquet",
+            path("summary", ext="parquet"),
         output:
             report(
-                expand(f"{RESULTS}/figures/sweep/{{{{split}}}}/{{parameter}}.png", parameter=SWEPT),
+                expand(path("sweep_figure", ext="png"), parameter=SWEPT, allow_missing=True),
                 caption="../report/sweep.rst",
                 category="Mitigations",
                 subcategory="{split}",
             ),
-            expand(f"{RESULTS}/figures/sweep/{{{{split}}}}/{{parameter}}.svg", parameter=SWEPT),
+            expand(path("sweep_figure", ext="svg"), parameter=SWEPT, allow_missing=True),
         log:
             f"{RESULTS}/logs/figures/sweep/{{split}}.log",
         conda:
@@ -96,4 +125,4 @@ rule figures:
     """Every figure and the summary tables; `make figures` rebuilds them from the cached tables alone."""
     input:
         figure_targets(),
-        expand(f"{RESULTS}/summary/{{split}}.parquet", split=config["splits"]),
+        expand(path("summary", ext="parquet"), split=config["splits"]),

@@ -2,13 +2,19 @@
 # One job per shard of P (PUBLIC_SHARDS, rules/embed.smk) writes every query's top-k within its shard; `knn`
 # merges them into the global top-k (score descending, then public id: workflow_scripts/knn.py), queries in batches.
 
+# knn.use_gpu=always searches in the faiss-gpu environment and holds a GPU; auto holds one too (it takes the GPU
+# when its faiss can), in the faiss-cpu environment under --use-conda: faiss-gpu fails to load on a machine
+# without a CUDA driver. never keeps the search on the CPU.
+KNN_GPUS = 0 if config["knn"]["use_gpu"] == "never" else 1
+KNN_ENV = "../envs/dejavu-gpu.yaml" if config["knn"]["use_gpu"] == "always" else "../envs/dejavu.yaml"
+
 
 rule knn_shard:
     input:
-        queries=f"{RESULTS}/embeddings/{{split}}/{{point}}/{{side}}/captions.parquet",
-        public=f"{RESULTS}/embeddings/{{split}}/{{point}}/{{side}}/public.parquet",
+        queries=path("embeddings", searcher="{point}/{side}", collection="captions"),
+        public=path("embeddings", searcher="{point}/{side}", collection="public"),
     output:
-        temp(f"{RESULTS}/neighbors/{{split}}/{{point}}/{{side}}/shards/{{shard}}.parquet"),
+        temp(PATHS["neighbor_shard"]),
     log:
         f"{RESULTS}/logs/knn/{{split}}/{{point}}/{{side}}/shards/{{shard}}.log",
     benchmark:
@@ -30,12 +36,9 @@ rule knn_shard:
 
 rule knn:
     input:
-        shards=expand(
-            f"{RESULTS}/neighbors/{{{{split}}}}/{{{{point}}}}/{{{{side}}}}/shards/{{shard}}.parquet",
-            shard=PUBLIC_SHARDS,
-        ),
+        shards=expand(PATHS["neighbor_shard"], shard=PUBLIC_SHARDS, allow_missing=True),
     output:
-        f"{RESULTS}/neighbors/{{split}}/{{point}}/{{side}}.parquet",
+        PATHS["neighbors"],
     log:
         f"{RESULTS}/logs/knn/{{split}}/{{point}}/{{side}}.log",
     benchmark:

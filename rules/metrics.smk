@@ -3,15 +3,15 @@
 
 rule metrics:
     input:
-        target=f"{RESULTS}/neighbors/{{split}}/{{point}}/A.parquet",
-        reference=f"{RESULTS}/neighbors/{{split}}/{{point}}/B.parquet",
+        target=path("neighbors", side="A"),
+        reference=path("neighbors", side="B"),
         query_annotations=pool_annotations,
         public_annotations=public_annotations,
         queries=query_split,
     output:
-        records=f"{RESULTS}/metrics/{{split}}/{{point}}/{{queries}}/records.parquet",
-        population=f"{RESULTS}/metrics/{{split}}/{{point}}/{{queries}}/population.parquet",
-        sample_level=f"{RESULTS}/metrics/{{split}}/{{point}}/{{queries}}/sample_level.parquet",
+        records=path("metrics", table="records"),
+        population=path("metrics", table="population"),
+        sample_level=path("metrics", table="sample_level"),
     log:
         f"{RESULTS}/logs/metrics/{{split}}/{{point}}/{{queries}}.log",
     benchmark:

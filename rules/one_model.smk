@@ -3,6 +3,10 @@
 # The target retrieves public images (t2i) or, with its text tower, public captions (t2t). The metric tables
 # are those of the two-model test, under metrics/{split}/{point}/one_model~{mode}/{queries}/.
 
+ONE_MODEL = config["one_model"]
+REFERENCE = f"reference~{re.sub(r'[^A-Za-z0-9_.-]+', '_', ONE_MODEL['reference_model'])}"
+ONE_MODEL_MODES = ONE_MODEL["modes"] if ONE_MODEL["enabled"] else []
+
 
 wildcard_constraints:
     mode="t2i|t2t",
@@ -13,7 +17,7 @@ rule import_target:
     input:
         lambda wc: ONE_MODEL["external_targets"][wc.target].get("checkpoint", []),
     output:
-        f"{RESULTS}/models/{{split}}/external~{{target}}/A/model.pt",
+        path("model", point="external~{target}", side="A"),
     log:
         f"{RESULTS}/logs/import/{{split}}/{{target}}.log",
     conda:
@@ -34,12 +38,10 @@ rule embed_reference:
     input:
         records=lambda wc: pool_records(wc) if wc.collection == "captions" else public_records(wc),
         queries=lambda wc: (
-            expand(f"{RESULTS}/splits/{wc.split}/{{name}}.parquet", name=QUERY_SETS.values())
-            if wc.collection == "captions"
-            else []
+            expand(path("split", split=wc.split), name=QUERY_SETS.values()) if wc.collection == "captions" else []
         ),
     output:
-        f"{RESULTS}/embeddings/{{split}}/{REFERENCE}/{{collection}}.parquet",
+        path("embeddings", searcher=REFERENCE),
     log:
         f"{RESULTS}/logs/embed/{{split}}/{REFERENCE}/{{collection}}.log",
     benchmark:
@@ -66,10 +68,10 @@ rule embed_reference:
 rule embed_public_captions:
     """The target's text tower on the public set's captions (t2t mode); uncaptioned public records are left out."""
     input:
-        model=f"{RESULTS}/models/{{split}}/{{point}}/A/model.pt",
+        model=path("model", side="A"),
         records=public_records,
     output:
-        f"{RESULTS}/embeddings/{{split}}/{{point}}/A/public_captions.parquet",
+        path("embeddings", searcher="{point}/A", collection="public_captions"),
     log:
         f"{RESULTS}/logs/embed/{{split}}/{{point}}/A/public_captions.log",
     benchmark:
@@ -90,10 +92,10 @@ rule embed_public_captions:
 rule knn_captions:
     """Caption-to-caption search (t2t), unsharded: caption embeddings are small next to image sets."""
     input:
-        queries=lambda wc: f"{RESULTS}/embeddings/{wc.split}/{wc.searcher}/captions.parquet",
-        public=lambda wc: f"{RESULTS}/embeddings/{wc.split}/{wc.searcher}/public_captions.parquet",
+        queries=lambda wc: path("embeddings", split=wc.split, searcher=wc.searcher, collection="captions"),
+        public=lambda wc: path("embeddings", split=wc.split, searcher=wc.searcher, collection="public_captions"),
     output:
-        f"{RESULTS}/neighbors/{{split}}/{{searcher}}/t2t.parquet",
+        PATHS["t2t_neighbors"],
     log:
         f"{RESULTS}/logs/knn/{{split}}/{{searcher}}/t2t.log",
     benchmark:
@@ -114,18 +116,18 @@ rule knn_captions:
 use rule metrics as metrics_one_model with:
     input:
         target=lambda wc: (
-            f"{RESULTS}/neighbors/{wc.split}/{wc.point}/A.parquet"
+            path("neighbors", split=wc.split, point=wc.point, side="A")
             if wc.mode == "t2i"
-            else f"{RESULTS}/neighbors/{wc.split}/{wc.point}/A/t2t.parquet"
+            else path("t2t_neighbors", split=wc.split, searcher=f"{wc.point}/A")
         ),
-        reference=f"{RESULTS}/neighbors/{{split}}/{REFERENCE}/t2t.parquet",
+        reference=path("t2t_neighbors", searcher=REFERENCE),
         query_annotations=pool_annotations,
         public_annotations=public_annotations,
         queries=query_split,
     output:
-        records=f"{RESULTS}/metrics/{{split}}/{{point}}/one_model~{{mode}}/{{queries}}/records.parquet",
-        population=f"{RESULTS}/metrics/{{split}}/{{point}}/one_model~{{mode}}/{{queries}}/population.parquet",
-        sample_level=f"{RESULTS}/metrics/{{split}}/{{point}}/one_model~{{mode}}/{{queries}}/sample_level.parquet",
+        records=path("metrics_one_model", table="records"),
+        population=path("metrics_one_model", table="population"),
+        sample_level=path("metrics_one_model", table="sample_level"),
     log:
         f"{RESULTS}/logs/metrics/{{split}}/{{point}}/one_model~{{mode}}/{{queries}}.log",
     benchmark:
@@ -135,27 +137,24 @@ use rule metrics as metrics_one_model with:
 rule agreement:
     """The two-model and one-model tests side by side on the target records: flags agreement and gaps."""
     input:
-        two_model=expand(
-            f"{RESULTS}/metrics/{{{{split}}}}/{{{{point}}}}/{{queries}}/{{table}}.parquet",
-            queries=QUERY_SETS,
-            table=("records", "population"),
-        ),
+        two_model=expand(PATHS["metrics"], queries=QUERY_SETS, table=("records", "population"), allow_missing=True),
         one_model=expand(
-            f"{RESULTS}/metrics/{{{{split}}}}/{{{{point}}}}/one_model~{{mode}}/{{queries}}/{{table}}.parquet",
+            PATHS["metrics_one_model"],
             mode=ONE_MODEL_MODES,
             queries=QUERY_SETS,
             table=("records", "population"),
+            allow_missing=True,
         ),
     output:
-        agreement=f"{RESULTS}/agreement/{{split}}/{{point}}/agreement.parquet",
-        population=f"{RESULTS}/agreement/{{split}}/{{point}}/population.parquet",
+        agreement=path("agreement", name="agreement.parquet"),
+        population=path("agreement", name="population.parquet"),
         heatmap=report(
-            f"{RESULTS}/agreement/{{split}}/{{point}}/agreement.png",
+            path("agreement", name="agreement.png"),
             caption="../report/agreement.rst",
             category="One-model test",
             subcategory="{split}",
         ),
-        heatmap_svg=f"{RESULTS}/agreement/{{split}}/{{point}}/agreement.svg",
+        heatmap_svg=path("agreement", name="agreement.svg"),
     log:
         f"{RESULTS}/logs/agreement/{{split}}/{{point}}.log",
     conda:

@@ -7,9 +7,9 @@ rule splits:
         pool_annotations=pool_annotations,
         public_records=public_records,
     output:
-        A=f"{RESULTS}/splits/{{split}}/A.parquet",
-        B=f"{RESULTS}/splits/{{split}}/B.parquet",
-        holdout=f"{RESULTS}/splits/{{split}}/holdout.parquet",
+        A=path("split", name="A"),
+        B=path("split", name="B"),
+        holdout=path("split", name="holdout"),
     log:
         f"{RESULTS}/logs/splits/{{split}}.log",
     conda:

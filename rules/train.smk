@@ -1,12 +1,32 @@
 # Stage train: one job per model (side A or B) per training run; shorter-epoch points reuse the run's checkpoints.
 
+# Training settings that choose where and how fast a model trains, not what it learns: the launcher's and
+# Snakemake's (gpus_per_job, threads), and those passed to the stage as execution flags.
+TRAINING_LAUNCH = ("gpus_per_job", "threads")
+TRAINING_EXECUTION = ("device", "allow_cpu_fallback", "preload_images", "num_workers")
+
+
+def training_flags(wildcards):
+    """CLI flags of the training stage: the run's values over the `training` block (n_train picks the split file)."""
+    settings = {**config["training"], **POINTS[wildcards.point]}
+    for setting in ("n_train", *TRAINING_LAUNCH, *TRAINING_EXECUTION):
+        settings.pop(setting)
+    settings["save_epochs"] = ",".join(map(str, save_epochs(PLAN, wildcards.point)))
+    return to_cli_flags(settings)
+
+
+def run_checkpoint(wildcards):
+    """The file of the run's checkpoint a shorter-epoch point takes its model from."""
+    entry = PLAN[wildcards.point]
+    return path("checkpoint", split=wildcards.split, point=entry["run"], side=wildcards.side, epoch=entry["epoch"])
+
 
 rule subset_split:
     """The first n_train ids of a side (a prefix, so smaller training sets nest in larger ones)."""
     input:
-        f"{RESULTS}/splits/{{split}}/{{side}}.parquet",
+        path("split", name="{side}"),
     output:
-        f"{RESULTS}/splits/{{split}}/n_train~{{n_train}}/{{side}}.parquet",
+        PATHS["split_subset"],
     log:
         f"{RESULTS}/logs/splits/{{split}}/n_train~{{n_train}}/{{side}}.log",
     wildcard_constraints:
@@ -22,8 +42,8 @@ rule train:
         records=pool_records,
         split=side_split,
     output:
-        model=f"{RESULTS}/models/{{split}}/{{point}}/{{side}}/model.pt",
-        log_table=f"{RESULTS}/models/{{split}}/{{point}}/{{side}}/train_log.parquet",
+        model=PATHS["model"],
+        log_table=PATHS["train_log"],
     log:
         f"{RESULTS}/logs/train/{{split}}/{{point}}/{{side}}.log",
     benchmark:
@@ -53,9 +73,9 @@ rule train:
 rule early_stopped_model:
     """A shorter-epoch point: the run's checkpoint at that epoch (hard link when possible, else a copy)."""
     input:
-        run_model=lambda wc: f"{RESULTS}/models/{wc.split}/{PLAN[wc.point]['run']}/{wc.side}/model.pt",
+        run_model=lambda wc: path("model", split=wc.split, point=PLAN[wc.point]["run"], side=wc.side),
     output:
-        f"{RESULTS}/models/{{split}}/{{point}}/{{side}}/model.pt",
+        PATHS["model"],
     log:
         f"{RESULTS}/logs/train/{{split}}/{{point}}/{{side}}.log",
     wildcard_constraints:

@@ -3,10 +3,10 @@
 
 rule utility:
     input:
-        model=f"{RESULTS}/models/{{split}}/{{point}}/{{side}}/model.pt",
-        records=lambda wc: f"{dataset_dir(config['utility']['dataset'])}/records.parquet",
+        model=PATHS["model"],
+        records=path("records", dataset=config["utility"]["dataset"]),
     output:
-        f"{RESULTS}/utility/{{split}}/{{point}}/{{side}}.parquet",
+        PATHS["utility"],
     log:
         f"{RESULTS}/logs/utility/{{split}}/{{point}}/{{side}}.log",
     benchmark:
