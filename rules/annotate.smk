@@ -2,13 +2,7 @@
 # One rule per annotator (datasets.<name>.annotator); each rule only matches the data sets using it.
 
 
-def detic_spec(wildcards):
-    return dataset_spec(wildcards)["detic"]
-
-
-def precomputed_flags(wildcards):
-    """A data set that skips invalid records may have annotation rows for records it dropped, and lack none it keeps."""
-    return "--allow-missing --drop-unknown" if dataset_spec(wildcards)["on_invalid"] == "skip" else ""
+include: "helpers/annotate.smk"
 
 
 rule annotate_ground_truth:

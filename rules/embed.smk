@@ -3,16 +3,8 @@
 # job into its own (temporary) Parquet, then `knn gather` streams them, in order, into the contract file
 # public.parquet, which the kNN shard jobs read back by the same row ranges.
 
-PUBLIC_SHARDS = [f"{i}-of-{config['embedding']['public_shards']}" for i in range(config["embedding"]["public_shards"])]
-# Embedding jobs hold a GPU unless the config pins them to the CPU (`--resources gpu=1` runs them one at a time).
-EMBED_GPUS = 0 if config["embedding"]["device"] == "cpu" else 1
 
-
-def embed_execution_flags():
-    emb = config["embedding"]
-    return execution_flags(
-        batch_size=emb["batch_size"], device=emb["device"], allow_cpu_fallback=str(emb["allow_cpu_fallback"]).lower()
-    )
+include: "helpers/embed.smk"
 
 
 rule embed_public_shard:
