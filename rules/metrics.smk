@@ -26,11 +26,11 @@ rule metrics:
         frac=config["metrics"]["bootstrap"]["frac"],
         seed=config["metrics"]["bootstrap"]["seed"],
         execution=execution_flags(pass_threads=False, batch_rows=config["metrics"]["batch_rows"]),
-        out_dir=lambda wc, output: os.path.dirname(output.records),
     shell:
         "python -m workflow_scripts.metrics --target-neighbors {input.target}"
         " --reference-neighbors {input.reference} --query-annotations {input.query_annotations}"
         " --public-annotations {input.public_annotations} --queries {input.queries}"
         " --k {params.k} --top-n {params.top_n} --top-l {params.top_l}"
         " --n-boot {params.n_boot} --frac {params.frac} --seed {params.seed} {params.execution}"
-        " --out-dir {params.out_dir} > {log} 2>&1"
+        " --records {output.records} --population {output.population} --sample-level {output.sample_level}"
+        " > {log} 2>&1"
