@@ -1,5 +1,5 @@
 # dejavu-workflow: déjà vu memorization in vision-language models, as a DAG of cached artifacts.
-# Stages and data contracts: ../shared/DESIGN.md; usage: README.md.
+# Design (stages, data contracts, path grammar, what reruns what): docs/DESIGN.md; usage: README.md.
 
 import os
 
@@ -25,6 +25,6 @@ include: "rules/figures.smk"
 
 
 rule all:
+    default_target: True
     input:
         all_targets(),
-    default_target: True

@@ -2,16 +2,19 @@
 # One rule per annotator (datasets.<name>.annotator); each rule only matches the data sets using it.
 
 
+include: "helpers/annotate.smk"
+
+
 rule annotate_ground_truth:
     input:
-        records=f"{RESULTS}/data/{{dataset}}/records.parquet",
-        ground_truth=f"{RESULTS}/data/{{dataset}}/ground_truth.parquet",
+        records=PATHS["records"],
+        ground_truth=PATHS["ground_truth"],
     output:
-        ANNOTATIONS,
-    wildcard_constraints:
-        dataset=datasets_where("annotator", ["ground_truth"]),
+        PATHS["annotations"],
     log:
         f"{RESULTS}/logs/annotate/{{dataset}}.log",
+    wildcard_constraints:
+        dataset=datasets_where("annotator", ["ground_truth"]),
     conda:
         "../envs/dejavu.yaml"
     shell:
@@ -21,18 +24,18 @@ rule annotate_ground_truth:
 
 rule annotate_precomputed:
     input:
-        records=f"{RESULTS}/data/{{dataset}}/records.parquet",
+        records=PATHS["records"],
         annotations=lambda wc: dataset_spec(wc)["annotations"],
     output:
-        ANNOTATIONS,
-    wildcard_constraints:
-        dataset=datasets_where("annotator", ["precomputed"]),
-    params:
-        flags=precomputed_flags,
+        PATHS["annotations"],
     log:
         f"{RESULTS}/logs/annotate/{{dataset}}.log",
+    wildcard_constraints:
+        dataset=datasets_where("annotator", ["precomputed"]),
     conda:
         "../envs/dejavu.yaml"
+    params:
+        flags=precomputed_flags,
     shell:
         "python -m workflow_scripts.annotate --annotator precomputed --records {input.records}"
         " --annotations {input.annotations:q} {params.flags} --out {output} > {log} 2>&1"
@@ -41,14 +44,14 @@ rule annotate_precomputed:
 # A mix keeps the annotation each record got from its own data set's annotator (a mix draws a subset of them).
 rule annotate_parts:
     input:
-        records=f"{RESULTS}/data/{{dataset}}/records.parquet",
-        parts=lambda wc: [f"{dataset_dir(part['dataset'])}/annotations.parquet" for part in dataset_spec(wc)["parts"]],
+        records=PATHS["records"],
+        parts=lambda wc: [path("annotations", dataset=part["dataset"]) for part in dataset_spec(wc)["parts"]],
     output:
-        ANNOTATIONS,
-    wildcard_constraints:
-        dataset=datasets_where("annotator", ["parts"]),
+        PATHS["annotations"],
     log:
         f"{RESULTS}/logs/annotate/{{dataset}}.log",
+    wildcard_constraints:
+        dataset=datasets_where("annotator", ["parts"]),
     conda:
         "../envs/dejavu.yaml"
     shell:
@@ -56,35 +59,23 @@ rule annotate_parts:
         " --annotations {input.parts} --drop-unknown --out {output} > {log} 2>&1"
 
 
-# Detic: the vocabulary's CLIP text embeddings once per (vocabulary, prompt, CLIP weights), shared by every data
-# set using them; then one GPU job per chunk of a data set's records; then a merge.
-from workflow_scripts.detic import vocabulary_key, vocabulary_source
-
-DETIC_VOCABULARIES = {vocabulary_key(spec["detic"]): spec["detic"]
-                      for spec in config["datasets"].values() if spec["annotator"] == "detic"}
-
-
-def detic_class_embeddings(wildcards):
-    return f"{RESULTS}/detic/vocabularies/{vocabulary_key(detic_spec(wildcards))}.parquet"
-
-
 rule detic_vocabulary:
+    """The vocabulary's CLIP text embeddings, once per (vocabulary, prompt, CLIP weights), shared by every data set."""
     input:
-        names=lambda wc: str(vocabulary_source(DETIC_VOCABULARIES[wc.vocabulary]["vocabulary"],
-                                               DETIC_VOCABULARIES[wc.vocabulary]["repo"])),
+        names=detic_vocabulary_names,
         clip_weights=lambda wc: DETIC_VOCABULARIES[wc.vocabulary]["clip_weights"],
     output:
-        f"{RESULTS}/detic/vocabularies/{{vocabulary}}.parquet",
+        PATHS["detic_vocabulary"],
+    log:
+        f"{RESULTS}/logs/annotate/detic-vocabulary-{{vocabulary}}.log",
     wildcard_constraints:
-        vocabulary="|".join(map(re.escape, DETIC_VOCABULARIES)) or "(?!)",
+        vocabulary="|".join(map(re.escape, DETIC_VOCABULARIES)) or match_nothing(),
+    conda:
+        "../envs/dejavu.yaml"
     params:
         vocabulary=lambda wc: shlex.quote(DETIC_VOCABULARIES[wc.vocabulary]["vocabulary"]),
         repo=lambda wc: shlex.quote(DETIC_VOCABULARIES[wc.vocabulary]["repo"]),
         prompt=lambda wc: shlex.quote(DETIC_VOCABULARIES[wc.vocabulary]["prompt"]),
-    log:
-        f"{RESULTS}/logs/annotate/detic-vocabulary-{{vocabulary}}.log",
-    conda:
-        "../envs/dejavu.yaml"
     shell:
         "python -m workflow_scripts.detic vocabulary --vocabulary {params.vocabulary} --detic-repo {params.repo}"
         " --clip-weights {input.clip_weights:q} --prompt {params.prompt} --out {output} > {log} 2>&1"
@@ -92,46 +83,51 @@ rule detic_vocabulary:
 
 rule detic_chunk:
     input:
-        records=f"{RESULTS}/data/{{dataset}}/records.parquet",
+        records=PATHS["records"],
         class_embeddings=detic_class_embeddings,
         weights=lambda wc: detic_spec(wc)["weights"],
     output:
-        f"{RESULTS}/data/{{dataset}}/detic/chunk-{{chunk}}.parquet",
-    wildcard_constraints:
-        dataset=datasets_where("annotator", ["detic"]),
-        chunk=r"\d+",
-    params:
-        spec=detic_spec,
-        repo=lambda wc: shlex.quote(detic_spec(wc)["repo"]),
-        config_file=lambda wc: shlex.quote(detic_spec(wc)["config_file"]),
-    threads: lambda wc: detic_spec(wc)["workers"] + 1  # image decoding processes and the job itself
-    resources:
-        gpu=detic_gpus,
+        PATHS["detic_chunk"],
     log:
         f"{RESULTS}/logs/annotate/{{dataset}}/detic-{{chunk}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/annotate/{{dataset}}/detic-{{chunk}}.tsv"
+    wildcard_constraints:
+        dataset=datasets_where("annotator", ["detic"]),
+        chunk=r"\d+",
     conda:
         "../envs/detic.yaml"
+    threads: lambda wc: detic_spec(wc)["workers"] + 1  # image decoding processes and the job itself
+    resources:
+        gpu=detic_gpus,
+    params:
+        n_chunks=lambda wc: detic_spec(wc)["n_chunks"],
+        score_threshold=lambda wc: detic_spec(wc)["score_threshold"],
+        # Batching pads images to a common size, which can move scores near the edges: a result setting.
+        batch_size=lambda wc: detic_spec(wc)["batch_size"],
+        execution=lambda wc, threads: to_cli_flags(
+            {"device": detic_spec(wc)["device"], "workers": detic_spec(wc)["workers"]}
+        ),
+        repo=lambda wc: shlex.quote(detic_spec(wc)["repo"]),
+        config_file=lambda wc: shlex.quote(detic_spec(wc)["config_file"]),
     shell:
         "python -m workflow_scripts.detic detect --records {input.records} --chunk {wildcards.chunk}"
-        " --n-chunks {params.spec[n_chunks]} --detic-repo {params.repo} --config-file {params.config_file}"
+        " --n-chunks {params.n_chunks} --detic-repo {params.repo} --config-file {params.config_file}"
         " --weights {input.weights:q} --class-embeddings {input.class_embeddings}"
-        " --score-threshold {params.spec[score_threshold]} --device {params.spec[device]}"
-        " --batch-size {params.spec[batch_size]} --workers {params.spec[workers]} --out {output} > {log} 2>&1"
+        " --score-threshold {params.score_threshold} --batch-size {params.batch_size}"
+        " {params.execution} --out {output} > {log} 2>&1"
 
 
 rule annotate_detic:
     input:
-        records=f"{RESULTS}/data/{{dataset}}/records.parquet",
-        chunks=lambda wc: expand(f"{RESULTS}/data/{wc.dataset}/detic/chunk-{{chunk}}.parquet",
-                                 chunk=range(detic_spec(wc)["n_chunks"])),
+        records=PATHS["records"],
+        chunks=lambda wc: expand(path("detic_chunk", dataset=wc.dataset), chunk=range(detic_spec(wc)["n_chunks"])),
     output:
-        ANNOTATIONS,
-    wildcard_constraints:
-        dataset=datasets_where("annotator", ["detic"]),
+        PATHS["annotations"],
     log:
         f"{RESULTS}/logs/annotate/{{dataset}}.log",
+    wildcard_constraints:
+        dataset=datasets_where("annotator", ["detic"]),
     conda:
         "../envs/dejavu.yaml"
     shell:

@@ -1,6 +1,8 @@
 # Shared setup: config validation, parameter points, path helpers, wildcard constraints.
 
+import functools
 import glob
+import hashlib
 import os
 import re
 import shlex
@@ -10,12 +12,13 @@ from snakemake.utils import validate
 
 # The stage logic lives in the importable package workflow_scripts/ next to this Snakefile;
 # jobs run `python -m workflow_scripts.<stage>`, locally, in conda envs or on cluster nodes.
-shell.prefix(f"set -euo pipefail; export PYTHONPATH='{workflow.basedir}'${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
+# The directory is shell-quoted (a path may hold ' or spaces) and its braces doubled for Snakemake's formatting.
+_WORKFLOW_DIR = shlex.quote(workflow.basedir).replace("{", "{{").replace("}", "}}")
+shell.prefix(f"set -euo pipefail; export PYTHONPATH={_WORKFLOW_DIR}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 sys.path.insert(0, workflow.basedir)
 
 from workflow_scripts.cli import to_cli_flags
 from workflow_scripts.paramspace import alternation, expand_points, save_epochs, segment_regex, training_runs
-
 
 validate(config, "../config/schema.yaml")
 
@@ -29,6 +32,83 @@ QUERY_SETS = {"target": "A", "holdout": "holdout"}  # metrics query set -> split
 SIDES = ("A", "B")  # A trains f_A (target), B trains f_B (reference)
 # training.enabled false (config/audit_pretrained.yaml): nothing is trained, only external targets are audited.
 TRAINED_POINTS = POINTS if config["training"]["enabled"] else {}
+
+
+# The path registry: every output pattern of the workflow, written once (grammar: docs/DESIGN.md §3). Rules take
+# their inputs and outputs from it and hand scripts these files, never a folder to build names in.
+PATHS = {
+    # datasets, annotate
+    "records": f"{RESULTS}/data/{{dataset}}/records.parquet",
+    "ground_truth": f"{RESULTS}/data/{{dataset}}/ground_truth.parquet",
+    "validation": f"{RESULTS}/data/{{dataset}}/validation.parquet",
+    "synthetic_images": f"{RESULTS}/data/{{dataset}}/images",
+    "annotations": f"{RESULTS}/data/{{dataset}}/annotations.parquet",
+    "detic_chunk": f"{RESULTS}/data/{{dataset}}/detic/chunk-{{chunk}}.parquet",
+    "detic_vocabulary": f"{RESULTS}/detic/vocabularies/{{vocabulary}}.parquet",
+    # splits: {name} is A, B or holdout
+    "split": f"{RESULTS}/splits/{{split}}/{{name}}.parquet",
+    "split_subset": f"{RESULTS}/splits/{{split}}/n_train~{{n_train}}/{{side}}.parquet",
+    # train
+    "model": f"{RESULTS}/models/{{split}}/{{point}}/{{side}}/model.pt",
+    "train_log": f"{RESULTS}/models/{{split}}/{{point}}/{{side}}/train_log.parquet",
+    "checkpoint": f"{RESULTS}/models/{{split}}/{{point}}/{{side}}/model_epoch{{epoch}}.pt",
+    # embed: {collection} is public, captions or public_captions; {searcher} is {point}/{side} or the reference
+    "public_shard_embeddings": f"{RESULTS}/embeddings/{{split}}/{{point}}/{{side}}/public_shards/{{shard}}.parquet",
+    "embeddings": f"{RESULTS}/embeddings/{{split}}/{{searcher}}/{{collection}}.parquet",
+    # knn
+    "neighbor_shard": f"{RESULTS}/neighbors/{{split}}/{{point}}/{{side}}/shards/{{shard}}.parquet",
+    "neighbors": f"{RESULTS}/neighbors/{{split}}/{{point}}/{{side}}.parquet",
+    "t2t_neighbors": f"{RESULTS}/neighbors/{{split}}/{{searcher}}/t2t.parquet",
+    # metrics: {table} is records, population or sample_level
+    "metrics": f"{RESULTS}/metrics/{{split}}/{{point}}/{{queries}}/{{table}}.parquet",
+    "metrics_one_model": f"{RESULTS}/metrics/{{split}}/{{point}}/one_model~{{mode}}/{{queries}}/{{table}}.parquet",
+    "utility": f"{RESULTS}/utility/{{split}}/{{point}}/{{side}}.parquet",
+    # agreement: {name} is agreement.parquet, population.parquet, agreement.png or agreement.svg
+    "agreement": f"{RESULTS}/agreement/{{split}}/{{point}}/{{name}}",
+    "summary": f"{RESULTS}/summary/{{split}}.{{ext}}",
+    "figure": f"{RESULTS}/figures/{{split}}/{{point}}/{{figure}}.{{ext}}",
+    "sweep_figure": f"{RESULTS}/figures/sweep/{{split}}/{{parameter}}.{{ext}}",
+}
+METRIC_TABLES = ("records", "population", "sample_level")
+
+
+def path(entry, /, **wildcards):
+    """PATHS[entry] with the given wildcards filled in; the others stay `{wildcard}` patterns for Snakemake."""
+    return re.sub(r"\{(\w+)\}", lambda m: str(wildcards.get(m[1], m[0])), PATHS[entry])
+
+
+def execution_flags(pass_threads=True, **settings):
+    """A params function rendering execution settings (and the job's threads, unless not `pass_threads`) as flags.
+
+    Execution settings (threads, devices, batch sizes, row budgets) change how a job runs, never what it writes.
+    Snakemake records a rule's params and reruns a job when they change, except params computed from the job's
+    input, output, threads or resources (persistence: `non_derived_params`): taking `threads` puts these flags
+    among the latter, so editing them schedules nothing. Result-shaping values go into ordinary params.
+    """
+
+    def flags(wildcards, threads):
+        return to_cli_flags({**settings, "threads": threads} if pass_threads else settings)
+
+    return flags
+
+
+def gpus_for(device, gpus=1):
+    """GPUs a job asks for: none when the config pins it to the CPU, else `gpus` (auto takes a granted GPU).
+
+    The one place where device choices become scheduler requests (every rule's `resources: gpu=`, which the SLURM
+    plugin turns into sbatch --gpus and profiles/local-gpu counts), so a CPU-only config requests no GPU anywhere.
+    """
+    return 0 if device == "cpu" else gpus
+
+
+TRAIN_GPUS = gpus_for(config["training"]["device"], config["training"]["gpus_per_job"])
+EMBED_GPUS = gpus_for(config["embedding"]["device"])  # embed_*, utility, embed_reference
+KNN_GPUS = gpus_for("cpu" if config["knn"]["use_gpu"] == "never" else "cuda")
+
+
+def match_nothing():
+    """A wildcard regex no value matches: for rules whose alternatives the config leaves empty."""
+    return "(?!)"
 
 
 def _check_config():
@@ -57,243 +137,75 @@ wildcard_constraints:
     queries="|".join(QUERY_SETS),
 
 
-def dataset_dir(name):
-    return f"{RESULTS}/data/{name}"
-
-
 def split_of(wildcards):
     return config["splits"][wildcards.split]
 
 
 def pool_records(wildcards):
-    return f"{dataset_dir(split_of(wildcards)['pool'])}/records.parquet"
+    return path("records", dataset=split_of(wildcards)["pool"])
 
 
 def pool_annotations(wildcards):
-    return f"{dataset_dir(split_of(wildcards)['pool'])}/annotations.parquet"
+    return path("annotations", dataset=split_of(wildcards)["pool"])
 
 
 def public_records(wildcards):
-    return f"{dataset_dir(split_of(wildcards)['public'])}/records.parquet"
+    return path("records", dataset=split_of(wildcards)["public"])
 
 
 def public_annotations(wildcards):
-    return f"{dataset_dir(split_of(wildcards)['public'])}/annotations.parquet"
-
-
-def training_flags(wildcards):
-    """CLI flags of the training stage: the run's values over the `training` block (n_train picks the split file)."""
-    settings = {**config["training"], **POINTS[wildcards.point]}
-    for launcher_setting in ("enabled", "n_train", "gpus_per_job", "threads"):
-        settings.pop(launcher_setting)
-    settings["save_epochs"] = ",".join(map(str, save_epochs(PLAN, wildcards.point)))
-    return to_cli_flags(settings)
+    return path("annotations", dataset=split_of(wildcards)["public"])
 
 
 def side_split(wildcards, side=None):
     """The ids a side trains on: the split file, or its first n_train ids when the point sets n_train."""
     side = side or wildcards.side
     n_train = POINTS.get(wildcards.point, {}).get("n_train")  # external targets: the whole side
-    subset = "" if n_train is None else f"n_train~{n_train}/"
-    return f"{RESULTS}/splits/{wildcards.split}/{subset}{side}.parquet"
+    if n_train is None:
+        return path("split", split=wildcards.split, name=side)
+    return path("split_subset", split=wildcards.split, n_train=n_train, side=side)
 
 
 def query_split(wildcards):
     """Metrics queries: the records f_A trained on (target) or the holdout."""
     if wildcards.queries == "target":
         return side_split(wildcards, "A")
-    return f"{RESULTS}/splits/{wildcards.split}/holdout.parquet"
-
-
-def run_checkpoint(wildcards):
-    """The file of the run's checkpoint a shorter-epoch point takes its model from."""
-    entry = PLAN[wildcards.point]
-    return f"{RESULTS}/models/{wildcards.split}/{entry['run']}/{wildcards.side}/model_epoch{entry['epoch']}.pt"
-
-
-def summary_inputs(wildcards):
-    return {
-        "population": expand(f"{RESULTS}/metrics/{wildcards.split}/{{point}}/{{queries}}/population.parquet",
-                             point=POINTS, queries=QUERY_SETS),
-        "utility": expand(f"{RESULTS}/utility/{wildcards.split}/{{point}}/{{side}}.parquet", point=POINTS, side=SIDES),
-    }
-
-
-def figure_targets():
-    """Every figure, all of them regenerated from cached tables."""
-    targets = []
-    for split in config["splits"] if TRAINED_POINTS else []:
-        targets += expand(f"{RESULTS}/figures/{split}/{{point}}/{{figure}}.{{ext}}", point=POINTS,
-                          figure=("recall_cdf", "gap_vs_top_l", "qualitative"), ext=("png", "svg"))
-        targets += expand(f"{RESULTS}/figures/sweep/{split}/{{parameter}}.{{ext}}", parameter=SWEPT,
-                          ext=("png", "svg"))
-    return targets
+    return path("split", split=wildcards.split, name="holdout")
 
 
 def all_targets():
     targets = figure_targets()
     for split in config["splits"]:
         if TRAINED_POINTS:
-            targets.append(f"{RESULTS}/summary/{split}.parquet")
+            targets.append(path("summary", split=split, ext="parquet"))
         for point in TRAINED_POINTS:
             for queries in QUERY_SETS:
-                targets += expand(
-                    "{results}/metrics/{split}/{point}/{queries}/{table}.parquet",
-                    results=RESULTS, split=split, point=point, queries=queries,
-                    table=("records", "population", "sample_level"),
-                )
+                targets += expand(PATHS["metrics"], split=split, point=point, queries=queries, table=METRIC_TABLES)
             if ONE_MODEL_MODES:
                 targets += expand(
-                    "{results}/metrics/{split}/{point}/one_model~{mode}/{queries}/population.parquet",
-                    results=RESULTS, split=split, point=point, mode=ONE_MODEL_MODES, queries=QUERY_SETS,
+                    path("metrics_one_model", split=split, point=point, table="population"),
+                    mode=ONE_MODEL_MODES,
+                    queries=QUERY_SETS,
                 )
-                targets.append(f"{RESULTS}/agreement/{split}/{point}/agreement.parquet")
+                targets.append(path("agreement", split=split, point=point, name="agreement.parquet"))
         targets += expand(
-            "{results}/metrics/{split}/external~{target}/one_model~{mode}/{queries}/population.parquet",
-            results=RESULTS, split=split, target=ONE_MODEL["external_targets"], mode=ONE_MODEL_MODES,
+            path("metrics_one_model", split=split, point="external~{target}", table="population"),
+            target=ONE_MODEL["external_targets"],
+            mode=ONE_MODEL_MODES,
             queries=QUERY_SETS,
         )
-        targets += expand("{results}/utility/{split}/external~{target}/A.parquet", results=RESULTS, split=split,
-                          target=ONE_MODEL["external_targets"] if ONE_MODEL_MODES else [])
+        targets += expand(
+            path("utility", split=split, point="external~{target}", side="A"),
+            target=ONE_MODEL["external_targets"] if ONE_MODEL_MODES else [],
+        )
     return targets
-
-
-# --- datasets (rules/datasets.smk) ---
 
 
 def datasets_where(key, values):
     """Wildcard regex of the configured data sets whose `key` is in `values`; matches nothing if there are none."""
     names = [name for name, spec in config["datasets"].items() if spec[key] in values]
-    return "|".join(map(re.escape, names)) or "(?!)"
+    return "|".join(map(re.escape, names)) or match_nothing()
 
 
 def dataset_spec(wildcards):
     return config["datasets"][wildcards.dataset]
-
-
-# A split's pool is trained on: its records need captions, and no image may appear twice.
-TRAINING_POOLS = {split["pool"] for split in config["splits"].values()}
-
-
-def _check_dataset_config():
-    for name, spec in config["datasets"].items():
-        where = f"config datasets.{name}"
-        if spec["annotator"] == "parts" and spec["source"] != "mix":
-            raise ValueError(f"{where}: annotator 'parts' takes the annotations of a mix's parts; source is {spec['source']!r}")
-        if spec["annotator"] == "ground_truth" and spec["source"] == "shards":
-            raise ValueError(f"{where}: image-caption shards carry no object lists; use annotator detic or precomputed")
-        parts = [part["dataset"] for part in spec.get("parts", [])]
-        for part in parts:
-            if part not in config["datasets"] or part == name:
-                raise ValueError(f"{where}.parts: {part!r} is not another configured data set")
-        if len(set(parts)) != len(parts):
-            raise ValueError(f"{where}.parts: a data set is listed twice")
-
-
-_check_dataset_config()
-
-
-def validation_flags(wildcards):
-    spec = dataset_spec(wildcards)
-    return to_cli_flags({"on_invalid": spec["on_invalid"], "threads": spec["threads"],
-                         "training_pool": wildcards.dataset in TRAINING_POOLS})
-
-
-def shard_files(wildcards):
-    """The tar shards the `shards` glob patterns name (raw data: they must exist)."""
-    spec = dataset_spec(wildcards)
-    files = []
-    for pattern in spec.get("shards", []):
-        matched = sorted(glob.glob(os.path.expanduser(pattern)))
-        if not matched:
-            raise ValueError(f"config datasets.{wildcards.dataset}.shards: {pattern!r} matches no file")
-        files += matched
-    return files
-
-
-def optional_input(key):
-    return lambda wildcards: [dataset_spec(wildcards)[key]] if key in dataset_spec(wildcards) else []
-
-
-def optional_flag(flag, files):
-    return f"--{flag} {shlex.quote(files[0])}" if files else ""
-
-
-def mix_part_records(wildcards):
-    return [f"{dataset_dir(part['dataset'])}/records.parquet" for part in dataset_spec(wildcards)["parts"]]
-
-
-def mix_part_flags(wildcards):
-    parts = dataset_spec(wildcards)["parts"]
-    return " ".join(shlex.quote(f"{part['dataset']}={dataset_dir(part['dataset'])}/records.parquet"
-                                f"={part.get('n_records', 'all')}") for part in parts)
-
-
-DATASET_OUTPUTS = {
-    "records": f"{RESULTS}/data/{{dataset}}/records.parquet",
-    "ground_truth": f"{RESULTS}/data/{{dataset}}/ground_truth.parquet",
-    "validation": f"{RESULTS}/data/{{dataset}}/validation.parquet",
-}
-
-
-# --- annotate (rules/annotate.smk) ---
-
-ANNOTATIONS = f"{RESULTS}/data/{{dataset}}/annotations.parquet"
-
-
-def detic_spec(wildcards):
-    return dataset_spec(wildcards)["detic"]
-
-
-def precomputed_flags(wildcards):
-    """A data set that skips invalid records may have annotation rows for records it dropped, and lack none it keeps."""
-    return "--allow-missing --drop-unknown" if dataset_spec(wildcards)["on_invalid"] == "skip" else ""
-
-
-# --- GPU requests: every rule's `resources: gpu=` (the SLURM plugin's sbatch --gpus, local-gpu's gpu=1) ---
-
-def gpus_for(device, gpus=1):
-    """GPUs a job asks for: none when the config pins it to the CPU, else `gpus` (auto takes a granted GPU).
-
-    The one place where device choices become scheduler requests, so a CPU-only config requests no GPU anywhere.
-    """
-    return 0 if device == "cpu" else gpus
-
-
-TRAIN_GPUS = gpus_for(config["training"]["device"], config["training"]["gpus_per_job"])
-EMBED_GPUS = gpus_for(config["embedding"]["device"])  # embed_*, utility, embed_reference
-KNN_GPUS = gpus_for("cpu" if config["knn"]["use_gpu"] == "never" else "cuda")
-
-
-def detic_gpus(wildcards):
-    return gpus_for(detic_spec(wildcards)["device"])
-
-
-# --- embed (rules/embed.smk) ---
-
-PUBLIC_SHARDS = [f"{i}-of-{config['embedding']['public_shards']}" for i in range(config["embedding"]["public_shards"])]
-
-
-def embed_device_flags():
-    emb = config["embedding"]
-    return f"--device {emb['device']} --allow-cpu-fallback {str(emb['allow_cpu_fallback']).lower()}"
-
-
-# --- knn (rules/knn.smk) ---
-
-# knn.use_gpu=always searches in the faiss-gpu environment; auto (it takes the GPU when its faiss can) stays in
-# the faiss-cpu environment under --use-conda: faiss-gpu fails to load on a machine without a CUDA driver.
-KNN_ENV = "../envs/dejavu-gpu.yaml" if config["knn"]["use_gpu"] == "always" else "../envs/dejavu.yaml"
-
-
-# --- figures (rules/figures.smk) ---
-
-def _figure(path, caption, category):
-    return report(path, caption=f"../report/{caption}.rst", category=category, subcategory="{split}")
-
-
-# --- one_model (rules/one_model.smk) ---
-
-ONE_MODEL = config["one_model"]
-REFERENCE = f"reference~{re.sub(r'[^A-Za-z0-9_.-]+', '_', ONE_MODEL['reference_model'])}"
-ONE_MODEL_MODES = ONE_MODEL["modes"] if ONE_MODEL["enabled"] else []

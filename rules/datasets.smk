@@ -2,26 +2,30 @@
 # One rule per source (datasets.<name>.source); each rule only matches the data sets of its source.
 
 
+include: "helpers/datasets.smk"
+
+
 rule synthetic_dataset:
     output:
-        records=DATASET_OUTPUTS["records"],
-        ground_truth=DATASET_OUTPUTS["ground_truth"],
-        images=directory(f"{RESULTS}/data/{{dataset}}/images"),
-    wildcard_constraints:
-        dataset=datasets_where("source", ["synthetic"]),
-    params:
-        spec=dataset_spec,
-        generator=lambda wc: to_cli_flags(config.get("synthetic", {})),
-        out_dir=lambda wc, output: os.path.dirname(output.records),
+        records=PATHS["records"],
+        ground_truth=PATHS["ground_truth"],
+        images=directory(PATHS["synthetic_images"]),
     log:
         f"{RESULTS}/logs/datasets/{{dataset}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/datasets/{{dataset}}.tsv"
+    wildcard_constraints:
+        dataset=datasets_where("source", ["synthetic"]),
     conda:
         "../envs/dejavu.yaml"
+    params:
+        n_records=lambda wc: dataset_spec(wc)["n_records"],
+        seed=lambda wc: dataset_spec(wc)["seed"],
+        generator=to_cli_flags(config.get("synthetic", {})),
+        out_dir=lambda wc, output: os.path.dirname(output.records),
     shell:
         "python -m workflow_scripts.synthetic --dataset {wildcards.dataset}"
-        " --n-records {params.spec[n_records]} --seed {params.spec[seed]} {params.generator}"
+        " --n-records {params.n_records} --seed {params.seed} {params.generator}"
         " --out-dir {params.out_dir} > {log} 2>&1"
 
 
@@ -30,48 +34,52 @@ rule coco_dataset:
         captions=lambda wc: dataset_spec(wc)["captions"],
         instances=optional_input("instances"),
     output:
-        **DATASET_OUTPUTS,
-    wildcard_constraints:
-        dataset=datasets_where("source", ["coco"]),
-    params:
-        images=lambda wc: shlex.quote(dataset_spec(wc)["images"]),
-        instances=lambda wc, input: optional_flag("instances", input.instances),
-        validation=validation_flags,
-        out_dir=lambda wc, output: os.path.dirname(output.records),
-    threads: lambda wc: dataset_spec(wc)["threads"]
+        **ADAPTER_OUTPUTS,
     log:
         f"{RESULTS}/logs/datasets/{{dataset}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/datasets/{{dataset}}.tsv"
+    wildcard_constraints:
+        dataset=datasets_where("source", ["coco"]),
     conda:
         "../envs/dejavu.yaml"
+    threads: lambda wc: dataset_spec(wc)["threads"]
+    params:
+        images=lambda wc: shlex.quote(dataset_spec(wc)["images"]),
+        image_set=image_set,
+        instances=lambda wc, input: optional_flag("instances", input.instances),
+        validation=validation_flags,
+        execution=execution_flags(),
+        out_dir=lambda wc, output: os.path.dirname(output.records),
     shell:
         "python -m workflow_scripts.adapters coco --dataset {wildcards.dataset} --captions {input.captions:q}"
-        " {params.instances} --images {params.images} {params.validation} --out-dir {params.out_dir} > {log} 2>&1"
+        " {params.instances} --images {params.images} {params.validation} {params.execution} --out-dir {params.out_dir} > {log} 2>&1"
 
 
 rule image_folder_dataset:
     input:
         captions=optional_input("captions"),
     output:
-        **DATASET_OUTPUTS,
-    wildcard_constraints:
-        dataset=datasets_where("source", ["image_folder"]),
-    params:
-        images=lambda wc: shlex.quote(dataset_spec(wc)["images"]),
-        captions=lambda wc, input: optional_flag("captions", input.captions),
-        validation=validation_flags,
-        out_dir=lambda wc, output: os.path.dirname(output.records),
-    threads: lambda wc: dataset_spec(wc)["threads"]
+        **ADAPTER_OUTPUTS,
     log:
         f"{RESULTS}/logs/datasets/{{dataset}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/datasets/{{dataset}}.tsv"
+    wildcard_constraints:
+        dataset=datasets_where("source", ["image_folder"]),
     conda:
         "../envs/dejavu.yaml"
+    threads: lambda wc: dataset_spec(wc)["threads"]
+    params:
+        images=lambda wc: shlex.quote(dataset_spec(wc)["images"]),
+        image_set=image_set,
+        captions=lambda wc, input: optional_flag("captions", input.captions),
+        validation=validation_flags,
+        execution=execution_flags(),
+        out_dir=lambda wc, output: os.path.dirname(output.records),
     shell:
         "python -m workflow_scripts.adapters image_folder --dataset {wildcards.dataset} --images {params.images}"
-        " {params.captions} {params.validation} --out-dir {params.out_dir} > {log} 2>&1"
+        " {params.captions} {params.validation} {params.execution} --out-dir {params.out_dir} > {log} 2>&1"
 
 
 rule shards_dataset:
@@ -79,44 +87,47 @@ rule shards_dataset:
         shards=shard_files,
         table=optional_input("table"),
     output:
-        **DATASET_OUTPUTS,
-    wildcard_constraints:
-        dataset=datasets_where("source", ["shards"]),
-    params:
-        table=lambda wc, input: optional_flag("table", input.table),
-        validation=validation_flags,
-        out_dir=lambda wc, output: os.path.dirname(output.records),
-    threads: lambda wc: dataset_spec(wc)["threads"]
+        **ADAPTER_OUTPUTS,
     log:
         f"{RESULTS}/logs/datasets/{{dataset}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/datasets/{{dataset}}.tsv"
+    wildcard_constraints:
+        dataset=datasets_where("source", ["shards"]),
     conda:
         "../envs/dejavu.yaml"
+    threads: lambda wc: dataset_spec(wc)["threads"]
+    params:
+        table=lambda wc, input: optional_flag("table", input.table),
+        validation=validation_flags,
+        execution=execution_flags(),
+        out_dir=lambda wc, output: os.path.dirname(output.records),
     shell:
         "python -m workflow_scripts.adapters shards --dataset {wildcards.dataset} --shards {input.shards:q}"
-        " {params.table} {params.validation} --out-dir {params.out_dir} > {log} 2>&1"
+        " {params.table} {params.validation} {params.execution} --out-dir {params.out_dir} > {log} 2>&1"
 
 
 rule mix_dataset:
     input:
         records=mix_part_records,
-        ground_truth=lambda wc: [path.replace("records.parquet", "ground_truth.parquet") for path in mix_part_records(wc)],
+        ground_truth=lambda wc: [path("ground_truth", dataset=part["dataset"]) for part in dataset_spec(wc)["parts"]],
     output:
-        **DATASET_OUTPUTS,
-    wildcard_constraints:
-        dataset=datasets_where("source", ["mix"]),
-    params:
-        parts=mix_part_flags,
-        seed=lambda wc: dataset_spec(wc)["seed"],
-        validation=validation_flags,
-        out_dir=lambda wc, output: os.path.dirname(output.records),
+        **ADAPTER_OUTPUTS,
     log:
         f"{RESULTS}/logs/datasets/{{dataset}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/datasets/{{dataset}}.tsv"
+    wildcard_constraints:
+        dataset=datasets_where("source", ["mix"]),
     conda:
         "../envs/dejavu.yaml"
+    threads: lambda wc: dataset_spec(wc)["threads"]
+    params:
+        parts=mix_part_flags,
+        seed=lambda wc: dataset_spec(wc)["seed"],
+        validation=validation_flags,
+        execution=execution_flags(),
+        out_dir=lambda wc, output: os.path.dirname(output.records),
     shell:
         "python -m workflow_scripts.adapters mix --dataset {wildcards.dataset} --parts {params.parts}"
-        " --seed {params.seed} {params.validation} --out-dir {params.out_dir} > {log} 2>&1"
+        " --seed {params.seed} {params.validation} {params.execution} --out-dir {params.out_dir} > {log} 2>&1"

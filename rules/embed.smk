@@ -4,38 +4,38 @@
 # public.parquet, which the kNN shard jobs read back by the same row ranges.
 
 
+include: "helpers/embed.smk"
+
+
 rule embed_public_shard:
     input:
-        model=f"{RESULTS}/models/{{split}}/{{point}}/{{side}}/model.pt",
+        model=PATHS["model"],
         records=public_records,
     output:
-        temp(f"{RESULTS}/embeddings/{{split}}/{{point}}/{{side}}/public_shards/{{shard}}.parquet"),
-    wildcard_constraints:
-        shard=r"\d+-of-\d+",
-    params:
-        emb=config["embedding"],
-        device=embed_device_flags(),
-    threads: config["embedding"]["threads"]
-    resources:
-        gpu=EMBED_GPUS,
+        temp(PATHS["public_shard_embeddings"]),
     log:
         f"{RESULTS}/logs/embed/{{split}}/{{point}}/{{side}}/public_shards/{{shard}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/embed/{{split}}/{{point}}/{{side}}/public_shards/{{shard}}.tsv"
+    wildcard_constraints:
+        shard=r"\d+-of-\d+",
     conda:
         "../envs/dejavu.yaml"
+    threads: config["embedding"]["threads"]
+    resources:
+        gpu=EMBED_GPUS,
+    params:
+        execution=embed_execution_flags(),
     shell:
         "python -m workflow_scripts.embed --model {input.model} --records {input.records} --modality image"
-        " --shard {wildcards.shard} --batch-size {params.emb[batch_size]} {params.device} --threads {threads}"
-        " --out {output} > {log} 2>&1"
+        " --shard {wildcards.shard} {params.execution} --out {output} > {log} 2>&1"
 
 
 rule embed_public:
     input:
-        shards=expand(f"{RESULTS}/embeddings/{{{{split}}}}/{{{{point}}}}/{{{{side}}}}/public_shards/{{shard}}.parquet",
-                      shard=PUBLIC_SHARDS),
+        shards=expand(PATHS["public_shard_embeddings"], shard=PUBLIC_SHARDS, allow_missing=True),
     output:
-        f"{RESULTS}/embeddings/{{split}}/{{point}}/{{side}}/public.parquet",
+        path("embeddings", searcher="{point}/{side}", collection="public"),
     log:
         f"{RESULTS}/logs/embed/{{split}}/{{point}}/{{side}}/public.log",
     benchmark:
@@ -48,25 +48,24 @@ rule embed_public:
 
 rule embed_captions:
     input:
-        model=f"{RESULTS}/models/{{split}}/{{point}}/{{side}}/model.pt",
+        model=PATHS["model"],
         records=pool_records,
-        queries=expand(f"{RESULTS}/splits/{{{{split}}}}/{{name}}.parquet", name=QUERY_SETS.values()),
+        queries=expand(PATHS["split"], name=QUERY_SETS.values(), allow_missing=True),
     output:
-        f"{RESULTS}/embeddings/{{split}}/{{point}}/{{side}}/captions.parquet",
-    params:
-        emb=config["embedding"],
-        device=embed_device_flags(),
-        ids=lambda wc, input: " ".join(f"--ids {path}" for path in input.queries),
-    threads: config["embedding"]["threads"]
-    resources:
-        gpu=EMBED_GPUS,
+        path("embeddings", searcher="{point}/{side}", collection="captions"),
     log:
         f"{RESULTS}/logs/embed/{{split}}/{{point}}/{{side}}/captions.log",
     benchmark:
         f"{RESULTS}/benchmarks/embed/{{split}}/{{point}}/{{side}}/captions.tsv"
     conda:
         "../envs/dejavu.yaml"
+    threads: config["embedding"]["threads"]
+    resources:
+        gpu=EMBED_GPUS,
+    params:
+        caption_index=config["embedding"]["caption_index"],
+        execution=embed_execution_flags(),
+        ids=lambda wc, input: " ".join(f"--ids {path}" for path in input.queries),
     shell:
         "python -m workflow_scripts.embed --model {input.model} --records {input.records} {params.ids}"
-        " --modality text --caption-index {params.emb[caption_index]} --batch-size {params.emb[batch_size]}"
-        " {params.device} --threads {threads} --out {output} > {log} 2>&1"
+        " --modality text --caption-index {params.caption_index} {params.execution} --out {output} > {log} 2>&1"

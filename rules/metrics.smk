@@ -3,30 +3,34 @@
 
 rule metrics:
     input:
-        target=f"{RESULTS}/neighbors/{{split}}/{{point}}/A.parquet",
-        reference=f"{RESULTS}/neighbors/{{split}}/{{point}}/B.parquet",
+        target=path("neighbors", side="A"),
+        reference=path("neighbors", side="B"),
         query_annotations=pool_annotations,
         public_annotations=public_annotations,
         queries=query_split,
     output:
-        records=f"{RESULTS}/metrics/{{split}}/{{point}}/{{queries}}/records.parquet",
-        population=f"{RESULTS}/metrics/{{split}}/{{point}}/{{queries}}/population.parquet",
-        sample_level=f"{RESULTS}/metrics/{{split}}/{{point}}/{{queries}}/sample_level.parquet",
-    params:
-        metrics=config["metrics"],
-        top_l=",".join(map(str, config["metrics"]["top_l"])),
-        out_dir=lambda wc, output: os.path.dirname(output.records),
+        records=path("metrics", table="records"),
+        population=path("metrics", table="population"),
+        sample_level=path("metrics", table="sample_level"),
     log:
         f"{RESULTS}/logs/metrics/{{split}}/{{point}}/{{queries}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/metrics/{{split}}/{{point}}/{{queries}}.tsv"
     conda:
         "../envs/dejavu.yaml"
+    params:
+        k=config["metrics"]["k"],
+        top_n=config["metrics"]["top_n"],
+        top_l=",".join(map(str, config["metrics"]["top_l"])),
+        n_boot=config["metrics"]["bootstrap"]["n_boot"],
+        frac=config["metrics"]["bootstrap"]["frac"],
+        seed=config["metrics"]["bootstrap"]["seed"],
+        execution=execution_flags(pass_threads=False, batch_rows=config["metrics"]["batch_rows"]),
     shell:
         "python -m workflow_scripts.metrics --target-neighbors {input.target}"
         " --reference-neighbors {input.reference} --query-annotations {input.query_annotations}"
         " --public-annotations {input.public_annotations} --queries {input.queries}"
-        " --k {params.metrics[k]} --top-n {params.metrics[top_n]} --top-l {params.top_l}"
-        " --n-boot {params.metrics[bootstrap][n_boot]} --frac {params.metrics[bootstrap][frac]}"
-        " --seed {params.metrics[bootstrap][seed]} --batch-rows {params.metrics[batch_rows]}"
-        " --out-dir {params.out_dir} > {log} 2>&1"
+        " --k {params.k} --top-n {params.top_n} --top-l {params.top_l}"
+        " --n-boot {params.n_boot} --frac {params.frac} --seed {params.seed} {params.execution}"
+        " --records {output.records} --population {output.population} --sample-level {output.sample_level}"
+        " > {log} 2>&1"

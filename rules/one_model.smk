@@ -3,6 +3,10 @@
 # The target retrieves public images (t2i) or, with its text tower, public captions (t2t). The metric tables
 # are those of the two-model test, under metrics/{split}/{point}/one_model~{mode}/{queries}/.
 
+ONE_MODEL = config["one_model"]
+REFERENCE = f"reference~{re.sub(r'[^A-Za-z0-9_.-]+', '_', ONE_MODEL['reference_model'])}"
+ONE_MODEL_MODES = ONE_MODEL["modes"] if ONE_MODEL["enabled"] else []
+
 
 wildcard_constraints:
     mode="t2i|t2t",
@@ -14,13 +18,13 @@ rule import_target:
     input:
         lambda wc: ONE_MODEL["external_targets"][wc.target].get("checkpoint", []),
     output:
-        f"{RESULTS}/models/{{split}}/external~{{target}}/A/model.pt",
-    params:
-        source=lambda wc: to_cli_flags(ONE_MODEL["external_targets"][wc.target]),
+        path("model", point="external~{target}", side="A"),
     log:
         f"{RESULTS}/logs/import/{{split}}/{{target}}.log",
     conda:
         "../envs/dejavu.yaml"
+    params:
+        source=lambda wc: to_cli_flags(ONE_MODEL["external_targets"][wc.target]),
     shell:
         "python -m workflow_scripts.models import {params.source} --out {output} > {log} 2>&1"
 
@@ -29,12 +33,22 @@ rule embed_reference:
     """g's caption embeddings: the queries (A's and the holdout's records) or the public set's captions."""
     input:
         records=lambda wc: pool_records(wc) if wc.collection == "captions" else public_records(wc),
-        queries=lambda wc: expand(f"{RESULTS}/splits/{wc.split}/{{name}}.parquet", name=QUERY_SETS.values())
-        if wc.collection == "captions" else [],
+        queries=lambda wc: (
+            expand(path("split", split=wc.split), name=QUERY_SETS.values()) if wc.collection == "captions" else []
+        ),
     output:
-        f"{RESULTS}/embeddings/{{split}}/{REFERENCE}/{{collection}}.parquet",
+        path("embeddings", searcher=REFERENCE),
+    log:
+        f"{RESULTS}/logs/embed/{{split}}/{REFERENCE}/{{collection}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/embed/{{split}}/{REFERENCE}/{{collection}}.tsv"
     wildcard_constraints:
         collection="captions|public_captions",
+    conda:
+        "../envs/dejavu.yaml"
+    threads: config["embedding"]["threads"]
+    resources:
+        gpu=EMBED_GPUS,
     params:
         ids=lambda wc, input: " ".join(f"--ids {path}" for path in input.queries),
         # Only what shapes g's embeddings, so editing other one-model settings reruns nothing here.
@@ -42,89 +56,77 @@ rule embed_reference:
         reference_options=to_cli_flags(
             {key: value for key, value in ONE_MODEL["reference_options"].items() if value is not None}
         ),
-        batch_size=ONE_MODEL["batch_size"],
-        device=config["embedding"]["device"],
         caption_index=config["embedding"]["caption_index"],
-    threads: config["embedding"]["threads"]
-    resources:
-        gpu=EMBED_GPUS,
-    log:
-        f"{RESULTS}/logs/embed/{{split}}/{REFERENCE}/{{collection}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/embed/{{split}}/{REFERENCE}/{{collection}}.tsv"
-    conda:
-        "../envs/dejavu.yaml"
+        execution=execution_flags(batch_size=ONE_MODEL["batch_size"], device=config["embedding"]["device"]),
     shell:
         "python -m workflow_scripts.text_reference --model {params.reference} {params.reference_options}"
         " --records {input.records} {params.ids} --caption-index {params.caption_index}"
-        " --batch-size {params.batch_size} --device {params.device} --threads {threads}"
-        " --out {output} > {log} 2>&1"
+        " {params.execution} --out {output} > {log} 2>&1"
 
 
 rule embed_public_captions:
     """The target's text tower on the public set's captions (t2t mode); uncaptioned public records are left out."""
     input:
-        model=f"{RESULTS}/models/{{split}}/{{point}}/A/model.pt",
+        model=path("model", side="A"),
         records=public_records,
     output:
-        f"{RESULTS}/embeddings/{{split}}/{{point}}/A/public_captions.parquet",
-    params:
-        emb=config["embedding"],
-        device=embed_device_flags(),
-    threads: config["embedding"]["threads"]
-    resources:
-        gpu=EMBED_GPUS,
+        path("embeddings", searcher="{point}/A", collection="public_captions"),
     log:
         f"{RESULTS}/logs/embed/{{split}}/{{point}}/A/public_captions.log",
     benchmark:
         f"{RESULTS}/benchmarks/embed/{{split}}/{{point}}/A/public_captions.tsv"
     conda:
         "../envs/dejavu.yaml"
+    threads: config["embedding"]["threads"]
+    resources:
+        gpu=EMBED_GPUS,
+    params:
+        caption_index=config["embedding"]["caption_index"],
+        execution=embed_execution_flags(),
     shell:
         "python -m workflow_scripts.embed --model {input.model} --records {input.records} --modality text"
-        " --skip-uncaptioned --caption-index {params.emb[caption_index]} --batch-size {params.emb[batch_size]}"
-        " {params.device} --threads {threads} --out {output} > {log} 2>&1"
+        " --skip-uncaptioned --caption-index {params.caption_index} {params.execution} --out {output} > {log} 2>&1"
 
 
 rule knn_captions:
     """Caption-to-caption search (t2t), unsharded: caption embeddings are small next to image sets."""
     input:
-        queries=lambda wc: f"{RESULTS}/embeddings/{wc.split}/{wc.searcher}/captions.parquet",
-        public=lambda wc: f"{RESULTS}/embeddings/{wc.split}/{wc.searcher}/public_captions.parquet",
+        queries=lambda wc: path("embeddings", split=wc.split, searcher=wc.searcher, collection="captions"),
+        public=lambda wc: path("embeddings", split=wc.split, searcher=wc.searcher, collection="public_captions"),
     output:
-        f"{RESULTS}/neighbors/{{split}}/{{searcher}}/t2t.parquet",
-    wildcard_constraints:
-        searcher=f"{re.escape(REFERENCE)}|(?:{POINT_PATTERN})/A",
-    params:
-        knn=config["knn"],
-    threads: config["knn"]["threads"]
+        PATHS["t2t_neighbors"],
     log:
         f"{RESULTS}/logs/knn/{{split}}/{{searcher}}/t2t.log",
     benchmark:
         f"{RESULTS}/benchmarks/knn/{{split}}/{{searcher}}/t2t.tsv"
+    wildcard_constraints:
+        searcher=f"{re.escape(REFERENCE)}|(?:{POINT_PATTERN})/A",
     conda:
         "../envs/dejavu.yaml"
+    threads: config["knn"]["threads"]
+    params:
+        k=config["knn"]["k"],
+        execution=execution_flags(batch_size=config["knn"]["batch_size"], use_gpu=config["knn"]["use_gpu"]),
     shell:
         "python -m workflow_scripts.knn search --queries {input.queries} --public {input.public}"
-        " --k {params.knn[k]} --batch-size {params.knn[batch_size]} --use-gpu {params.knn[use_gpu]}"
-        " --threads {threads} --out {output} > {log} 2>&1"
+        " --k {params.k} {params.execution} --out {output} > {log} 2>&1"
 
 
 use rule metrics as metrics_one_model with:
     input:
         target=lambda wc: (
-            f"{RESULTS}/neighbors/{wc.split}/{wc.point}/A.parquet"
+            path("neighbors", split=wc.split, point=wc.point, side="A")
             if wc.mode == "t2i"
-            else f"{RESULTS}/neighbors/{wc.split}/{wc.point}/A/t2t.parquet"
+            else path("t2t_neighbors", split=wc.split, searcher=f"{wc.point}/A")
         ),
-        reference=f"{RESULTS}/neighbors/{{split}}/{REFERENCE}/t2t.parquet",
+        reference=path("t2t_neighbors", searcher=REFERENCE),
         query_annotations=pool_annotations,
         public_annotations=public_annotations,
         queries=query_split,
     output:
-        records=f"{RESULTS}/metrics/{{split}}/{{point}}/one_model~{{mode}}/{{queries}}/records.parquet",
-        population=f"{RESULTS}/metrics/{{split}}/{{point}}/one_model~{{mode}}/{{queries}}/population.parquet",
-        sample_level=f"{RESULTS}/metrics/{{split}}/{{point}}/one_model~{{mode}}/{{queries}}/sample_level.parquet",
+        records=path("metrics_one_model", table="records"),
+        population=path("metrics_one_model", table="population"),
+        sample_level=path("metrics_one_model", table="sample_level"),
     log:
         f"{RESULTS}/logs/metrics/{{split}}/{{point}}/one_model~{{mode}}/{{queries}}.log",
     benchmark:
@@ -134,26 +136,33 @@ use rule metrics as metrics_one_model with:
 rule agreement:
     """The two-model and one-model tests side by side on the target records: flags agreement and gaps."""
     input:
-        two_model=expand(f"{RESULTS}/metrics/{{{{split}}}}/{{{{point}}}}/{{queries}}/{{table}}.parquet",
-                         queries=QUERY_SETS, table=("records", "population")),
-        one_model=expand(f"{RESULTS}/metrics/{{{{split}}}}/{{{{point}}}}/one_model~{{mode}}/{{queries}}/{{table}}.parquet",
-                         mode=ONE_MODEL_MODES, queries=QUERY_SETS, table=("records", "population")),
-    output:
-        agreement=f"{RESULTS}/agreement/{{split}}/{{point}}/agreement.parquet",
-        population=f"{RESULTS}/agreement/{{split}}/{{point}}/population.parquet",
-        heatmap=report(f"{RESULTS}/agreement/{{split}}/{{point}}/agreement.png", caption="../report/agreement.rst",
-                       category="One-model test", subcategory="{split}"),
-        heatmap_svg=f"{RESULTS}/agreement/{{split}}/{{point}}/agreement.svg",
-    params:
-        tests=lambda wc: " ".join(
-            [f"--test two_model={RESULTS}/metrics/{wc.split}/{wc.point}"]
-            + [f"--test one_model~{m}={RESULTS}/metrics/{wc.split}/{wc.point}/one_model~{m}"
-               for m in ONE_MODEL_MODES]
+        two_model=expand(PATHS["metrics"], queries=QUERY_SETS, table=("records", "population"), allow_missing=True),
+        one_model=expand(
+            PATHS["metrics_one_model"],
+            mode=ONE_MODEL_MODES,
+            queries=QUERY_SETS,
+            table=("records", "population"),
+            allow_missing=True,
         ),
-        out_dir=lambda wc, output: os.path.dirname(output.agreement),
+    output:
+        agreement=path("agreement", name="agreement.parquet"),
+        population=path("agreement", name="population.parquet"),
+        heatmap=report(
+            path("agreement", name="agreement.png"),
+            caption="../report/agreement.rst",
+            category="One-model test",
+            subcategory="{split}",
+        ),
+        heatmap_svg=path("agreement", name="agreement.svg"),
     log:
         f"{RESULTS}/logs/agreement/{{split}}/{{point}}.log",
     conda:
         "../envs/dejavu.yaml"
+    params:
+        tests=lambda wc: " ".join(
+            [f"--test two_model={RESULTS}/metrics/{wc.split}/{wc.point}"]
+            + [f"--test one_model~{m}={RESULTS}/metrics/{wc.split}/{wc.point}/one_model~{m}" for m in ONE_MODEL_MODES]
+        ),
+        out_dir=lambda wc, output: os.path.dirname(output.agreement),
     shell:
         "python -m workflow_scripts.agreement {params.tests} --out-dir {params.out_dir} > {log} 2>&1"

@@ -1,16 +1,19 @@
 # Stage train: one job per model (side A or B) per training run; shorter-epoch points reuse the run's checkpoints.
 
 
+include: "helpers/train.smk"
+
+
 rule subset_split:
     """The first n_train ids of a side (a prefix, so smaller training sets nest in larger ones)."""
     input:
-        f"{RESULTS}/splits/{{split}}/{{side}}.parquet",
+        path("split", name="{side}"),
     output:
-        f"{RESULTS}/splits/{{split}}/n_train~{{n_train}}/{{side}}.parquet",
-    wildcard_constraints:
-        n_train=r"\d+",
+        PATHS["split_subset"],
     log:
         f"{RESULTS}/logs/splits/{{split}}/n_train~{{n_train}}/{{side}}.log",
+    wildcard_constraints:
+        n_train=r"\d+",
     conda:
         "../envs/dejavu.yaml"
     shell:
@@ -22,48 +25,48 @@ rule train:
         records=pool_records,
         split=side_split,
     output:
-        model=f"{RESULTS}/models/{{split}}/{{point}}/{{side}}/model.pt",
-        log_table=f"{RESULTS}/models/{{split}}/{{point}}/{{side}}/train_log.parquet",
-    wildcard_constraints:
-        point=alternation(RUNS),
-    params:
-        flags=training_flags,
-        out_dir=lambda wc, output: os.path.dirname(output.model),
-        # One process per GPU under torchrun when a job gets several (DDP); a plain process otherwise.
-        launcher=(
-            "python -m torch.distributed.run --standalone --nproc_per_node "
-            f"{config['training']['gpus_per_job']} -m"
-            if config["training"]["gpus_per_job"] > 1
-            else "python -m"
-        ),
-    threads: config["training"].get("threads", 1)
-    resources:
-        gpu=TRAIN_GPUS,
+        model=PATHS["model"],
+        log_table=PATHS["train_log"],
     log:
         f"{RESULTS}/logs/train/{{split}}/{{point}}/{{side}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/train/{{split}}/{{point}}/{{side}}.tsv"
+    wildcard_constraints:
+        point=alternation(RUNS),
     conda:
         "../envs/dejavu.yaml"
+    threads: config["training"].get("threads", 1)
+    resources:
+        gpu=TRAIN_GPUS,
+    params:
+        flags=training_flags,
+        out_dir=lambda wc, output: os.path.dirname(output.model),
+        # One process per GPU under torchrun when a job gets several (DDP); a plain process otherwise.
+        launcher=lambda wc, threads: (
+            "python -m torch.distributed.run --standalone --nproc_per_node " f"{config['training']['gpus_per_job']} -m"
+            if config["training"]["gpus_per_job"] > 1
+            else "python -m"
+        ),
+        execution=execution_flags(**{key: config["training"][key] for key in TRAINING_EXECUTION}),
     shell:
         "{params.launcher} workflow_scripts.train --records {input.records} --split {input.split}"
-        " --out-dir {params.out_dir} {params.flags} --threads {threads} > {log} 2>&1"
+        " --out-dir {params.out_dir} {params.flags} {params.execution} > {log} 2>&1"
 
 
 rule early_stopped_model:
     """A shorter-epoch point: the run's checkpoint at that epoch (hard link when possible, else a copy)."""
     input:
-        run_model=lambda wc: f"{RESULTS}/models/{wc.split}/{PLAN[wc.point]['run']}/{wc.side}/model.pt",
+        run_model=lambda wc: path("model", split=wc.split, point=PLAN[wc.point]["run"], side=wc.side),
     output:
-        f"{RESULTS}/models/{{split}}/{{point}}/{{side}}/model.pt",
-    wildcard_constraints:
-        point=alternation(set(POINTS) - RUNS) or "(?!)",
-    params:
-        checkpoint=run_checkpoint,
+        PATHS["model"],
     log:
         f"{RESULTS}/logs/train/{{split}}/{{point}}/{{side}}.log",
+    wildcard_constraints:
+        point=alternation(set(POINTS) - RUNS) or "(?!)",
     conda:
         "../envs/dejavu.yaml"
+    params:
+        checkpoint=run_checkpoint,
     shell:
         # touch: the link shares the checkpoint's older mtime, which would look outdated next to the run's model.
         "(ln -f {params.checkpoint} {output} || cp {params.checkpoint} {output}) > {log} 2>&1 && touch {output}"

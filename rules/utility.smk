@@ -3,26 +3,27 @@
 
 rule utility:
     input:
-        model=f"{RESULTS}/models/{{split}}/{{point}}/{{side}}/model.pt",
-        records=lambda wc: f"{dataset_dir(config['utility']['dataset'])}/records.parquet",
+        model=PATHS["model"],
+        records=path("records", dataset=config["utility"]["dataset"]),
     output:
-        f"{RESULTS}/utility/{{split}}/{{point}}/{{side}}.parquet",
-    params:
-        utility=config["utility"],
-        device=config["embedding"]["device"],
-        labels=" ".join(f"--label-column {c}" for c in config["utility"]["label_columns"]),
-        templates=" ".join(f"--template {shlex.quote(t)}" for t in config["utility"]["templates"]),
-    threads: config["embedding"]["threads"]
-    resources:
-        gpu=EMBED_GPUS,
+        PATHS["utility"],
     log:
         f"{RESULTS}/logs/utility/{{split}}/{{point}}/{{side}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/utility/{{split}}/{{point}}/{{side}}.tsv"
     conda:
         "../envs/dejavu.yaml"
+    threads: config["embedding"]["threads"]
+    resources:
+        gpu=EMBED_GPUS,
+    params:
+        probe_fraction=config["utility"]["probe_fraction"],
+        seed=config["utility"]["seed"],
+        probe_max_iter=config["utility"]["probe_max_iter"],
+        execution=execution_flags(device=config["embedding"]["device"]),
+        labels=" ".join(f"--label-column {c}" for c in config["utility"]["label_columns"]),
+        templates=" ".join(f"--template {shlex.quote(t)}" for t in config["utility"]["templates"]),
     shell:
         "python -m workflow_scripts.utility --model {input.model} --records {input.records} {params.labels}"
-        " {params.templates} --probe-fraction {params.utility[probe_fraction]} --seed {params.utility[seed]}"
-        " --probe-max-iter {params.utility[probe_max_iter]}"
-        " --device {params.device} --threads {threads} --out {output} > {log} 2>&1"
+        " {params.templates} --probe-fraction {params.probe_fraction} --seed {params.seed}"
+        " --probe-max-iter {params.probe_max_iter} {params.execution} --out {output} > {log} 2>&1"

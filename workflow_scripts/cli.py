@@ -46,9 +46,12 @@ def dataclass_from_args(cls: type[T], args: argparse.Namespace | Mapping[str, An
 
 
 def to_cli_flags(values: Mapping[str, Any]) -> str:
-    """Render a mapping as shell-quoted `--flag value` pairs (None renders as 'none')."""
+    """Render a mapping as shell-quoted `--flag value` pairs (None renders as 'none'), in name order.
+
+    Name order makes the flags independent of the order of the config's keys (rules record them as params).
+    """
     parts = []
-    for name, value in values.items():
+    for name, value in sorted(values.items()):
         text = "none" if value is None else str(value)
         parts.append(f"--{name.replace('_', '-')} {shlex.quote(text)}")
     return " ".join(parts)

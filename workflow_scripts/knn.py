@@ -93,8 +93,16 @@ def read_rows(path: str, start: int, stop: int, columns: list[str]) -> pa.Table:
 
 
 def read_embedding_rows(path: str, start: int, stop: int) -> tuple[pa.StringArray, np.ndarray]:
-    """(ids, float32 matrix [n, d]) of rows [start, stop) of an embeddings Parquet file."""
-    return embeddings_from_table(read_rows(path, start, stop, ["id", "embedding"]), path)
+    """(ids, float32 matrix [n, d]) of rows [start, stop) of an embeddings Parquet file, all of them finite.
+
+    One inf or NaN component would make its row every query's nearest neighbour (or nobody's) without an error.
+    """
+    ids, matrix = embeddings_from_table(read_rows(path, start, stop, ["id", "embedding"]), path)
+    bad = np.flatnonzero(~np.isfinite(matrix).all(axis=1))
+    if len(bad):
+        raise DataError(f"{path}: {len(bad)} embedding(s) with a non-finite (inf or NaN) component, the first at "
+                        f"row {start + int(bad[0])} (id {ids[int(bad[0])].as_py()!r}); re-embed with a sound model")
+    return ids, matrix
 
 
 @contextlib.contextmanager
@@ -258,6 +266,10 @@ def search_shard(queries_path: str, public_path: str, out_path: str, k: int, sha
 
     With the single shard '0-of-1' this is the whole search and the output the final neighbours table.
     """
+    n_public = pq.ParquetFile(public_path).metadata.num_rows
+    if k > n_public:
+        raise DataError(f"{public_path}: knn.k = {k} neighbours asked for, but the public set has only {n_public} "
+                        f"embedding(s); lower knn.k (and metrics.k) to at most {n_public}")
     start, stop = shard_range(public_path, shard)
     public_ids, public_embeddings = read_embedding_rows(public_path, start, stop)
     index = ShardIndex(public_embeddings, public_ids, use_gpu)

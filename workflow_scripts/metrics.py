@@ -242,10 +242,14 @@ def batched_records(neighbor_paths: dict[str, str], public: pl.LazyFrame, truth:
     return pl.concat(frames).sort("label_mode", "id")
 
 
+TABLES = ("records", "population", "sample_level")
+
+
 def compute(target_neighbors: str, reference_neighbors: str, query_annotations: str, public_annotations: str,
-            queries: str, out_dir: str | Path, k: int, top_n: int, top_l: list[int], n_boot: int, frac: float,
-            seed: int, batch_rows: int = 5_000_000) -> None:
-    out_dir = Path(out_dir)
+            queries: str, out_dir: str | Path | None, k: int, top_n: int, top_l: list[int], n_boot: int, frac: float,
+            seed: int, batch_rows: int = 5_000_000, outputs: dict[str, str] | None = None) -> None:
+    """Write the three tables: to `outputs` (table name -> file), or as TABLE.parquet into `out_dir`."""
+    outputs = outputs or {table: Path(out_dir) / f"{table}.parquet" for table in TABLES}
     truth = load_truth(query_annotations, queries)
     public = scan_annotations(public_annotations)
     query_ids = truth.select("id").collect()["id"]
@@ -257,9 +261,9 @@ def compute(target_neighbors: str, reference_neighbors: str, query_annotations: 
               "k": k, "top_n": top_n, "top_l": top_l, "n_boot": n_boot, "frac": frac, "seed": seed}
     population = population_metrics(records, n_boot, frac, seed).with_columns(
         k=pl.lit(k), top_n=pl.lit(top_n))
-    write_parquet(records, out_dir / "records.parquet", stage="metrics", params=params)
-    write_parquet(population, out_dir / "population.parquet", stage="metrics", params=params)
-    write_parquet(sample_level(records, top_l), out_dir / "sample_level.parquet", stage="metrics", params=params)
+    write_parquet(records, outputs["records"], stage="metrics", params=params)
+    write_parquet(population, outputs["population"], stage="metrics", params=params)
+    write_parquet(sample_level(records, top_l), outputs["sample_level"], stage="metrics", params=params)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -269,7 +273,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--query-annotations", required=True, help="annotations Parquet covering the query records")
     parser.add_argument("--public-annotations", required=True, help="annotations Parquet of the public set")
     parser.add_argument("--queries", required=True, help="split Parquet listing the query record ids")
-    parser.add_argument("--out-dir", required=True, help="folder for records, population and sample_level Parquet")
+    parser.add_argument("--out-dir", help="folder for records, population and sample_level Parquet (or the three below)")
+    for table in TABLES:
+        parser.add_argument(f"--{table.replace('_', '-')}", help=f"the {table} table's file (instead of --out-dir)")
     parser.add_argument("--k", type=int, default=100, help="neighbours used per query")
     parser.add_argument("--top-n", type=int, default=10, help="labels kept in the top_n label mode")
     parser.add_argument("--top-l", default="10,20,50,100,200,500,1000",
@@ -280,9 +286,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-rows", type=int, default=5_000_000,
                         help="neighbour rows per query batch: bounds memory; each batch is one pass over the files")
     args = parser.parse_args(argv)
+    outputs = {table: getattr(args, table) for table in TABLES}
+    if not all(outputs.values()) if args.out_dir is None else any(outputs.values()):
+        parser.error("give either --out-dir or all of --records, --population, --sample-level")
     compute(args.target_neighbors, args.reference_neighbors, args.query_annotations, args.public_annotations,
             args.queries, args.out_dir, args.k, args.top_n, [int(v) for v in args.top_l.split(",") if v],
-            args.n_boot, args.frac, args.seed, args.batch_rows)
+            args.n_boot, args.frac, args.seed, args.batch_rows, outputs=outputs if args.out_dir is None else None)
 
 
 if __name__ == "__main__":

@@ -88,6 +88,9 @@ def make_splits(pool_records: str, pool_annotations: str, public_records: str, o
     pool = read_parquet(pool_records, required)
     public = read_parquet(public_records, required)
     annotated = read_parquet(pool_annotations, {"id": "str", "labels": "list<str>"}).select("id")
+    if not len(public):
+        raise DataError(f"{public_records}: the public set has no records; every query would have no neighbour. "
+                        "Check the public data set's source (its images and captions) in the config")
     check_unique_ids(pool["id"], pool_records)
     check_unique_ids(public["id"], public_records)
     pool = with_hashes(pool, pool_records)
