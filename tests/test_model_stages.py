@@ -20,23 +20,56 @@ def test_mask_tokens_masks_the_exact_fraction_of_content_tokens():
         tokens[row, 0] = 49406
         tokens[row, 1:length + 1] = torch.arange(100, 100 + length)
         tokens[row, length + 1] = EOT
-    masked = train.mask_tokens(tokens, 0.5, EOT, torch.Generator().manual_seed(0))
+    scores = torch.rand(tokens.shape, generator=torch.Generator().manual_seed(0))
+    masked = train.mask_tokens(tokens, 0.5, EOT, scores)
     changed = (masked != tokens).sum(dim=1).tolist()
     assert changed == [5, 2, 0]  # round(0.5 * 10), round(0.5 * 4), round(0.5 * 1) = 0 (banker's rounding)
     assert (masked[:, 0] == 49406).all() and (masked == EOT).sum() == 3
-    assert torch.equal(train.mask_tokens(tokens, 0.0, EOT, torch.Generator()), tokens)
-    again = train.mask_tokens(tokens, 0.5, EOT, torch.Generator().manual_seed(0))
-    assert torch.equal(masked, again)
+    assert torch.equal(train.mask_tokens(tokens, 0.0, EOT, scores), tokens)
+    assert torch.equal(masked, train.mask_tokens(tokens, 0.5, EOT, scores.clone()))
 
 
-def test_draw_captions_picks_one_caption_of_each_record():
-    owner = torch.tensor([0, 0, 0, 1, 2, 2])
+def test_masking_takes_end_of_text_and_padding_from_the_tokenizer():
+    """A tokenizer whose end-of-text id is not its largest id (an HF tokenizer: [SEP] = 102, pad 1)."""
+    class Inner:
+        eos_token_id, pad_token_id = None, 1
+        sep_token_id = 102
+
+    class HFLike:
+        tokenizer = Inner()
+
+    eot, pad = train.special_token_ids(HFLike())
+    assert (eot, pad) == (102, 1)
+    tokens = torch.tensor([[101, 5000, 6000, 7000, 8000, 102, 1, 1]])  # content ids above the end-of-text id
+    masked = train.mask_tokens(tokens, 0.5, eot, torch.tensor([[0.0, 0.1, 0.9, 0.2, 0.8, 0.0, 0.0, 0.0]]), pad)
+    assert masked.tolist() == [[101, 1, 6000, 1, 8000, 102, 1, 1]]  # the two lowest-scored content tokens
+    with pytest.raises(ValueError, match="end-of-text and padding ids"):
+        train.special_token_ids(object())
+
+
+def test_caption_draws_and_masks_depend_on_the_record_not_the_batch():
+    rows = np.array([7, 3, 11])
+    uniforms = train.record_uniforms(5, 2, rows, 4)
+    assert np.array_equal(train.record_uniforms(5, 2, rows[::-1], 4), uniforms[::-1])
+    assert not np.array_equal(train.record_uniforms(5, 3, rows, 4), uniforms)  # a new draw every epoch
+    assert ((uniforms >= 0) & (uniforms < 1)).all()
+    counts = np.array([3, 1, 2])
     seen = set()
-    for seed in range(50):
-        drawn = train.draw_captions(owner, 3, torch.Generator().manual_seed(seed))
-        assert owner[drawn].tolist() == [0, 1, 2]
+    for epoch in range(50):
+        drawn = train.draw_captions(counts, train.record_uniforms(0, epoch, np.arange(3), 1)[:, 0])
+        assert ((drawn >= 0) & (drawn < counts)).all()
         seen.add(int(drawn[0]))
     assert seen == {0, 1, 2}  # every caption of a multi-caption record gets drawn
+
+
+def test_epoch_batches_cover_every_record_once_across_processes():
+    for world_size in (1, 2, 4):
+        batches = [train.epoch_batches(103, 8, 1, 0, rank, world_size) for rank in range(world_size)]
+        assert {len(b) for b in batches} == {12}  # the same number of steps on every process
+        rows = np.concatenate([rows for per_rank in batches for _, rows in per_rank])
+        assert len(rows) == 96 and len(np.unique(rows)) == 96
+    assert np.array_equal(np.concatenate([r for _, r in train.epoch_batches(103, 8, 1, 0, 0, 1)]),
+                          np.concatenate([r for _, r in train.epoch_batches(103, 8, 1, 0, 0, 1)]))
 
 
 @pytest.fixture(scope="module")
