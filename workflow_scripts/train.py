@@ -434,7 +434,7 @@ def train(records_path: str, split_path: str, out_dir: str | Path, params: Train
             losses.append(loss)
             if (step + 1) % params.log_every_steps == 0:
                 step_rows.append({"step": step + 1, "epoch": epoch + 1, "loss": loss, "lr": float(lr),
-                                  "logit_scale": float(model.logit_scale.exp()),
+                                  "logit_scale": model.logit_scale.detach().exp().item(),
                                   "seconds": time.perf_counter() - run_started})
         row = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "lr": float(lr),
                "logit_scale": float(model.logit_scale.exp().item()), "seconds": time.perf_counter() - started}
