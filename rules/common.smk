@@ -14,6 +14,7 @@ shell.prefix(f"set -euo pipefail; export PYTHONPATH='{workflow.basedir}'${{{{PYT
 sys.path.insert(0, workflow.basedir)
 
 from workflow_scripts.cli import to_cli_flags
+from workflow_scripts.launch import LAUNCH_SETTINGS, launch_command, launch_resources
 from workflow_scripts.paramspace import alternation, expand_points, save_epochs, segment_regex, training_runs
 
 
@@ -82,7 +83,7 @@ def public_annotations(wildcards):
 def training_flags(wildcards):
     """CLI flags of the training stage: the run's values over the `training` block (n_train picks the split file)."""
     settings = {**config["training"], **POINTS[wildcards.point]}
-    for launcher_setting in ("n_train", "gpus_per_job", "threads"):
+    for launcher_setting in ("n_train", "threads", *LAUNCH_SETTINGS):
         settings.pop(launcher_setting)
     settings["save_epochs"] = ",".join(map(str, save_epochs(PLAN, wildcards.point)))
     return to_cli_flags(settings)

@@ -29,16 +29,11 @@ rule train:
     params:
         flags=training_flags,
         out_dir=lambda wc, output: os.path.dirname(output.model),
-        # One process per GPU under torchrun when a job gets several (DDP); a plain process otherwise.
-        launcher=(
-            "python -m torch.distributed.run --standalone --nproc_per_node "
-            f"{config['training']['gpus_per_job']} -m"
-            if config["training"]["gpus_per_job"] > 1
-            else "python -m"
-        ),
+        # One process per GPU: plain python, torchrun on one node, srun over several (workflow_scripts.launch).
+        launcher=launch_command(config["training"]),
     threads: config["training"].get("threads", 1)
     resources:
-        gpu=lambda wc: 0 if config["training"].get("device") == "cpu" else config["training"]["gpus_per_job"],
+        **launch_resources(config["training"]),
     log:
         f"{RESULTS}/logs/train/{{split}}/{{point}}/{{side}}.log",
     benchmark:
