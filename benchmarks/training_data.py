@@ -167,7 +167,7 @@ def main() -> None:
     parser.add_argument("--per-shard", type=int, default=100)
     parser.add_argument("--image-size", type=int, default=160)
     parser.add_argument("--batches", type=int, default=20)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[100_000, 1_000_000])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--workdir", help="keep the shards here (default: a temporary folder)")
     args = parser.parse_args()

@@ -2,6 +2,7 @@
 
 import tarfile
 
+import numpy as np
 import polars as pl
 import pytest
 
@@ -58,3 +59,18 @@ def test_a_split_id_missing_from_the_records_is_named(tmp_path, shard_records):
     with pytest.raises(DataError, match="laion-nope/1"):
         train.write_side_table(str(root / "out" / "records.parquet"), str(tmp_path / "A.parquet"),
                                tmp_path / "side.arrow")
+
+
+def test_batch_rows_come_from_every_record_batch_of_the_side_table(tmp_path, shard_records):
+    """Rows are taken record batch by record batch (no whole-table concatenation), in sorted order."""
+    import pyarrow as pa
+
+    root, _ = shard_records
+    records = pl.read_parquet(root / "out" / "records.parquet")
+    table = pa.Table.from_batches(records.select("id").to_arrow().to_batches(max_chunksize=7))
+    with pa.OSFile(str(tmp_path / "side.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=7)
+    data = train.SideBatches(tmp_path / "side.arrow", None, None, 0.0, 0)
+    assert data.table().num_columns == 1 and len(data._map()[2]) > 5
+    rows = np.array([0, 6, 7, 20, 41, 47])
+    assert data.rows(rows).column("id").to_pylist() == records["id"].gather(rows).to_list()

@@ -19,6 +19,7 @@ import functools
 import hashlib
 import io
 import os
+import resource
 import tarfile
 import threading
 from pathlib import Path
@@ -36,10 +37,16 @@ def tar_member_path(archive: str | os.PathLike, member: str) -> str:
 
 
 class _OpenArchives:
-    """Read-only descriptors of the most recently used archives (pread needs no shared file position)."""
+    """Read-only descriptors of the most recently used archives (pread needs no shared file position).
 
-    def __init__(self, capacity: int = 256):
-        self.capacity, self.lock = capacity, threading.Lock()
+    Up to a quarter of the process's descriptor limit stay open (at most 4,096): reopening a shard per
+    image costs as much as reading it, so a side spread over 1,000 shards keeps them all open.
+    """
+
+    def __init__(self):
+        soft_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.capacity = max(16, min(4096, soft_limit // 4 if soft_limit > 0 else 4096))
+        self.lock = threading.Lock()
         self.descriptors: collections.OrderedDict[str, int] = collections.OrderedDict()
         self.pid = os.getpid()
 

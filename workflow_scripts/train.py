@@ -215,12 +215,27 @@ class SideBatches(torch.utils.data.Dataset):
         self.mask_ratio, self.seed = mask_ratio, seed
         self.eot_token_id, self.pad_token_id = special_token_ids(tokenizer) if mask_ratio > 0 else (None, 0)
         self.images: torch.Tensor | None = None  # preloaded decoded images, row order
-        self._mapped: tuple[int, pa.Table] | None = None
+        self._mapped: tuple[int, pa.Table, list[pa.RecordBatch], np.ndarray] | None = None
 
     def table(self) -> pa.Table:
+        return self._map()[1]
+
+    def _map(self) -> tuple[int, pa.Table, list[pa.RecordBatch], np.ndarray]:
+        """(pid, the mapped table, its record batches, first row of each), opened once per process."""
         if self._mapped is None or self._mapped[0] != os.getpid():
-            self._mapped = (os.getpid(), pa.ipc.open_file(pa.memory_map(str(self.table_path))).read_all())
-        return self._mapped[1]
+            table = pa.ipc.open_file(pa.memory_map(str(self.table_path))).read_all()
+            batches = table.to_batches()
+            starts = np.cumsum([0] + [batch.num_rows for batch in batches])[:-1]
+            self._mapped = (os.getpid(), table, batches, starts)
+        return self._mapped
+
+    def rows(self, rows: np.ndarray) -> pa.Table:
+        """The given (sorted) rows, taken batch by batch: a take over the whole table would first
+        concatenate its chunks, copying every record into this process."""
+        _, table, batches, starts = self._map()
+        chunk = np.searchsorted(starts, rows, side="right") - 1
+        return pa.Table.from_batches(
+            [batches[c].take(pa.array(rows[chunk == c] - starts[c])) for c in np.unique(chunk)], table.schema)
 
     def __len__(self) -> int:
         return self.table().num_rows
@@ -256,7 +271,8 @@ class SideBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, item: tuple[int, np.ndarray]):
         epoch, rows = item
-        batch = self.table().take(pa.array(rows))
+        rows = np.sort(rows)  # the batch's order does not change its loss; sorted rows read sequentially
+        batch = self.rows(rows)
         images = self.images[torch.from_numpy(rows)] if self.images is not None else self._decoded(batch)
         return images, self.tokens(epoch, rows, batch.column("captions").to_pylist())
 
@@ -290,7 +306,8 @@ def contrastive_backward(forward, loss_fn, images, tokens, accumulation: int, au
 
     Each micro-batch is recomputed with gradients while the others' features come from a no-grad pass,
     so the loss (and its negatives) is that of the whole batch. The logit scale takes its gradient from
-    one micro-batch only, which keeps it the whole batch's gradient.
+    the last micro-batch only, which keeps it the whole batch's gradient (and under DDP every parameter
+    is used in the backward pass that all-reduces).
     """
     if accumulation == 1:
         with autocast():
@@ -307,7 +324,7 @@ def contrastive_backward(forward, loss_fn, images, tokens, accumulation: int, au
             image_part, text_part, scale = forward(image_parts[part], token_parts[part])[:3]
             features = [torch.cat([c[k] for c in cached[:part]] + [fresh] + [c[k] for c in cached[part + 1:]])
                         for k, fresh in enumerate((image_part, text_part))]
-            loss = loss_fn(*features, scale if part == 0 else scale.detach())
+            loss = loss_fn(*features, scale if last else scale.detach())
             scaler.scale(loss).backward()
     return loss.detach()
 
