@@ -10,7 +10,8 @@
 3. Memory: `python -m workflow_scripts.train` in a child process on a side of `--sizes` records (the shard
    members, each referenced several times under distinct ids when the side is larger), one epoch cut to
    `--steps` steps of a tiny model with 2 DataLoader workers and no preloading, so what varies is the data
-   path. Reports the training process's peak RSS (VmHWM) and the workers' (ru_maxrss of its children).
+   path. Reports the training process's peak RSS (VmHWM) and private memory, and the DataLoader workers'
+   private memory (RssAnon) apart from their file-backed pages (the memory-mapped side table, shared).
 
 Run from the repository root:  .venv/bin/python benchmarks/training_data.py  (about 5 minutes on 2 cores)
 """
@@ -38,15 +39,24 @@ from workflow_scripts.images import read_tar_member, scan_members, tar_member_pa
 
 WORDS = ["cat", "dog", "car", "tree", "chair", "cup", "boat", "bird", "lamp", "road", "sky", "table"]
 
-# The training stage, its epochs cut to `steps` batches, printing its peak RSS and its workers' at exit.
-CUT_TRAINING = ("import atexit, resource, sys\n"
+# The training stage, its epochs cut to `steps` batches. At exit it prints its peak RSS (VmHWM), its private
+# memory (RssAnon) and its workers' peaks: each worker writes, after every batch, its largest RssAnon and
+# RssFile so far (file-backed pages are the memory-mapped side table: page cache, shared and reclaimable).
+CUT_TRAINING = ("import atexit, os, sys\n"
                 "from workflow_scripts import train\n"
-                "steps = int(sys.argv.pop(1))\n"
+                "steps, report = int(sys.argv.pop(1)), sys.argv.pop(1)\n"
                 "whole_epoch = train.epoch_batches\n"
                 "train.epoch_batches = lambda *args: whole_epoch(*args)[:steps]\n"
-                "peak = lambda: open('/proc/self/status').read().split('VmHWM:')[1].split()[0]\n"
-                "children = lambda: resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n"
-                "atexit.register(lambda: print('PEAK_KB', peak(), children(), file=sys.__stderr__, flush=True))\n"
+                "kb = lambda key: int(open('/proc/self/status').read().split(key + ':')[1].split()[0])\n"
+                "peaks = {}\n"
+                "def measured(self, item, get=train.SideBatches.__getitem__):\n"
+                "    result = get(self, item)\n"
+                "    for key in ('RssAnon', 'RssFile'):\n"
+                "        peaks[key] = max(peaks.get(key, 0), kb(key))\n"
+                "    open(f'{report}/{os.getpid()}', 'w').write(f\"{peaks['RssAnon']} {peaks['RssFile']}\")\n"
+                "    return result\n"
+                "train.SideBatches.__getitem__ = measured\n"
+                "atexit.register(lambda: print('PEAK_KB', kb('VmHWM'), kb('RssAnon'), file=sys.__stderr__, flush=True))\n"
                 "train.main(sys.argv[1:])\n")
 
 
@@ -144,7 +154,9 @@ def memory(records: pl.DataFrame, work: Path, size: int, steps: int) -> None:
     (pl.concat([records] * repeats).head(size).with_columns(id=pl.format("r{}", pl.int_range(pl.len())))
      .write_parquet(side / "records.parquet"))
     pl.read_parquet(side / "records.parquet", columns=["id"]).write_parquet(side / "split.parquet")
-    command = [sys.executable, "-c", CUT_TRAINING, str(steps), "--records", str(side / "records.parquet"),
+    report = side / "workers"
+    report.mkdir(exist_ok=True)
+    command = [sys.executable, "-c", CUT_TRAINING, str(steps), str(report), "--records", str(side / "records.parquet"),
                "--split", str(side / "split.parquet"), "--out-dir", str(side / "model"), "--epochs", "1",
                "--batch-size", "256", "--device", "cpu", "--num-workers", "2", "--preload-images", "false",
                "--mask-ratio", "0.3", "--threads", "1", "--warmup-steps", "1"]
@@ -155,10 +167,12 @@ def memory(records: pl.DataFrame, work: Path, size: int, steps: int) -> None:
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if result.returncode:
         raise SystemExit(result.stderr[-3000:])
-    main_kb, workers_kb = result.stderr.split("PEAK_KB")[-1].split()[:2]
+    peak_kb, private_kb = map(int, result.stderr.split("PEAK_KB")[-1].split()[:2])
+    workers = np.array([list(map(int, f.read_text().split())) for f in report.iterdir()]).max(axis=0)
     cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-    print(f"  {size:>9,} records: training process peak {int(main_kb) / 1024:7.0f} MiB, DataLoader workers "
-          f"peak {int(workers_kb) / 1024:6.0f} MiB  ({steps} steps; wall {wall:.0f} s, cpu {cpu:.0f} s)")
+    print(f"  {size:>9,} records: training process peak RSS {peak_kb / 1024:5.0f} MiB (private at exit "
+          f"{private_kb / 1024:4.0f} MiB); a DataLoader worker: private {workers[0] / 1024:4.0f} MiB, mapped side table "
+          f"and libraries {workers[1] / 1024:4.0f} MiB  ({steps} steps; wall {wall:.0f} s, cpu {cpu:.0f} s)")
 
 
 def main() -> None:
