@@ -18,6 +18,7 @@ shell.prefix(f"set -euo pipefail; export PYTHONPATH={_WORKFLOW_DIR}${{{{PYTHONPA
 sys.path.insert(0, workflow.basedir)
 
 from workflow_scripts.cli import to_cli_flags
+from workflow_scripts.launch import LAUNCH_SETTINGS, gpus_for, launch_command, launch_resources
 from workflow_scripts.paramspace import alternation, expand_points, save_epochs, segment_regex, training_runs
 
 validate(config, "../config/schema.yaml")
@@ -92,16 +93,8 @@ def execution_flags(pass_threads=True, **settings):
     return flags
 
 
-def gpus_for(device, gpus=1):
-    """GPUs a job asks for: none when the config pins it to the CPU, else `gpus` (auto takes a granted GPU).
-
-    The one place where device choices become scheduler requests (every rule's `resources: gpu=`, which the SLURM
-    plugin turns into sbatch --gpus and profiles/local-gpu counts), so a CPU-only config requests no GPU anywhere.
-    """
-    return 0 if device == "cpu" else gpus
-
-
-TRAIN_GPUS = gpus_for(config["training"]["device"], config["training"]["gpus_per_job"])
+# GPU requests (every rule's `resources: gpu=`) come from the config's device choices through `gpus_for`
+# (workflow_scripts/launch.py, which also sizes the train rule): a CPU-only config requests no GPU anywhere.
 EMBED_GPUS = gpus_for(config["embedding"]["device"])  # embed_*, utility, embed_reference
 KNN_GPUS = gpus_for("cpu" if config["knn"]["use_gpu"] == "never" else "cuda")
 

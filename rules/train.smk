@@ -37,16 +37,13 @@ rule train:
         "../envs/dejavu.yaml"
     threads: config["training"].get("threads", 1)
     resources:
-        gpu=TRAIN_GPUS,
+        **launch_resources(config["training"]),
     params:
         flags=training_flags,
         out_dir=lambda wc, output: os.path.dirname(output.model),
-        # One process per GPU under torchrun when a job gets several (DDP); a plain process otherwise.
-        launcher=lambda wc, threads: (
-            "python -m torch.distributed.run --standalone --nproc_per_node " f"{config['training']['gpus_per_job']} -m"
-            if config["training"]["gpus_per_job"] > 1
-            else "python -m"
-        ),
+        # One process per GPU: plain python, torchrun on one node, srun over several (workflow_scripts.launch).
+        # Derived from threads, so Snakemake does not record it: how a model trains, not what it learns.
+        launcher=lambda wc, threads: launch_command(config["training"]),
         execution=execution_flags(**{key: config["training"][key] for key in TRAINING_EXECUTION}),
     shell:
         "{params.launcher} workflow_scripts.train --records {input.records} --split {input.split}"

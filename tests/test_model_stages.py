@@ -20,23 +20,56 @@ def test_mask_tokens_masks_the_exact_fraction_of_content_tokens():
         tokens[row, 0] = 49406
         tokens[row, 1:length + 1] = torch.arange(100, 100 + length)
         tokens[row, length + 1] = EOT
-    masked = train.mask_tokens(tokens, 0.5, EOT, torch.Generator().manual_seed(0))
+    scores = torch.rand(tokens.shape, generator=torch.Generator().manual_seed(0))
+    masked = train.mask_tokens(tokens, 0.5, EOT, scores)
     changed = (masked != tokens).sum(dim=1).tolist()
     assert changed == [5, 2, 0]  # round(0.5 * 10), round(0.5 * 4), round(0.5 * 1) = 0 (banker's rounding)
     assert (masked[:, 0] == 49406).all() and (masked == EOT).sum() == 3
-    assert torch.equal(train.mask_tokens(tokens, 0.0, EOT, torch.Generator()), tokens)
-    again = train.mask_tokens(tokens, 0.5, EOT, torch.Generator().manual_seed(0))
-    assert torch.equal(masked, again)
+    assert torch.equal(train.mask_tokens(tokens, 0.0, EOT, scores), tokens)
+    assert torch.equal(masked, train.mask_tokens(tokens, 0.5, EOT, scores.clone()))
 
 
-def test_draw_captions_picks_one_caption_of_each_record():
-    owner = torch.tensor([0, 0, 0, 1, 2, 2])
+def test_masking_takes_end_of_text_and_padding_from_the_tokenizer():
+    """A tokenizer whose end-of-text id is not its largest id (an HF tokenizer: [SEP] = 102, pad 1)."""
+    class Inner:
+        eos_token_id, pad_token_id = None, 1
+        sep_token_id = 102
+
+    class HFLike:
+        tokenizer = Inner()
+
+    eot, pad = train.special_token_ids(HFLike())
+    assert (eot, pad) == (102, 1)
+    tokens = torch.tensor([[101, 5000, 6000, 7000, 8000, 102, 1, 1]])  # content ids above the end-of-text id
+    masked = train.mask_tokens(tokens, 0.5, eot, torch.tensor([[0.0, 0.1, 0.9, 0.2, 0.8, 0.0, 0.0, 0.0]]), pad)
+    assert masked.tolist() == [[101, 1, 6000, 1, 8000, 102, 1, 1]]  # the two lowest-scored content tokens
+    with pytest.raises(ValueError, match="end-of-text and padding ids"):
+        train.special_token_ids(object())
+
+
+def test_caption_draws_and_masks_depend_on_the_record_not_the_batch():
+    rows = np.array([7, 3, 11])
+    uniforms = train.record_uniforms(5, 2, rows, 4)
+    assert np.array_equal(train.record_uniforms(5, 2, rows[::-1], 4), uniforms[::-1])
+    assert not np.array_equal(train.record_uniforms(5, 3, rows, 4), uniforms)  # a new draw every epoch
+    assert ((uniforms >= 0) & (uniforms < 1)).all()
+    counts = np.array([3, 1, 2])
     seen = set()
-    for seed in range(50):
-        drawn = train.draw_captions(owner, 3, torch.Generator().manual_seed(seed))
-        assert owner[drawn].tolist() == [0, 1, 2]
+    for epoch in range(50):
+        drawn = train.draw_captions(counts, train.record_uniforms(0, epoch, np.arange(3), 1)[:, 0])
+        assert ((drawn >= 0) & (drawn < counts)).all()
         seen.add(int(drawn[0]))
     assert seen == {0, 1, 2}  # every caption of a multi-caption record gets drawn
+
+
+def test_epoch_batches_cover_every_record_once_across_processes():
+    for world_size in (1, 2, 4):
+        batches = [train.epoch_batches(103, 8, 1, 0, rank, world_size) for rank in range(world_size)]
+        assert {len(b) for b in batches} == {12}  # the same number of steps on every process
+        rows = np.concatenate([rows for per_rank in batches for _, rows in per_rank])
+        assert len(rows) == 96 and len(np.unique(rows)) == 96
+    assert np.array_equal(np.concatenate([r for _, r in train.epoch_batches(103, 8, 1, 0, 0, 1)]),
+                          np.concatenate([r for _, r in train.epoch_batches(103, 8, 1, 0, 0, 1)]))
 
 
 @pytest.fixture(scope="module")
@@ -141,19 +174,148 @@ def test_gpu_requests_fail_loudly_without_a_gpu():
         knn.search(np.ones((1, 4), np.float32), np.ones((2, 4), np.float32), k=1, use_gpu="always")
 
 
-def test_distributed_training_under_torchrun(tmp_path, tiny_run):
-    """Two processes (gloo on the CPU) split each global batch; rank 0 alone writes the outputs."""
-    import subprocess
+def _tiny_params(**changes) -> "train.TrainingParams":
+    return train.TrainingParams(**{"epochs": 2, "batch_size": 16, "warmup_steps": 1, "threads": 2, **changes})
+
+
+def _train(root, out_dir, params):
+    train.train(str(root / "pool" / "records.parquet"), str(root / "A.parquet"), out_dir, params)
+
+
+def test_fixed_temperature_below_0_01_is_kept(tmp_path, tiny_run):
+    root, _ = tiny_run
+    _train(root, tmp_path, _tiny_params(epochs=1, temperature=0.005))
+    assert pl.read_parquet(tmp_path / "train_log.parquet")["logit_scale"][0] == pytest.approx(200.0)
+
+
+def test_rerun_writes_model_pt_after_a_kill_past_the_last_resume_checkpoint(tmp_path, tiny_run, monkeypatch):
+    """Killed after the final epoch's resume.pt, before the outputs were complete: Snakemake then removes
+    model.pt as an incomplete output, and the rerun must write it again (it used to train zero epochs)."""
+    root, _ = tiny_run
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "write_parquet", killed)
+        with pytest.raises(KeyboardInterrupt):
+            _train(root, tmp_path, _tiny_params())
+    assert torch.load(tmp_path / "resume.pt", weights_only=True)["epoch"] == 2
+    (tmp_path / "model.pt").unlink(missing_ok=True)
+    _train(root, tmp_path, _tiny_params())
+    assert torch.load(tmp_path / "model.pt", weights_only=True)["epoch"] == 2
+    assert pl.read_parquet(tmp_path / "train_log.parquet")["epoch"].to_list() == [1, 2]
+
+
+def test_a_save_epoch_added_after_a_kill_is_still_written(tmp_path, tiny_run, monkeypatch, caplog):
+    """Killed after epoch 2 of 3, then epoch 1 joins save_epochs: resuming at 2 would never write epoch 1."""
+    root, _ = tiny_run
+    save = train.save_checkpoint
+
+    def killed_after_epoch_2(path, *args, **kwargs):
+        save(path, *args, **kwargs)
+        if path.name == "resume.pt" and kwargs["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "save_checkpoint", killed_after_epoch_2)
+        with pytest.raises(KeyboardInterrupt):
+            _train(root, tmp_path, _tiny_params(epochs=3))
+    assert not (tmp_path / "model_epoch1.pt").exists()
+    with caplog.at_level(logging.WARNING):
+        _train(root, tmp_path, _tiny_params(epochs=3, save_epochs="1"))
+    assert "retraining from scratch" in caplog.text
+    assert torch.load(tmp_path / "model_epoch1.pt", weights_only=True)["epoch"] == 1
+    assert pl.read_parquet(tmp_path / "train_log.parquet")["epoch"].to_list() == [1, 2, 3]
+
+
+def test_a_diverged_run_stops_naming_the_step_and_writes_no_model(tmp_path, tiny_run):
+    root, _ = tiny_run
+    with pytest.raises(train.TrainingDiverged, match=r"at epoch \d+, step \d+") as raised:
+        _train(root, tmp_path, _tiny_params(lr=1e6, epochs=3))
+    assert "no model written" in str(raised.value)
+    assert not (tmp_path / "model.pt").exists() and not (tmp_path / "train_log.parquet").exists()
+
+
+def test_step_rows_and_options_train(tmp_path, tiny_run):
+    """Step-level log every N steps; accumulation, clipping and gradient checkpointing run end to end."""
+    root, _ = tiny_run
+    _train(root, tmp_path, _tiny_params(log_every_steps=1, accumulation_steps=2, grad_clip_norm=1.0,
+                                        grad_checkpointing=True))
+    steps = pl.read_parquet(tmp_path / train.STEPS_TABLE)
+    assert steps["step"].to_list() == [1, 2, 3, 4] and steps["epoch"].to_list() == [1, 1, 2, 2]
+    assert steps["loss"].is_finite().all()
+    assert not (tmp_path / train.SIDE_TABLE).exists()
+
+
+def test_accumulation_gives_the_whole_batch_gradient():
+    """Micro-batches with cached features: same loss and gradients as one pass over the batch."""
+    model, _, _ = models.create_model("dejavu-vit-tiny", torch.device("cpu"))
+    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    images = torch.nn.functional.interpolate(images, size=model.visual.image_size)
+    tokens = torch.randint(1, 1000, (8, model.context_length), generator=torch.Generator().manual_seed(1))
+    loss_fn, scaler = train.ClipLoss(), torch.amp.GradScaler("cpu", enabled=False)
+    gradients = []
+    for accumulation in (1, 4):
+        model.zero_grad()
+        loss = train.contrastive_backward(model, loss_fn, images, tokens, accumulation,
+                                          __import__("contextlib").nullcontext, scaler)
+        gradients.append((loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_1, grads_1), (loss_4, grads_4) = gradients
+    assert float(loss_4) == pytest.approx(float(loss_1), rel=1e-5)
+    assert grads_1.keys() == grads_4.keys()
+    for name in grads_1:
+        assert torch.allclose(grads_4[name], grads_1[name], rtol=1e-3, atol=1e-6), name
+
+
+def _ddp_command(root, out_dir, launcher: str) -> list[str]:
+    import shlex
     import sys
 
+    prefix = shlex.split(launcher)
+    prefix[0] = sys.executable if prefix[0] == "python" else prefix[0]
+    return [*prefix, "workflow_scripts.train", "--records", str(root / "pool" / "records.parquet"),
+            "--split", str(root / "A.parquet"), "--out-dir", str(out_dir), "--epochs", "2",
+            "--batch-size", "16", "--warmup-steps", "1", "--device", "cpu", "--num-workers", "1",
+            "--preload-images", "false"]
+
+
+def _check_ddp_outputs(out_dir):
+    log = pl.read_parquet(out_dir / "train_log.parquet")
+    assert log["epoch"].to_list() == [1, 2]
+    assert '"world_size": 2' in pq.read_schema(out_dir / "train_log.parquet").metadata[b"dejavu:params"].decode()
+    assert torch.load(out_dir / "model.pt", weights_only=True)["epoch"] == 2
+
+
+def test_distributed_training_under_torchrun(tmp_path, tiny_run):
+    """Two processes (gloo on the CPU) through the launcher's one-node command; rank 0 alone writes."""
+    import subprocess
+
+    from workflow_scripts import launch
+
     root, _ = tiny_run
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "workflow_scripts.train", "--records", str(root / "pool" / "records.parquet"),
-               "--split", str(root / "A.parquet"), "--out-dir", str(tmp_path), "--epochs", "2",
-               "--batch-size", "16", "--warmup-steps", "1", "--device", "cpu"]
+    command = _ddp_command(root, tmp_path, launch.launch_command({"nodes": 1, "gpus_per_node": 2}))
+    assert command[1:4] == ["-m", "torch.distributed.run", "--standalone"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    log = pl.read_parquet(tmp_path / "train_log.parquet")
-    assert log["epoch"].to_list() == [1, 2]
-    assert '"world_size": 2' in pq.read_schema(tmp_path / "train_log.parquet").metadata[b"dejavu:params"].decode()
-    assert torch.load(tmp_path / "model.pt", weights_only=True)["epoch"] == 2
+    _check_ddp_outputs(tmp_path)
+
+
+def test_distributed_training_as_srun_tasks(tmp_path, tiny_run):
+    """What srun starts: one plain process per task with SLURM's variables; the rendezvous comes from them."""
+    import os
+    import subprocess
+
+    from workflow_scripts import launch
+
+    root, _ = tiny_run
+    launcher = launch.launch_command({"nodes": 1, "gpus_per_node": 2, "use_srun": True})
+    assert launcher.startswith("srun ") and launcher.endswith(" python -m")
+    command = _ddp_command(root, tmp_path, "python -m")
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("SLURM_", "MASTER_"))}
+    env.update(SLURM_NTASKS="2", SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="localhost")
+    tasks = [subprocess.Popen(command, env={**env, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    outputs = [task.communicate(timeout=300) for task in tasks]
+    assert [task.returncode for task in tasks] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    _check_ddp_outputs(tmp_path)

@@ -224,7 +224,7 @@ def test_slurm_profile_requests_no_gpu_for_a_cpu_only_config(tmp_path):
 
 
 def test_slurm_cpus_and_gpus_follow_the_config(tmp_path):
-    config = {"training": {"threads": 6, "gpus_per_job": 2}, "embedding": {"threads": 3},
+    config = {"training": {"threads": 6, "gpus_per_node": 2}, "embedding": {"threads": 3},
               "knn": {"threads": 4, "use_gpu": "never"}}
     calls = planned_sbatch_calls(tmp_path, config, "--cores", "8")  # --cores caps every job's threads
     assert " --gpus=2" in calls["train"] and " --cpus-per-task=6" in calls["train"]

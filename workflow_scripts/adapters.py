@@ -9,7 +9,9 @@ Sources (one subcommand each):
   ``(path, caption)`` rows, path relative to ROOT, gives captions.
 - ``shards``: webdataset ``.tar`` shards (``KEY.jpg`` + ``KEY.txt`` members, as img2dataset writes LAION
   subsets) and/or a Parquet/CSV table of ``(path, caption)``. Shard members are read in place: their
-  ``image_path`` is ``SHARD.tar::MEMBER`` (see workflow_scripts.images). No ground truth.
+  ``image_path`` is ``SHARD.tar::MEMBER`` (see workflow_scripts.images), and ``image_offset``/``image_size``
+  give the member's data bytes in the shard, so training reads it with one ``pread`` (null for table
+  rows). No ground truth.
 - ``mix``: the records of other data sets, each optionally subsampled with a seed, in one pool
   (the paper's A = 40K COCO + N LAION). Ids keep their source prefix; ``source_dataset`` names the part.
 
@@ -43,6 +45,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 CANDIDATE_SCHEMA = {"id": pl.String, "image_path": pl.String, "captions": pl.List(pl.String)}
+SHARD_LOCATION_SCHEMA = {"image_offset": pl.Int64, "image_size": pl.Int64}  # see workflow_scripts.images
 GROUND_TRUTH_SCHEMA = {"id": pl.String, "labels": pl.List(pl.String), "scores": pl.List(pl.Float32)}
 VALIDATION_SCHEMA = {"id": pl.String, "image_path": pl.String, "problem": pl.String}
 MAX_LISTED_PROBLEMS = 20
@@ -260,8 +263,11 @@ def image_folder(dataset: str, root: str, captions_path: str | None = None) -> A
     return Adapted(records.select("id", "image_path", "captions", "label").cast(CANDIDATE_SCHEMA), ground_truth, origin)
 
 
-def _shard_members(shard: str) -> tuple[list[tuple[str, str]], dict[str, str]]:
-    """(key, image member name) pairs and {key: caption} of a webdataset shard; reads headers and .txt members only."""
+def _shard_members(shard: str) -> tuple[list[tuple[str, str, int, int]], dict[str, str]]:
+    """(key, image member name, data offset, size) and {key: caption} of a webdataset shard.
+
+    Reads headers and .txt members only.
+    """
     images, captions = [], {}
     try:
         with tarfile.open(shard, "r:") as tar:
@@ -272,7 +278,7 @@ def _shard_members(shard: str) -> tuple[list[tuple[str, str]], dict[str, str]]:
                 stem, _, extension = base.partition(".")  # webdataset: the key ends at the first dot
                 key = f"{directory}/{stem}" if directory else stem
                 if f".{extension.lower()}" in IMAGE_SUFFIXES:
-                    images.append((key, member.name))
+                    images.append((key, member.name, member.offset_data, member.size))
                 elif extension.lower() == "txt":
                     captions[key] = tar.extractfile(member).read().decode("utf-8", errors="replace").strip()
     except FileNotFoundError as error:
@@ -291,10 +297,12 @@ def shards(dataset: str, shard_paths: list[str], table_path: str | None = None) 
         archive = _absolute(shard)
         shard_name = Path(shard).name.removesuffix(".tar")
         frames.append(pl.DataFrame({
-            "id": [f"{dataset}-{shard_name}/{key}" for key, _ in images],
-            "image_path": [tar_member_path(archive, name) for _, name in images],
-            "captions": [[captions[key]] if captions.get(key) else [] for key, _ in images],
-        }, schema=CANDIDATE_SCHEMA))
+            "id": [f"{dataset}-{shard_name}/{key}" for key, *_ in images],
+            "image_path": [tar_member_path(archive, name) for _, name, *_ in images],
+            "captions": [[captions[key]] if captions.get(key) else [] for key, *_ in images],
+            "image_offset": [offset for *_, offset, _ in images],
+            "image_size": [size for *_, size in images],
+        }, schema=CANDIDATE_SCHEMA | SHARD_LOCATION_SCHEMA))
     if table_path:
         table_root = _absolute(Path(table_path).parent) + os.sep
         frames.append(read_caption_table(table_path).select(
@@ -305,7 +313,7 @@ def shards(dataset: str, shard_paths: list[str], table_path: str | None = None) 
         ).cast(CANDIDATE_SCHEMA))
     origin = ", ".join([*(str(s) for s in shard_paths[:3]), *(["..."] if len(shard_paths) > 3 else []),
                         *([str(table_path)] if table_path else [])])
-    return Adapted(pl.concat(frames), _no_ground_truth(), origin)
+    return Adapted(pl.concat(frames, how="diagonal"), _no_ground_truth(), origin)
 
 
 def mix(parts: list[tuple[str, str, int | None]], seed: int) -> Adapted:

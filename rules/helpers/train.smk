@@ -1,9 +1,18 @@
 # Helpers of rules/train.smk (Snakemake's linter wants functions and rules in separate files).
 
-# Training settings that choose where and how fast a model trains, not what it learns: the launcher's and
-# Snakemake's (gpus_per_job, threads), and those passed to the stage as execution flags.
-TRAINING_LAUNCH = ("gpus_per_job", "threads")
-TRAINING_EXECUTION = ("device", "allow_cpu_fallback", "preload_images", "num_workers")
+# Training settings that choose where and how fast a model trains, not what it learns: the launcher's
+# (workflow_scripts.launch) and Snakemake's threads, and those passed to the stage as execution flags.
+TRAINING_LAUNCH = ("threads", *LAUNCH_SETTINGS)
+# Gradient accumulation and checkpointing give the same gradients (tested), log_every_steps only the step log.
+TRAINING_EXECUTION = (
+    "device",
+    "allow_cpu_fallback",
+    "preload_images",
+    "num_workers",
+    "accumulation_steps",
+    "grad_checkpointing",
+    "log_every_steps",
+)
 
 
 def training_flags(wildcards):
