@@ -4,6 +4,7 @@ Runs when a cluster answers `sinfo` (`.ci/slurm_cluster.sh up`); `.ci/run` start
 DEJAVU_REQUIRE_SLURM=1, which turns the skip into a failure so CI cannot pass without running it.
 """
 
+import json
 import os
 import re
 import shutil
@@ -13,8 +14,10 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+import torch
 
-from conftest import REPO, TINY, run_snakemake
+from conftest import POINT, REPO, TINY, run_snakemake
+from workflow_scripts.io import read_metadata
 
 # One point, one public shard, every stage pinned to the CPU: the smallest DAG that reaches the metrics, and a
 # config that a cluster without GPUs (like .ci/slurm_cluster.sh's) must run with the profile unedited.
@@ -30,6 +33,8 @@ CPU_ONLY = {
 # finishes: on a tiny DAG of short jobs that waiting is most of the run. From 2 s it stays short.
 FAST_POLLING = ("--slurm-init-seconds-before-status-checks", "2")
 TABLE_DIRS = ("metrics", "utility")
+# Two DDP processes (gloo, CPU) started by srun inside the job, as on several nodes (workflow_scripts.launch).
+SRUN_TRAINING = {**CPU_ONLY, "training": {**CPU_ONLY["training"], "gpus_per_node": 2, "use_srun": True}}
 
 
 def cluster_answers() -> bool:
@@ -92,3 +97,35 @@ def test_shipped_profile_runs_every_job_on_slurm_with_the_local_tables(cluster, 
     for path in paths:
         assert pl.read_parquet(on_slurm / path).equals(pl.read_parquet(local / path)), path
         assert (on_slurm / path).read_bytes() == (local / path).read_bytes(), path  # provenance metadata too
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_training_runs_as_srun_tasks_and_equals_the_torchrun_run(cluster, tmp_path):
+    """The multi-node launch path (srun inside the SLURM job) on a real cluster: two gloo tasks on one node.
+
+    The same two-process training under torchrun on this machine must give the same weights: srun changes how the
+    processes start, not what they compute.
+    """
+    model_dir = f"results/models/scenes/{POINT}/A"
+    on_slurm, local = tmp_path / "slurm", tmp_path / "local"
+    on_slurm.mkdir()
+    local.mkdir()
+    result = run_snakemake(on_slurm, SRUN_TRAINING, "--workflow-profile", str(REPO / "profiles" / "slurm"),
+                           *FAST_POLLING, f"{model_dir}/model.pt")
+    output = result.stdout + result.stderr
+    run_id = re.search(r"SLURM run ID: (\S+)", output).group(1)
+    jobs = slurm_jobs(run_id)
+    assert [(state, rule) for _, state, rule in jobs if rule == "train"] == [("COMPLETED", "train")], jobs
+    assert "srun --kill-on-bad-exit=1 --nodes=1 --ntasks-per-node=2" in output
+    provenance = json.loads(read_metadata(on_slurm / model_dir / "train_log.parquet")["dejavu:params"])
+    assert provenance["world_size"] == 2
+
+    torchrun = {**SRUN_TRAINING, "training": {**SRUN_TRAINING["training"], "use_srun": False}}
+    run_snakemake(local, torchrun, f"{model_dir}/model.pt")
+    trained = [torch.load(workdir / model_dir / "model.pt", weights_only=True)["state_dict"]
+               for workdir in (on_slurm, local)]
+    assert trained[0].keys() == trained[1].keys()
+    assert all(torch.equal(trained[0][name], trained[1][name]) for name in trained[0])
+    logs = [pl.read_parquet(workdir / model_dir / "train_log.parquet").drop("seconds") for workdir in (on_slurm, local)]
+    assert logs[0].equals(logs[1])
