@@ -53,8 +53,19 @@ def string_ids(prefix: str, n: int) -> pa.Array:
     return pa.array(np.char.add(prefix, np.char.zfill(np.arange(n).astype(str), 8)), pa.string())
 
 
+def distinct_rows(rng: np.random.Generator, n: int, k: int, high: int) -> np.ndarray:
+    """n rows of k distinct integers in [0, high), like a query's neighbours (no public record twice)."""
+    rows = rng.integers(0, high, (n, k))
+    while True:
+        ordered = np.sort(rows, axis=1)
+        repeated = (ordered[:, 1:] == ordered[:, :-1]).any(axis=1)
+        if not repeated.any():
+            return rows
+        rows[repeated] = rng.integers(0, high, (int(repeated.sum()), k))
+
+
 def write_neighbors(path: Path, query_ids: pa.Array, public_ids: pa.Array, k: int, rng: np.random.Generator) -> None:
-    """k random distinct-enough public neighbours per query (scores descending), one query batch at a time."""
+    """k random distinct public neighbours per query (scores descending), one query batch at a time."""
     with parquet_stream(str(path), NEIGHBORS_SCHEMA, "knn", {"k": k, "n_queries": len(query_ids)}) as writer:
         for first in range(0, len(query_ids), ROW_GROUP_ROWS):
             n = min(ROW_GROUP_ROWS, len(query_ids) - first)
@@ -62,7 +73,7 @@ def write_neighbors(path: Path, query_ids: pa.Array, public_ids: pa.Array, k: in
             writer.write_table(pa.table({
                 "query_id": query_ids.slice(first, n).take(pa.array(np.repeat(np.arange(n), k))),
                 "rank": pa.array(np.tile(np.arange(k, dtype=np.int16), n)),
-                "public_id": public_ids.take(pa.array(rng.integers(0, len(public_ids), n * k))),
+                "public_id": public_ids.take(pa.array(distinct_rows(rng, n, k, len(public_ids)).reshape(-1))),
                 "score": pa.array(scores.reshape(-1)),
             }, schema=NEIGHBORS_SCHEMA))
 

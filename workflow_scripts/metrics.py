@@ -58,8 +58,8 @@ ORDERS = {
     "correct": (pl.col("n_correct_target"), False),
     "gap": (pl.col("n_correct_target") - pl.col("n_correct_reference"), True),
 }
-# Dense (query × label) cells scored at once: bounds the counting arrays (~11 bytes a cell) whatever the chunk.
-DENSE_CELLS = 1 << 24
+# Dense (query × label) cells scored at once: small enough for the counting arrays (~12 bytes a cell) to stay in cache.
+DENSE_CELLS = 1 << 20
 NEIGHBOR_COLUMNS = {"query_id": pl.String, "rank": "integer", "public_id": pl.String, "score": "float"}
 
 
@@ -97,9 +97,11 @@ class StringIndex:
     def __len__(self) -> int:
         return len(self.hashes)
 
-    def positions(self, strings: pl.Series) -> np.ndarray:
-        """int64 position of each string in the list, −1 where it is not listed."""
+    def positions(self, strings: pl.Series, rows: np.ndarray | None = None) -> np.ndarray:
+        """int64 position of each string (of `rows` of the Series only, if given) in the list, −1 where not listed."""
         hashes = strings.hash(self.seed).to_numpy()
+        if rows is not None:
+            hashes = hashes[rows]
         if not len(self.hashes):
             return np.full(len(hashes), -1, np.int64)
         last = len(self.hashes) - 1
@@ -133,11 +135,12 @@ class LabelSets:
 
 def label_values(labels: pl.Series, ids: pl.Series, path: str) -> pl.Series:
     """The labels of every record, flattened; a null list or label is an error naming the record."""
-    nulls = labels.is_null() | labels.list.eval(pl.element().is_null()).list.any()
-    if nulls.any():
+    values = labels.explode(empty_as_null=False, keep_nulls=False)
+    if labels.null_count() or values.null_count():
+        nulls = labels.is_null() | labels.list.eval(pl.element().is_null()).list.any()
         raise DataError(f"{path}: null labels (use an empty list for no objects) in record(s) "
                         f"{ids.filter(nulls).head(5).to_list()}")
-    return labels.explode(empty_as_null=False, keep_nulls=False)
+    return values
 
 
 def label_sets(labels: pl.Series, ids: pl.Series, vocabulary: StringIndex, path: str) -> LabelSets:
@@ -154,13 +157,21 @@ def label_sets(labels: pl.Series, ids: pl.Series, vocabulary: StringIndex, path:
 class PublicSet:
     """The public annotations as integers: ids, the label vocabulary (name order) and each record's label set.
 
-    `labels` has one extra, empty row (index len(ids)) that stands for a neighbour already counted.
+    A record's labels are a row of `padded` (width: the 99th percentile of the label counts; the column
+    code n_labels pads), the rest of a longer set a row of `overflow`. One extra, empty row (index
+    len(ids)) stands for a neighbour already counted.
     """
 
     ids: StringIndex
     vocabulary: pl.Series
     label_index: StringIndex
-    labels: LabelSets
+    padded: np.ndarray
+    overflow: LabelSets
+
+    @property
+    def n_columns(self) -> int:
+        """Label columns of a query's dense cells: the labels, then the padding."""
+        return len(self.vocabulary) + 1
 
     @classmethod
     def from_frame(cls, frame: pl.DataFrame, path: str) -> "PublicSet":
@@ -168,8 +179,16 @@ class PublicSet:
         vocabulary = values.unique().sort()
         index = StringIndex(vocabulary, path, "label")
         sets = label_sets(frame["labels"], frame["id"], index, path)
-        return cls(StringIndex(frame["id"], path, "id"), vocabulary, index,
-                   LabelSets(np.append(sets.offsets, sets.offsets[-1]), sets.codes))
+        lengths = np.append(np.diff(sets.offsets), 0)
+        width = max(1, int(np.percentile(lengths, 99)))
+        record = np.repeat(np.arange(len(lengths)), lengths)
+        column = np.arange(len(sets.codes)) - np.repeat(sets.offsets[:-1], lengths[:-1])
+        inside = column < width
+        padded = np.full((len(lengths), width), len(vocabulary), np.int64)
+        padded[record[inside], column[inside]] = sets.codes[inside]
+        overflow = np.concatenate([[0], np.cumsum(np.maximum(lengths - width, 0))])
+        return cls(StringIndex(frame["id"], path, "id"), vocabulary, index, padded,
+                   LabelSets(overflow, sets.codes[~inside]))
 
 
 # --- scoring a batch of queries ---
@@ -178,23 +197,29 @@ class PublicSet:
 class Predictions:
     """Every (query, label) a batch's neighbours predict, in (query, label) order, with its top_n membership."""
 
-    cell: np.ndarray  # query * n_labels + label
+    cell: np.ndarray  # query * n_columns + label
     count: np.ndarray  # neighbours carrying the label
     best_rank: np.ndarray  # rank of the nearest of them
     top: np.ndarray  # bool: among the query's top_n labels
 
 
+
 def first_occurrences(query: np.ndarray, rank: np.ndarray, public: np.ndarray, n_public: int) -> np.ndarray:
-    """Rows whose public record the query has not listed at a nearer rank (a neighbour counts once)."""
+    """Rows whose public record the query has not listed at a nearer rank (a neighbour counts once).
+
+    Rows of one query lie together, queries in ascending order.
+    """
+    first = np.ones(len(query), bool)
     lengths = np.bincount(query)
+    suspects = np.arange(len(query))
     if len(lengths) and (lengths == lengths[0]).all():  # the usual table: as many rows per query
         ordered = np.sort(public.reshape(len(lengths), -1), axis=1)
-        if not (ordered[:, 1:] == ordered[:, :-1]).any():
-            return np.ones(len(query), bool)
-    order = np.lexsort((rank, public, query))
-    key = query[order] * (n_public + 1) + public[order]
-    first = np.ones(len(query), bool)
-    first[order[1:]] = key[1:] != key[:-1]
+        repeated = np.flatnonzero((ordered[:, 1:] == ordered[:, :-1]).any(axis=1))
+        suspects = np.flatnonzero(np.isin(query, repeated)) if len(repeated) else suspects[:0]
+    if len(suspects):
+        order = suspects[np.lexsort((rank[suspects], public[suspects], query[suspects]))]
+        key = query[order] * (n_public + 1) + public[order]
+        first[order[1:]] = key[1:] != key[:-1]
     return first
 
 
@@ -204,24 +229,32 @@ def predictions(query: np.ndarray, rank: np.ndarray, public: np.ndarray, n_queri
 
     Rows of one query lie together, queries in ascending order.
     """
-    n_labels = len(public_set.vocabulary)
-    n_public = len(public_set.ids)
-    public = np.where(first_occurrences(query, rank, public, n_public), public, n_public)
+    n_columns, n_public = public_set.n_columns, len(public_set.ids)
+    first = first_occurrences(query, rank, public, n_public)
+    if not first.all():
+        public = np.where(first, public, n_public)
     by_rank = np.argsort(rank.astype(np.int16), kind="stable")
-    owner, code = public_set.labels.expand(public[by_rank])
-    cells = query[by_rank][owner] * n_labels + code
-    count = np.bincount(cells, minlength=n_queries * n_labels)
-    # Labels are written rank by rank, farthest first, so each cell keeps its nearest rank. No cell repeats
-    # within one rank (a neighbour's labels are distinct), so the assignment order does not matter.
-    best = np.full(n_queries * n_labels, k, np.int16)
+    public, base = public[by_rank], query[by_rank] * n_columns
+    padded = np.take(public_set.padded, public, axis=0) + base[:, None]
+    owner, code = public_set.overflow.expand(public)
+    overflow = base[owner] + code
+    count = np.bincount(padded.reshape(-1), minlength=n_queries * n_columns)
+    if len(overflow):
+        count += np.bincount(overflow, minlength=n_queries * n_columns)
+    count[n_columns - 1::n_columns] = 0  # the padding column
+    # Labels are written rank by rank, farthest first, so each cell keeps its nearest rank. No label cell
+    # repeats within one rank (a neighbour's labels are distinct), so the assignment order does not matter.
+    best = np.full(n_queries * n_columns, k, np.int16)
     row_bounds = np.searchsorted(rank[by_rank], np.arange(k + 1))
-    entry_bounds = np.searchsorted(owner, row_bounds)
+    overflow_bounds = np.searchsorted(owner, row_bounds)
     for r in range(k - 1, -1, -1):
-        best[cells[entry_bounds[r]:entry_bounds[r + 1]]] = r
-    cell = np.flatnonzero(count)
-    predicted = Predictions(cell, count[cell], best[cell], np.zeros(len(cell), bool))
-    predicted.top[:] = top_labels(cell // max(n_labels, 1), predicted.count, predicted.best_rank, n_queries, k, top_n)
-    return predicted
+        best[padded[row_bounds[r]:row_bounds[r + 1]]] = r
+        if len(overflow):
+            best[overflow[overflow_bounds[r]:overflow_bounds[r + 1]]] = r
+    cell = np.flatnonzero(count > 0)
+    query_of_cell = cell // n_columns
+    return Predictions(cell, count[cell], best[cell],
+                       top_labels(query_of_cell, count[cell], best[cell], n_queries, k, top_n))
 
 
 def top_labels(query: np.ndarray, count: np.ndarray, best_rank: np.ndarray, n_queries: int, k: int,
@@ -232,38 +265,40 @@ def top_labels(query: np.ndarray, count: np.ndarray, best_rank: np.ndarray, n_qu
     find each query's cut: the count c* of its top_n-th label, then among the labels counted c* the best
     rank r* that fills the top_n, then as many labels counted c* at rank r* as are left, in label order.
     """
+    rows = np.arange(n_queries)
     # at_least[q, c]: labels of q carried by >= c neighbours (c = 0..k+1).
     at_least = np.zeros((n_queries, k + 2), np.int64)
     at_least[:, :k + 1] = np.bincount(query * (k + 1) + count, minlength=n_queries * (k + 1)) \
         .reshape(n_queries, k + 1)[:, ::-1].cumsum(axis=1)[:, ::-1]
     cut_count = (at_least[:, 1:k + 1] >= top_n).sum(axis=1)  # 0 when the query predicts fewer than top_n
-    left = top_n - at_least[np.arange(n_queries), cut_count + 1]  # places for labels counted exactly c*
-    tied = count == cut_count[query]
-    tied_query = query[tied]
+    left = top_n - at_least[rows, cut_count + 1]  # places for labels counted exactly c*
+    top = count > cut_count[query]
+    tied = np.flatnonzero(count == cut_count[query])
+    tied_query, tied_rank = query[tied], best_rank[tied]
     # before_rank[q, r]: labels counted c* whose best rank is < r.
     before_rank = np.zeros((n_queries, k + 1), np.int64)
-    before_rank[:, 1:] = np.bincount(tied_query * k + best_rank[tied], minlength=n_queries * k) \
+    before_rank[:, 1:] = np.bincount(tied_query * k + tied_rank, minlength=n_queries * k) \
         .reshape(n_queries, k).cumsum(axis=1)
     cut_rank = (before_rank[:, 1:] < left[:, None]).sum(axis=1)
-    left_at_rank = left - before_rank[np.arange(n_queries), cut_rank]
-    at_cut = tied & (best_rank == cut_rank[query])
+    left_at_rank = left - before_rank[rows, cut_rank]
+    top[tied[tied_rank < cut_rank[tied_query]]] = True
+    at_cut = tied[tied_rank == cut_rank[tied_query]]
     cut_query = query[at_cut]
     place = np.arange(len(cut_query)) - np.searchsorted(cut_query, cut_query)  # label order within the query
-    top = (count > cut_count[query]) | (tied & (best_rank < cut_rank[query]))
-    top[np.flatnonzero(at_cut)[place < left_at_rank[cut_query]]] = True
+    top[at_cut[place < left_at_rank[cut_query]]] = True
     return top
 
 
-def query_counts(predicted: Predictions, truth: LabelSets, queries: np.ndarray, n_labels: int) -> np.ndarray:
+def query_counts(predicted: Predictions, truth: LabelSets, queries: np.ndarray, n_columns: int) -> np.ndarray:
     """[n_predicted, n_correct] × [all, top_n] of each query (truth row `queries[q]` for batch query q)."""
     n_queries = len(queries)
     truth_query, truth_code = truth.expand(queries)
-    truth_cell = truth_query * n_labels + truth_code
+    truth_cell = truth_query * n_columns + truth_code
     counts = np.empty((2, 2, n_queries), np.int32)
     for mode, chosen in enumerate((np.ones(len(predicted.cell), bool), predicted.top)):
-        marked = np.zeros(n_queries * n_labels, bool)
+        marked = np.zeros(n_queries * n_columns, bool)
         marked[predicted.cell[chosen]] = True
-        counts[0, mode] = np.bincount(predicted.cell[chosen] // max(n_labels, 1), minlength=n_queries)
+        counts[0, mode] = np.bincount(predicted.cell[chosen] // n_columns, minlength=n_queries)
         counts[1, mode] = np.bincount(truth_query[marked[truth_cell]], minlength=n_queries)
     return counts
 
@@ -361,7 +396,7 @@ def score_chunk(rows: pl.DataFrame, run: np.ndarray, scores: SideScores, query_i
     scores.seen[listed] = True
     rank = rows["rank"].to_numpy()
     used = np.flatnonzero((position[run] >= 0) & (rank < k))
-    public_row = public.ids.positions(rows["public_id"].gather(used))
+    public_row = public.ids.positions(rows["public_id"], used)
     if (public_row < 0).any():
         unknown = rows["public_id"].gather(used[public_row < 0]).unique().sort()
         raise DataError(f"{path}: {len(unknown)} public id(s) without a public annotation row, "
@@ -369,14 +404,13 @@ def score_chunk(rows: pl.DataFrame, run: np.ndarray, scores: SideScores, query_i
     nearest = used[rank[used] == 0]
     scores.nn_score[position[run[nearest]]] = rows["score"].gather(nearest).to_numpy()
     batch_query = (np.cumsum(position >= 0) - 1)[run[used]]
-    n_labels = len(public.vocabulary)
-    step = max(1, DENSE_CELLS // max(n_labels, 1))
+    step = max(1, DENSE_CELLS // public.n_columns)
     bounds = np.searchsorted(batch_query, np.arange(0, len(listed) + step, step))
     for first, lo, hi in zip(range(0, len(listed), step), bounds[:-1], bounds[1:]):
         queries = listed[first:first + step]
         predicted = predictions(batch_query[lo:hi] - first, rank[used[lo:hi]], public_row[lo:hi], len(queries),
                                 public, k, top_n)
-        scores.counts[:, :, queries] = query_counts(predicted, truth, queries, n_labels)
+        scores.counts[:, :, queries] = query_counts(predicted, truth, queries, public.n_columns)
 
 
 def side_scores(path: str, query_index: StringIndex, public: PublicSet, truth: LabelSets, k: int, top_n: int,
@@ -463,9 +497,8 @@ def predicted_labels(neighbors: pl.LazyFrame, public_annotations: pl.LazyFrame, 
     predicted = predictions(StringIndex(query_ids, "neighbors", "query id").positions(rows["query_id"]),
                             rows["rank"].to_numpy(), public.ids.positions(rows["public_id"]), len(query_ids),
                             public, k, top_n)
-    n_labels = len(public.vocabulary)
-    labels = pl.DataFrame({"query_id": query_ids.gather(predicted.cell // n_labels),
-                           "label": public.vocabulary.gather(predicted.cell % n_labels),
+    labels = pl.DataFrame({"query_id": query_ids.gather(predicted.cell // public.n_columns),
+                           "label": public.vocabulary.gather(predicted.cell % public.n_columns),
                            "count": predicted.count, "best_rank": predicted.best_rank, "top": predicted.top}) \
         .sort(["query_id", "count", "best_rank", "label"], descending=[False, True, False, False])
     return pl.concat([labels.select("query_id", "label", label_mode=pl.lit("all")),
@@ -511,9 +544,10 @@ def population_metrics(records: pl.DataFrame, n_boot: int, frac: float, seed: in
                    for name in ("precision_target", "precision_reference", "recall_target",
                                 "recall_reference", "f1_target", "f1_reference")}
         resample = rng.integers(0, n, size=(n_boot, max(1, round(frac * n)))) if n else None
+        resampled = {name: array[resample] for name, array in columns.items()} if n and n_boot else None
         for metric, compute in POPULATION_METRICS.items():
             value = float(compute(columns)) if n else float("nan")
-            boot = compute({name: array[resample] for name, array in columns.items()}) if n and n_boot else None
+            boot = compute(resampled) if resampled else None
             rows.append({
                 "label_mode": label_mode, "metric": metric, "value": value,
                 "mean": float(boot.mean()) if boot is not None else float("nan"),
