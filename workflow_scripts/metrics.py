@@ -68,10 +68,11 @@ NEIGHBOR_COLUMNS = {"query_id": pl.String, "rank": "integer", "public_id": pl.St
 class StringIndex:
     """The position of each string in a list of distinct strings, found for a whole Series at once.
 
-    Strings are compared by a 64-bit hash, looked up in the sorted hashes through a bucket table
-    (buckets = the top bits, ~4 per string). Distinct strings of the list never share a hash (another
-    seed is tried if they do); a string outside the list is reported only if its hash differs from
-    every listed one, which fails with probability ~|list| / 2^64.
+    Strings are compared by a 64-bit hash. Buckets (the top bits of the hash, about 2 per string) hold
+    the first two hashes that fall in them, and a string is looked up with one or two gathers; the rare
+    third of a bucket by a binary search of the sorted hashes. Distinct strings of the list never share a
+    hash (another seed is tried if they do); a string outside the list is reported only if its hash differs
+    from every listed one, which fails with probability ~|list| / 2^64.
     """
 
     def __init__(self, strings: pl.Series, path: str, what: str):
@@ -89,10 +90,19 @@ class StringIndex:
         else:
             raise RuntimeError(f"{path}: distinct {what}s share a 64-bit hash under 8 seeds")
         self.strings, self.seed, self.order, self.hashes = strings, seed, order, sorted_hashes
-        bits = min(max(len(hashes) - 1, 1).bit_length() + 2, 26)
+        bits = max(len(hashes) - 1, 1).bit_length() + 1
         self.shift = np.uint64(64 - bits)
-        self.bucket_start = np.searchsorted(sorted_hashes >> self.shift,
-                                            np.arange(2 ** bits + 1, dtype=np.uint64)).astype(np.int64)
+        bucket = (sorted_hashes >> self.shift).astype(np.intp)
+        place = np.arange(len(bucket)) - np.searchsorted(bucket, bucket)
+        # Per slot (first, second of a bucket): its hash and position. An empty slot holds a hash of the next
+        # bucket, which no string of its own bucket has.
+        self.slots = []
+        for slot in range(2):
+            slot_hash = np.arange(1, 2 ** bits + 1, dtype=np.uint64) << self.shift
+            slot_position = np.full(2 ** bits, -1, np.int64)
+            slot_hash[bucket[place == slot]] = sorted_hashes[place == slot]
+            slot_position[bucket[place == slot]] = order[place == slot]
+            self.slots.append((slot_hash, slot_position))
 
     def __len__(self) -> int:
         return len(self.hashes)
@@ -100,20 +110,20 @@ class StringIndex:
     def positions(self, strings: pl.Series, rows: np.ndarray | None = None) -> np.ndarray:
         """int64 position of each string (of `rows` of the Series only, if given) in the list, −1 where not listed."""
         hashes = strings.hash(self.seed).to_numpy()
-        if rows is not None:
+        if rows is not None and len(rows) < len(hashes):
             hashes = hashes[rows]
-        if not len(self.hashes):
-            return np.full(len(hashes), -1, np.int64)
-        last = len(self.hashes) - 1
-        at = self.bucket_start[(hashes >> self.shift).astype(np.intp)]
-        # Most strings are alone in their bucket or second in it; the rest take a binary search.
-        for probe in (lambda miss: at[miss] + 1, lambda miss: np.searchsorted(self.hashes, hashes[miss])):
-            miss = np.flatnonzero(self.hashes[np.minimum(at, last)] != hashes)
-            if not len(miss):
-                break
-            at[miss] = probe(miss)
-        at = np.minimum(at, last)
-        return np.where(self.hashes[at] == hashes, self.order[at], -1)
+        bucket = (hashes >> self.shift).view(np.int64)
+        (first_hash, first_position), (second_hash, second_position) = self.slots
+        found = np.take(first_position, bucket)
+        miss = np.flatnonzero(np.take(first_hash, bucket) != hashes)
+        found[miss] = second_position[bucket[miss]]
+        miss = miss[second_hash[bucket[miss]] != hashes[miss]]
+        if len(miss) and len(self.hashes):
+            at = np.minimum(np.searchsorted(self.hashes, hashes[miss]), len(self.hashes) - 1)
+            found[miss] = np.where(self.hashes[at] == hashes[miss], self.order[at], -1)
+        else:
+            found[miss] = -1
+        return found
 
 
 @dataclass(frozen=True)
@@ -236,7 +246,7 @@ def predictions(query: np.ndarray, rank: np.ndarray, public: np.ndarray, n_queri
     by_rank = np.argsort(rank.astype(np.int16), kind="stable")
     public, base = public[by_rank], query[by_rank] * n_columns
     padded = np.take(public_set.padded, public, axis=0) + base[:, None]
-    owner, code = public_set.overflow.expand(public)
+    owner, code = public_set.overflow.expand(public) if len(public_set.overflow.codes) else (public[:0], public[:0])
     overflow = base[owner] + code
     count = np.bincount(padded.reshape(-1), minlength=n_queries * n_columns)
     if len(overflow):
@@ -272,8 +282,9 @@ def top_labels(query: np.ndarray, count: np.ndarray, best_rank: np.ndarray, n_qu
         .reshape(n_queries, k + 1)[:, ::-1].cumsum(axis=1)[:, ::-1]
     cut_count = (at_least[:, 1:k + 1] >= top_n).sum(axis=1)  # 0 when the query predicts fewer than top_n
     left = top_n - at_least[rows, cut_count + 1]  # places for labels counted exactly c*
-    top = count > cut_count[query]
-    tied = np.flatnonzero(count == cut_count[query])
+    cut = cut_count[query]
+    top = count > cut
+    tied = np.flatnonzero(count == cut)
     tied_query, tied_rank = query[tied], best_rank[tied]
     # before_rank[q, r]: labels counted c* whose best rank is < r.
     before_rank = np.zeros((n_queries, k + 1), np.int64)
@@ -294,12 +305,14 @@ def query_counts(predicted: Predictions, truth: LabelSets, queries: np.ndarray, 
     n_queries = len(queries)
     truth_query, truth_code = truth.expand(queries)
     truth_cell = truth_query * n_columns + truth_code
+    at = np.minimum(np.searchsorted(predicted.cell, truth_cell), max(len(predicted.cell) - 1, 0))
+    predicted_truth = predicted.cell[at] == truth_cell if len(predicted.cell) else np.zeros(len(truth_cell), bool)
+    top_truth = predicted_truth & predicted.top[at] if len(predicted.cell) else predicted_truth
     counts = np.empty((2, 2, n_queries), np.int32)
-    for mode, chosen in enumerate((np.ones(len(predicted.cell), bool), predicted.top)):
-        marked = np.zeros(n_queries * n_columns, bool)
-        marked[predicted.cell[chosen]] = True
-        counts[0, mode] = np.bincount(predicted.cell[chosen] // n_columns, minlength=n_queries)
-        counts[1, mode] = np.bincount(truth_query[marked[truth_cell]], minlength=n_queries)
+    counts[0, 0] = np.diff(np.searchsorted(predicted.cell, np.arange(n_queries + 1) * n_columns))
+    counts[0, 1] = np.bincount(predicted.cell[predicted.top] // n_columns, minlength=n_queries)
+    counts[1, 0] = np.bincount(truth_query[predicted_truth], minlength=n_queries)
+    counts[1, 1] = np.bincount(truth_query[top_truth], minlength=n_queries)
     return counts
 
 
@@ -368,6 +381,17 @@ def check_ranks(path: str, k: int) -> None:
 
 # --- one model's scores, streamed over its neighbours table ---
 
+def query_runs(query_ids: pl.Series) -> np.ndarray:
+    """Number each run of equal query ids (0, 0, ..., 1, 1, ...), comparing neighbouring rows' 64-bit hashes.
+
+    Two different neighbouring ids that shared a hash would make one run: the second query would then read
+    as having no neighbours, an error, never a silent number.
+    """
+    hashes = query_ids.hash(0).to_numpy()
+    run = np.zeros(len(hashes), np.int64)
+    np.cumsum(hashes[1:] != hashes[:-1], out=run[1:])
+    return run
+
 @dataclass
 class SideScores:
     """One model's per-record counts, in the order of the query list."""
@@ -424,14 +448,14 @@ def side_scores(path: str, query_index: StringIndex, public: PublicSet, truth: L
         for chunk in scan.collect_batches(chunk_size=batch_rows):
             bar.update(len(chunk))
             rows = chunk if carry is None else pl.concat([carry, chunk])
-            run = rows["query_id"].rle_id().to_numpy()
+            run = query_runs(rows["query_id"])
             last_start = int(np.searchsorted(run, run[-1]))
             if last_start:
                 score_chunk(rows.slice(0, last_start), run[:last_start], scores, query_index, public, truth, k,
                             top_n, path)
             carry = rows.slice(last_start)
     if carry is not None and len(carry):
-        score_chunk(carry, carry["query_id"].rle_id().to_numpy(), scores, query_index, public, truth, k, top_n,
+        score_chunk(carry, query_runs(carry["query_id"]), scores, query_index, public, truth, k, top_n,
                     path)
     return scores
 
@@ -471,7 +495,7 @@ def frame_scores(neighbors: pl.DataFrame, public: PublicSet, query_ids: pl.Serie
     """Scores of an in-memory neighbours frame (any row order)."""
     scores = SideScores.empty(len(query_ids))
     rows = neighbors.filter(pl.col("query_id").is_in(query_ids.implode())).sort("query_id", "rank")
-    score_chunk(rows, rows["query_id"].rle_id().to_numpy(), scores, StringIndex(query_ids, "queries", "id"), public,
+    score_chunk(rows, query_runs(rows["query_id"]), scores, StringIndex(query_ids, "queries", "id"), public,
                 truth, k, top_n, "neighbors")
     return scores
 
@@ -628,7 +652,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--frac", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-rows", type=int, default=5_000_000,
-                        help="neighbour rows per query batch: bounds memory; each batch is one pass over the files")
+                        help="neighbour rows read at a time from each neighbours file: bounds memory, "
+                             "changes no table")
     args = parser.parse_args(argv)
     compute(args.target_neighbors, args.reference_neighbors, args.query_annotations, args.public_annotations,
             args.queries, args.out_dir, args.k, args.top_n, [int(v) for v in args.top_l.split(",") if v],
