@@ -60,7 +60,8 @@ ORDERS = {
 }
 # Dense (query × label) cells scored at once: small enough for the counting arrays (~12 bytes a cell) to stay in cache.
 DENSE_CELLS = 1 << 20
-NEIGHBOR_COLUMNS = {"query_id": pl.String, "rank": "integer", "public_id": pl.String, "score": "float"}
+# Resampled values scored at once by the bootstrap (per column): bounds its memory.
+BOOTSTRAP_VALUES = 1 << 21
 
 
 # --- strings as integers ---
@@ -557,7 +558,11 @@ POPULATION_METRICS = {
 
 
 def population_metrics(records: pl.DataFrame, n_boot: int, frac: float, seed: int) -> pl.DataFrame:
-    """Rows (label_mode, metric, value, mean, std, n_boot, frac, n_records, n_excluded)."""
+    """Rows (label_mode, metric, value, mean, std, n_boot, frac, n_records, n_excluded).
+
+    Resamples are drawn and scored a few at a time (BOOTSTRAP_VALUES values), so memory stays bounded;
+    the draws are one stream, the same for any grouping.
+    """
     rows = []
     rng = np.random.default_rng(seed)
     for label_mode in LABEL_MODES:
@@ -567,15 +572,20 @@ def population_metrics(records: pl.DataFrame, n_boot: int, frac: float, seed: in
         columns = {name: scored[name].to_numpy().astype(float)
                    for name in ("precision_target", "precision_reference", "recall_target",
                                 "recall_reference", "f1_target", "f1_reference")}
-        resample = rng.integers(0, n, size=(n_boot, max(1, round(frac * n)))) if n else None
-        resampled = {name: array[resample] for name, array in columns.items()} if n and n_boot else None
+        size = max(1, round(frac * n))
+        step = max(1, BOOTSTRAP_VALUES // size)
+        boot = {metric: [] for metric in POPULATION_METRICS}
+        for first in range(0, n_boot if n else 0, step):
+            resample = rng.integers(0, n, size=(min(step, n_boot - first), size))
+            resampled = {name: array[resample] for name, array in columns.items()}
+            for metric, compute in POPULATION_METRICS.items():
+                boot[metric].append(compute(resampled))
         for metric, compute in POPULATION_METRICS.items():
-            value = float(compute(columns)) if n else float("nan")
-            boot = compute(resampled) if resampled else None
+            values = np.concatenate(boot[metric]) if boot[metric] else None
             rows.append({
-                "label_mode": label_mode, "metric": metric, "value": value,
-                "mean": float(boot.mean()) if boot is not None else float("nan"),
-                "std": float(boot.std(ddof=1)) if boot is not None and n_boot > 1 else float("nan"),
+                "label_mode": label_mode, "metric": metric, "value": float(compute(columns)) if n else float("nan"),
+                "mean": float(values.mean()) if values is not None else float("nan"),
+                "std": float(values.std(ddof=1)) if values is not None and n_boot > 1 else float("nan"),
                 "n_boot": n_boot, "frac": frac, "n_records": n, "n_excluded": len(mode_records) - n,
             })
     return pl.DataFrame(rows)
