@@ -159,7 +159,8 @@ def label_sets(labels: pl.Series, ids: pl.Series, vocabulary: StringIndex, path:
     codes = vocabulary.positions(label_values(labels, ids, path))
     record = np.repeat(np.arange(len(labels)), labels.list.len().to_numpy())
     known = codes >= 0
-    keys = np.unique(record[known] * len(vocabulary) + codes[known])
+    keys = np.sort(record[known] * len(vocabulary) + codes[known])
+    keys = keys[np.diff(keys, prepend=-1) != 0]
     counts = np.bincount(keys // max(len(vocabulary), 1), minlength=len(labels))
     return LabelSets(np.concatenate([[0], np.cumsum(counts)]), keys % max(len(vocabulary), 1))
 
