@@ -37,7 +37,6 @@ Memory follows the chunk, not the number of records × k.
 from __future__ import annotations
 
 import argparse
-import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,9 +45,7 @@ import numpy as np
 import polars as pl
 from tqdm import tqdm
 
-from workflow_scripts.io import DataError, read_parquet, write_parquet
-
-log = logging.getLogger(__name__)
+from workflow_scripts.io import DataError, write_parquet
 
 LABEL_MODES = ("all", "top_n")
 SIDES = ("target", "reference")
