@@ -447,6 +447,8 @@ def side_scores(path: str, query_index: StringIndex, public: PublicSet, truth: L
         for chunk in scan.collect_batches(chunk_size=batch_rows):
             bar.update(len(chunk))
             rows = chunk if carry is None else pl.concat([carry, chunk])
+            if not len(rows):
+                continue
             run = query_runs(rows["query_id"])
             last_start = int(np.searchsorted(run, run[-1]))
             if last_start:
