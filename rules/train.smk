@@ -63,5 +63,7 @@ rule model:
     params:
         source=model_source,
     shell:
-        # touch: a link shares its source's mtime, which may be older than the producer's newest output.
-        "(ln -f {params.source} {output} || cp {params.source} {output}) > {log} 2>&1 && touch {output}"
+        # A checkpoint's link shares its mtime, older than the run's model.pt: touch it. Never touch the producer's
+        # own file (a run's model.pt), which would then look newer than the links of the run's shorter points.
+        "(ln -f {params.source} {output} || cp {params.source} {output}) > {log} 2>&1"
+        " && if [ {params.source} != {input} ]; then touch {output}; fi"
