@@ -50,7 +50,11 @@ rule train:
 
 
 rule model:
-    """A point's model.pt: a hard link (or copy) of the file that holds it (`model_source`)."""
+    """A point's model.pt: a relative symbolic link to the file that holds it (`model_source`).
+
+    A symbolic link, not a hard link: Snakemake touches every output after its job, and touching a hard link would
+    touch the run's own model.pt, which would then look newer than the links of the run's shorter points.
+    """
     input:
         model_producer,
     output:
@@ -61,9 +65,6 @@ rule model:
     conda:
         "../envs/dejavu.yaml"
     params:
-        source=model_source,
+        target=lambda wc, output: os.path.relpath(model_source(wc), os.path.dirname(output[0])),
     shell:
-        # A checkpoint's link shares its mtime, older than the run's model.pt: touch it. Never touch the producer's
-        # own file (a run's model.pt), which would then look newer than the links of the run's shorter points.
-        "(ln -f {params.source} {output} || cp {params.source} {output}) > {log} 2>&1"
-        " && if [ {params.source} != {input} ]; then touch {output}; fi"
+        "ln -sfn {params.target:q} {output:q} > {log} 2>&1"
