@@ -19,7 +19,7 @@ sys.path.insert(0, workflow.basedir)
 
 from workflow_scripts.cli import to_cli_flags
 from workflow_scripts.launch import LAUNCH_SETTINGS, gpus_for, launch_command, launch_resources
-from workflow_scripts.paramspace import alternation, expand_points, save_epochs, segment_regex, training_runs
+from workflow_scripts.paramspace import expand_points, save_epochs, segment_regex, training_runs
 
 validate(config, "../config/schema.yaml")
 
@@ -27,7 +27,6 @@ RESULTS = "results"
 POINTS = expand_points(config["training"], config.get("sweep", {}))
 # Points differing only in epochs share one training run (the longest); the others take its checkpoints.
 PLAN = training_runs(POINTS)
-RUNS = {entry["run"] for entry in PLAN.values()}
 SWEPT = [key for key, values in config.get("sweep", {}).items() if len(values) > 1]
 QUERY_SETS = {"target": "A", "holdout": "holdout"}  # metrics query set -> split file
 SIDES = ("A", "B")  # A trains f_A (target), B trains f_B (reference)
@@ -50,9 +49,13 @@ PATHS = {
     "split": f"{RESULTS}/splits/{{split}}/{{name}}.parquet",
     "split_subset": f"{RESULTS}/splits/{{split}}/n_train~{{n_train}}/{{side}}.parquet",
     # train
+    # train: a run's folder (run/) holds what the training job writes; every point's model.pt, whatever made it
+    # (a run, a run's checkpoint at a shorter epoch, an import), is the one file later stages read
     "model": f"{RESULTS}/models/{{split}}/{{point}}/{{side}}/model.pt",
-    "train_log": f"{RESULTS}/models/{{split}}/{{point}}/{{side}}/train_log.parquet",
-    "checkpoint": f"{RESULTS}/models/{{split}}/{{point}}/{{side}}/model_epoch{{epoch}}.pt",
+    "run_model": f"{RESULTS}/models/{{split}}/{{point}}/{{side}}/run/model.pt",
+    "train_log": f"{RESULTS}/models/{{split}}/{{point}}/{{side}}/run/train_log.parquet",
+    "checkpoint": f"{RESULTS}/models/{{split}}/{{point}}/{{side}}/run/model_epoch{{epoch}}.pt",
+    "imported_model": f"{RESULTS}/models/{{split}}/{{point}}/{{side}}/imported.pt",
     # embed: {collection} is public, captions or public_captions; {searcher} is {point}/{side} or the reference
     "public_shard_embeddings": f"{RESULTS}/embeddings/{{split}}/{{point}}/{{side}}/public_shards/{{shard}}.parquet",
     "embeddings": f"{RESULTS}/embeddings/{{split}}/{{searcher}}/{{collection}}.parquet",

@@ -25,7 +25,7 @@ rule import_target:
     input:
         lambda wc: ONE_MODEL["external_targets"][wc.target].get("checkpoint", []),
     output:
-        path("model", point="external~{target}", side="A"),
+        path("imported_model", point="external~{target}", side="A"),
     log:
         f"{RESULTS}/logs/import/{{split}}/{{target}}.log",
     conda:

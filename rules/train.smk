@@ -1,4 +1,5 @@
-# Stage train: one job per model (side A or B) per training run; shorter-epoch points reuse the run's checkpoints.
+# Stage train: one job per model (side A or B) per training run, into the run's folder; rule `model` then gives
+# every point its model.pt (the run's model, the run's checkpoint for a shorter-epoch point, or an import).
 
 
 include: "helpers/train.smk"
@@ -25,14 +26,12 @@ rule train:
         records=pool_records,
         split=side_split,
     output:
-        model=PATHS["model"],
+        model=PATHS["run_model"],
         log_table=PATHS["train_log"],
     log:
         f"{RESULTS}/logs/train/{{split}}/{{point}}/{{side}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/train/{{split}}/{{point}}/{{side}}.tsv"
-    wildcard_constraints:
-        point=alternation(RUNS),
     conda:
         "../envs/dejavu.yaml"
     threads: config["training"].get("threads", 1)
@@ -50,20 +49,21 @@ rule train:
         " --out-dir {params.out_dir} {params.flags} {params.execution} > {log} 2>&1"
 
 
-rule early_stopped_model:
-    """A shorter-epoch point: the run's checkpoint at that epoch (hard link when possible, else a copy)."""
+rule model:
+    """A point's model.pt: a hard link (or copy) of the file that holds it (`model_source`)."""
     input:
-        run_model=lambda wc: path("model", split=wc.split, point=PLAN[wc.point]["run"], side=wc.side),
+        model_producer,
     output:
         PATHS["model"],
     log:
-        f"{RESULTS}/logs/train/{{split}}/{{point}}/{{side}}.log",
-    wildcard_constraints:
-        point=alternation(set(POINTS) - RUNS) or "(?!)",
+        f"{RESULTS}/logs/train/{{split}}/{{point}}/{{side}}.model.log",
+    localrule: True
     conda:
         "../envs/dejavu.yaml"
     params:
-        checkpoint=run_checkpoint,
+        source=model_source,
     shell:
-        # touch: the link shares the checkpoint's older mtime, which would look outdated next to the run's model.
-        "(ln -f {params.checkpoint} {output} || cp {params.checkpoint} {output}) > {log} 2>&1 && touch {output}"
+        # A checkpoint's link shares its mtime, older than the run's model.pt: touch it. Never touch the producer's
+        # own file (a run's model.pt), which would then look newer than the links of the run's shorter points.
+        "(ln -f {params.source} {output} || cp {params.source} {output}) > {log} 2>&1"
+        " && if [ {params.source} != {input} ]; then touch {output}; fi"

@@ -57,7 +57,7 @@ METRICS = {"metrics": 4, "metrics_one_model": 8, "agreement": 2, **FIGURES}
 SEARCH = {"knn_shard": 8, "knn": 4, **METRICS}
 MODELS_DOWN = {"embed_public_shard": 8, "embed_public": 4, "embed_captions": 4, "embed_public_captions": 2,
                "knn_captions": 2, "utility": 4, **SEARCH}
-TRAINING_DOWN = {"train": 2, "early_stopped_model": 2, **MODELS_DOWN}
+TRAINING_DOWN = {"train": 2, "model": 4, **MODELS_DOWN}
 SPLITS_DOWN = {"splits": 1, "embed_reference": 1, **TRAINING_DOWN, "knn_captions": 3}
 
 RESULT_SETTINGS = [

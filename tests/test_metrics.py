@@ -242,3 +242,52 @@ def test_batched_metrics_equal_one_batch(tmp_path):
     for table in ("records", "population", "sample_level"):
         assert pl.read_parquet(tmp_path / "one" / f"{table}.parquet").equals(
             pl.read_parquet(tmp_path / "many" / f"{table}.parquet")), table
+
+
+def metric_inputs(tmp_path, truth=TRUTH, public=PUBLIC, queries=None, nb=None):
+    """Paths of a small valid input set, any part replaced by the caller."""
+    nb = nb if nb is not None else neighbors({"q1": ["p1", "p2"], "q2": ["p2", "p3"], "q3": ["p1", "p4"],
+                                              "q4": ["p2", "p1"]})
+    queries = queries if queries is not None else pl.DataFrame({"id": ["q1", "q2", "q3", "q4"]})
+    return dict(target_neighbors=write(nb, tmp_path / "nb.parquet"), reference_neighbors=str(tmp_path / "nb.parquet"),
+                query_annotations=write(truth, tmp_path / "truth.parquet"),
+                public_annotations=write(public, tmp_path / "public.parquet"),
+                queries=write(queries, tmp_path / "queries.parquet"),
+                out_dir=tmp_path / "out", k=2, top_n=1, top_l=[1], n_boot=5, frac=0.5, seed=0)
+
+
+@pytest.mark.parametrize("table, expected", [("queries", "queries.parquet.*duplicate id.*q2"),
+                                             ("truth", "truth.parquet.*more than once.*q2"),
+                                             ("public", "public.parquet.*duplicate id.*p2")])
+def test_compute_refuses_duplicate_ids(tmp_path, table, expected):
+    replaced = {"queries": {"queries": pl.DataFrame({"id": ["q1", "q2", "q3", "q4", "q2"]})},
+                "truth": {"truth": pl.concat([TRUTH, TRUTH.filter(pl.col("id") == "q2")])},
+                "public": {"public": pl.concat([PUBLIC, PUBLIC.filter(pl.col("id") == "p2")])}}[table]
+    with pytest.raises(DataError, match=expected):
+        metrics.compute(**metric_inputs(tmp_path, **replaced))
+
+
+def test_compute_refuses_an_empty_query_set(tmp_path):
+    with pytest.raises(DataError, match="queries.parquet: no query records"):
+        metrics.compute(**metric_inputs(tmp_path, queries=pl.DataFrame({"id": []}, schema={"id": pl.String})))
+
+
+@pytest.mark.parametrize("table", ["truth", "public"])
+def test_compute_refuses_labels_of_the_wrong_type(tmp_path, table):
+    frame = {"truth": TRUTH, "public": PUBLIC}[table]
+    as_text = frame.with_columns(pl.col("labels").list.join(","))
+    with pytest.raises(DataError, match=f"{table}.parquet: column.*'labels' is String, not list<str>"):
+        metrics.compute(**metric_inputs(tmp_path, **{table: as_text}))
+
+
+def test_compute_refuses_neighbour_lists_shorter_than_k(tmp_path):
+    inputs = metric_inputs(tmp_path)
+    with pytest.raises(DataError, match="nb.parquet: neighbour lists stop at 2 rank.*k = 5"):
+        metrics.compute(**{**inputs, "k": 5})
+
+
+def test_compute_refuses_a_query_whose_rows_are_apart(tmp_path):
+    nb = neighbors({"q1": ["p1", "p2"], "q2": ["p2", "p3"], "q3": ["p1", "p4"], "q4": ["p2", "p1"]})
+    apart = pl.concat([nb.slice(1), nb.slice(0, 1)])  # q1's rank 0 moved to the end
+    with pytest.raises(DataError, match="nb.parquet: the rows of query 'q1' are not together"):
+        metrics.compute(**metric_inputs(tmp_path, nb=apart))

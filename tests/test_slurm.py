@@ -118,7 +118,7 @@ def test_training_runs_as_srun_tasks_and_equals_the_torchrun_run(cluster, tmp_pa
     jobs = slurm_jobs(run_id)
     assert [(state, rule) for _, state, rule in jobs if rule == "train"] == [("COMPLETED", "train")], jobs
     assert "srun --kill-on-bad-exit=1 --nodes=1 --ntasks-per-node=2" in output
-    provenance = json.loads(read_metadata(on_slurm / model_dir / "train_log.parquet")["dejavu:params"])
+    provenance = json.loads(read_metadata(on_slurm / model_dir / "run" / "train_log.parquet")["dejavu:params"])
     assert provenance["world_size"] == 2
 
     torchrun = {**SRUN_TRAINING, "training": {**SRUN_TRAINING["training"], "use_srun": False}}
@@ -127,5 +127,5 @@ def test_training_runs_as_srun_tasks_and_equals_the_torchrun_run(cluster, tmp_pa
                for workdir in (on_slurm, local)]
     assert trained[0].keys() == trained[1].keys()
     assert all(torch.equal(trained[0][name], trained[1][name]) for name in trained[0])
-    logs = [pl.read_parquet(workdir / model_dir / "train_log.parquet").drop("seconds") for workdir in (on_slurm, local)]
+    logs = [pl.read_parquet(workdir / model_dir / "run" / "train_log.parquet").drop("seconds") for workdir in (on_slurm, local)]
     assert logs[0].equals(logs[1])

@@ -42,7 +42,7 @@ def test_adding_a_mask_value_schedules_only_the_new_points(tiny_workflow):
     for rule, _ in jobs:
         counts[rule] = counts.get(rule, 0) + 1
     # Two new points (epochs 1 and 2 at mask 0.5) x two models, P in two shards, both one-model modes.
-    assert counts == {"train": 2, "early_stopped_model": 2, "embed_public_shard": 8, "embed_public": 4,
+    assert counts == {"train": 2, "model": 4, "embed_public_shard": 8, "embed_public": 4,
                       "knn_shard": 8, "knn": 4, "embed_captions": 4, "utility": 4, "metrics": 4,
                       "embed_public_captions": 2, "knn_captions": 2, "metrics_one_model": 8, "agreement": 2,
                       "figures_point": 2, "figures_qualitative": 2, "summary": 1, "figures_sweep": 1, "all": 1}, counts
@@ -63,10 +63,10 @@ def test_short_point_takes_the_runs_checkpoint(tiny_workflow):
     models = tiny_workflow / "results" / "models" / "scenes"
     short = torch.load(models / SHORT_POINT / "A" / "model.pt", weights_only=True)
     assert short["epoch"] == 1
-    run_checkpoint = torch.load(models / POINT / "A" / "model_epoch1.pt", weights_only=True)
+    run_checkpoint = torch.load(models / POINT / "A" / "run" / "model_epoch1.pt", weights_only=True)
     assert all(torch.equal(short["state_dict"][k], v) for k, v in run_checkpoint["state_dict"].items())
-    assert not (models / SHORT_POINT / "A" / "train_log.parquet").exists()  # never trained on its own
-    assert pl.read_parquet(models / POINT / "A" / "train_log.parquet")["epoch"].to_list() == [1, 2]
+    assert not (models / SHORT_POINT / "A" / "run").exists()  # never trained on its own
+    assert pl.read_parquet(models / POINT / "A" / "run" / "train_log.parquet")["epoch"].to_list() == [1, 2]
 
 
 def test_summary_has_one_row_per_point_matching_the_metric_tables(tiny_workflow):

@@ -13,7 +13,7 @@ CONTRACTS = {
     "splits/scenes/A.parquet": {"id": "string"},
     "splits/scenes/B.parquet": {"id": "string"},
     "splits/scenes/holdout.parquet": {"id": "string"},
-    f"models/scenes/{POINT}/A/train_log.parquet": {"epoch": "int64", "loss": "double", "seconds": "double"},
+    f"models/scenes/{POINT}/A/run/train_log.parquet": {"epoch": "int64", "loss": "double", "seconds": "double"},
     f"embeddings/scenes/{POINT}/A/public.parquet": {"id": "string", "embedding": "fixed_size_list<element: float>[64]"},
     f"embeddings/scenes/{POINT}/B/captions.parquet": {"id": "string",
                                                        "embedding": "fixed_size_list<element: float>[64]"},

@@ -21,18 +21,31 @@ Population gaps, f_A ("target") against f_B ("reference"):
   difference, which the tests check). Positive when f_A recovers more.
 
 Each is reported on all records and as mean ± std over bootstrap resamples.
-Everything is vectorised: polars for the label joins, numpy for the gaps.
+
+How it runs. Ids and labels become integers once: each string list is indexed by
+64-bit hash (`StringIndex`), the labels are coded in name order, and every
+record's label set is a CSR row of distinct codes (`LabelSets`). Each
+neighbours file is then walked once, in its own order, in chunks of
+``batch_rows`` rows; a query's rows must lie together (the kNN stage writes
+them so). The complete queries of a chunk are scored with numpy over dense
+(query × label) cells: one ``bincount`` gives each label's neighbour count, a
+pass over the ranks from the farthest to the nearest its best rank, and
+histograms of counts and ranks find each query's ``top_n`` cut without a sort.
+Memory follows the chunk, not the number of records × k.
 """
 
 from __future__ import annotations
 
 import argparse
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import polars as pl
+from tqdm import tqdm
 
-from workflow_scripts.io import DataError, read_parquet, write_parquet
+from workflow_scripts.io import DataError, write_parquet
 
 LABEL_MODES = ("all", "top_n")
 SIDES = ("target", "reference")
@@ -42,65 +55,479 @@ ORDERS = {
     "correct": (pl.col("n_correct_target"), False),
     "gap": (pl.col("n_correct_target") - pl.col("n_correct_reference"), True),
 }
+# Dense (query × label) cells scored at once: small enough for the counting arrays (~12 bytes a cell) to stay in cache.
+DENSE_CELLS = 1 << 20
+# Resampled values scored at once by the bootstrap (per column): bounds its memory.
+BOOTSTRAP_VALUES = 1 << 21
 
 
-def predicted_labels(neighbors: pl.LazyFrame, public_annotations: pl.LazyFrame, k: int, top_n: int) -> pl.LazyFrame:
-    """(query_id, label, label_mode) rows: the objects each query's k neighbours predict, in both modes."""
-    labelled = (
-        neighbors.filter(pl.col("rank") < k)
-        .join(public_annotations.select(pl.col("id").alias("public_id"), pl.col("labels").alias("label")),
-              on="public_id", how="inner")
-        .explode("label")
-        .drop_nulls("label")
-        .unique(["query_id", "public_id", "label"])
-    )
-    counted = labelled.group_by("query_id", "label").agg(count=pl.len(), best_rank=pl.col("rank").min())
-    ranked = counted.sort(["query_id", "count", "best_rank", "label"], descending=[False, True, False, False]) \
-        .with_columns(position=pl.int_range(pl.len()).over("query_id"))
-    return pl.concat([
-        ranked.select("query_id", "label", label_mode=pl.lit("all")),
-        ranked.filter(pl.col("position") < top_n).select("query_id", "label", label_mode=pl.lit("top_n")),
-    ])
+# --- strings as integers ---
+
+class StringIndex:
+    """The position of each string in a list of distinct strings, found for a whole Series at once.
+
+    Strings are compared by a 64-bit hash. Buckets (the top bits of the hash, about 2 per string) hold
+    the first two hashes that fall in them, and a string is looked up with one or two gathers; the rare
+    third of a bucket by a binary search of the sorted hashes. Distinct strings of the list never share a
+    hash (another seed is tried if they do); a string outside the list is reported only if its hash differs
+    from every listed one, which fails with probability ~|list| / 2^64.
+    """
+
+    def __init__(self, strings: pl.Series, path: str, what: str):
+        for seed in range(8):
+            hashes = strings.hash(seed).to_numpy()
+            order = np.argsort(hashes, kind="stable")
+            sorted_hashes = hashes[order]
+            clash = np.flatnonzero(sorted_hashes[1:] == sorted_hashes[:-1])
+            if not len(clash):
+                break
+            left, right = strings.gather(order[clash]), strings.gather(order[clash + 1])
+            duplicated = left.filter(left == right).unique().sort()
+            if len(duplicated):
+                raise DataError(f"{path}: {len(duplicated)} duplicate {what}(s), e.g. {duplicated.head(5).to_list()}")
+        else:
+            raise RuntimeError(f"{path}: distinct {what}s share a 64-bit hash under 8 seeds")
+        self.strings, self.seed, self.order, self.hashes = strings, seed, order, sorted_hashes
+        bits = max(len(hashes) - 1, 1).bit_length() + 1
+        self.shift = np.uint64(64 - bits)
+        bucket = (sorted_hashes >> self.shift).astype(np.intp)
+        place = np.arange(len(bucket)) - np.searchsorted(bucket, bucket)
+        # Per slot (first, second of a bucket): its hash and position. An empty slot holds a hash of the next
+        # bucket, which no string of its own bucket has.
+        self.slots = []
+        for slot in range(2):
+            slot_hash = np.arange(1, 2 ** bits + 1, dtype=np.uint64) << self.shift
+            slot_position = np.full(2 ** bits, -1, np.int64)
+            slot_hash[bucket[place == slot]] = sorted_hashes[place == slot]
+            slot_position[bucket[place == slot]] = order[place == slot]
+            self.slots.append((slot_hash, slot_position))
+
+    def __len__(self) -> int:
+        return len(self.hashes)
+
+    def positions(self, strings: pl.Series, rows: np.ndarray | None = None) -> np.ndarray:
+        """int64 position of each string (of `rows` of the Series only, if given) in the list, −1 where not listed."""
+        hashes = strings.hash(self.seed).to_numpy()
+        if rows is not None and len(rows) < len(hashes):
+            hashes = hashes[rows]
+        bucket = (hashes >> self.shift).view(np.int64)
+        (first_hash, first_position), (second_hash, second_position) = self.slots
+        found = np.take(first_position, bucket)
+        miss = np.flatnonzero(np.take(first_hash, bucket) != hashes)
+        found[miss] = second_position[bucket[miss]]
+        miss = miss[second_hash[bucket[miss]] != hashes[miss]]
+        if len(miss) and len(self.hashes):
+            at = np.minimum(np.searchsorted(self.hashes, hashes[miss]), len(self.hashes) - 1)
+            found[miss] = np.where(self.hashes[at] == hashes[miss], self.order[at], -1)
+        else:
+            found[miss] = -1
+        return found
+
+
+@dataclass(frozen=True)
+class LabelSets:
+    """Label codes of records as CSR rows: record i holds codes[offsets[i]:offsets[i + 1]], distinct, ascending."""
+
+    offsets: np.ndarray  # int64, one more than records
+    codes: np.ndarray  # int64
+
+    def expand(self, records: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(owner, code) of every label of `records` in their order: owner indexes `records`."""
+        starts = self.offsets[records]
+        lengths = self.offsets[records + 1] - starts
+        ends = np.cumsum(lengths)
+        owner = np.repeat(np.arange(len(records)), lengths)
+        source = np.arange(ends[-1] if len(ends) else 0) + np.repeat(starts - ends + lengths, lengths)
+        return owner, self.codes[source]
+
+
+def label_values(labels: pl.Series, ids: pl.Series, path: str) -> pl.Series:
+    """The labels of every record, flattened; a null list or label is an error naming the record."""
+    values = labels.explode(empty_as_null=False, keep_nulls=False)
+    if labels.null_count() or values.null_count():
+        nulls = labels.is_null() | labels.list.eval(pl.element().is_null()).list.any()
+        raise DataError(f"{path}: null labels (use an empty list for no objects) in record(s) "
+                        f"{ids.filter(nulls).head(5).to_list()}")
+    return values
+
+
+def label_sets(labels: pl.Series, ids: pl.Series, vocabulary: StringIndex, path: str) -> LabelSets:
+    """Each record's distinct label codes (labels outside the vocabulary dropped)."""
+    codes = vocabulary.positions(label_values(labels, ids, path))
+    record = np.repeat(np.arange(len(labels)), labels.list.len().to_numpy())
+    known = codes >= 0
+    keys = np.sort(record[known] * len(vocabulary) + codes[known])
+    keys = keys[np.diff(keys, prepend=-1) != 0]
+    counts = np.bincount(keys // max(len(vocabulary), 1), minlength=len(labels))
+    return LabelSets(np.concatenate([[0], np.cumsum(counts)]), keys % max(len(vocabulary), 1))
+
+
+@dataclass(frozen=True)
+class PublicSet:
+    """The public annotations as integers: ids, the label vocabulary (name order) and each record's label set.
+
+    A record's labels are a row of `padded` (width: the 99th percentile of the label counts; the column
+    code n_labels pads), the rest of a longer set a row of `overflow`. One extra, empty row (index
+    len(ids)) stands for a neighbour already counted.
+    """
+
+    ids: StringIndex
+    vocabulary: pl.Series
+    label_index: StringIndex
+    padded: np.ndarray
+    overflow: LabelSets
+
+    @property
+    def n_columns(self) -> int:
+        """Label columns of a query's dense cells: the labels, then the padding."""
+        return len(self.vocabulary) + 1
+
+    @classmethod
+    def from_frame(cls, frame: pl.DataFrame, path: str) -> "PublicSet":
+        values = label_values(frame["labels"], frame["id"], path)
+        vocabulary = values.unique().sort()
+        index = StringIndex(vocabulary, path, "label")
+        sets = label_sets(frame["labels"], frame["id"], index, path)
+        lengths = np.append(np.diff(sets.offsets), 0)
+        width = max(1, int(np.percentile(lengths, 99)))
+        record = np.repeat(np.arange(len(lengths)), lengths)
+        column = np.arange(len(sets.codes)) - np.repeat(sets.offsets[:-1], lengths[:-1])
+        inside = column < width
+        padded = np.full((len(lengths), width), len(vocabulary), np.int64)
+        padded[record[inside], column[inside]] = sets.codes[inside]
+        overflow = np.concatenate([[0], np.cumsum(np.maximum(lengths - width, 0))])
+        return cls(StringIndex(frame["id"], path, "id"), vocabulary, index, padded,
+                   LabelSets(overflow, sets.codes[~inside]))
+
+
+# --- scoring a batch of queries ---
+
+@dataclass(frozen=True)
+class Predictions:
+    """Every (query, label) a batch's neighbours predict, in (query, label) order, with its top_n membership."""
+
+    cell: np.ndarray  # query * n_columns + label
+    count: np.ndarray  # neighbours carrying the label
+    best_rank: np.ndarray  # rank of the nearest of them
+    top: np.ndarray  # bool: among the query's top_n labels
+
+
+
+def first_occurrences(query: np.ndarray, rank: np.ndarray, public: np.ndarray, n_public: int) -> np.ndarray:
+    """Rows whose public record the query has not listed at a nearer rank (a neighbour counts once).
+
+    Rows of one query lie together, queries in ascending order.
+    """
+    first = np.ones(len(query), bool)
+    lengths = np.bincount(query)
+    suspects = np.arange(len(query))
+    if len(lengths) and (lengths == lengths[0]).all():  # the usual table: as many rows per query
+        ordered = np.sort(public.reshape(len(lengths), -1), axis=1)
+        repeated = np.flatnonzero((ordered[:, 1:] == ordered[:, :-1]).any(axis=1))
+        suspects = np.flatnonzero(np.isin(query, repeated)) if len(repeated) else suspects[:0]
+    if len(suspects):
+        order = suspects[np.lexsort((rank[suspects], public[suspects], query[suspects]))]
+        key = query[order] * (n_public + 1) + public[order]
+        first[order[1:]] = key[1:] != key[:-1]
+    return first
+
+
+def predictions(query: np.ndarray, rank: np.ndarray, public: np.ndarray, n_queries: int, public_set: PublicSet,
+                k: int, top_n: int) -> Predictions:
+    """The labels that the neighbour rows (query, rank, public record), ranks < k, predict for queries 0..n-1.
+
+    Rows of one query lie together, queries in ascending order.
+    """
+    n_columns, n_public = public_set.n_columns, len(public_set.ids)
+    first = first_occurrences(query, rank, public, n_public)
+    if not first.all():
+        public = np.where(first, public, n_public)
+    by_rank = np.argsort(rank.astype(np.int16), kind="stable")
+    public, base = public[by_rank], query[by_rank] * n_columns
+    padded = np.take(public_set.padded, public, axis=0) + base[:, None]
+    owner, code = public_set.overflow.expand(public) if len(public_set.overflow.codes) else (public[:0], public[:0])
+    overflow = base[owner] + code
+    count = np.bincount(padded.reshape(-1), minlength=n_queries * n_columns)
+    if len(overflow):
+        count += np.bincount(overflow, minlength=n_queries * n_columns)
+    count[n_columns - 1::n_columns] = 0  # the padding column
+    # Labels are written rank by rank, farthest first, so each cell keeps its nearest rank. No label cell
+    # repeats within one rank (a neighbour's labels are distinct), so the assignment order does not matter.
+    best = np.full(n_queries * n_columns, k, np.int16)
+    row_bounds = np.searchsorted(rank[by_rank], np.arange(k + 1))
+    overflow_bounds = np.searchsorted(owner, row_bounds)
+    for r in range(k - 1, -1, -1):
+        best[padded[row_bounds[r]:row_bounds[r + 1]]] = r
+        if len(overflow):
+            best[overflow[overflow_bounds[r]:overflow_bounds[r + 1]]] = r
+    cell = np.flatnonzero(count > 0)
+    query_of_cell = cell // n_columns
+    return Predictions(cell, count[cell], best[cell],
+                       top_labels(query_of_cell, count[cell], best[cell], n_queries, k, top_n))
+
+
+def top_labels(query: np.ndarray, count: np.ndarray, best_rank: np.ndarray, n_queries: int, k: int,
+               top_n: int) -> np.ndarray:
+    """Whether each predicted (query, label), in (query, label) order, is among the query's top_n.
+
+    The order is count descending, best rank ascending, label ascending. Rather than sorting, histograms
+    find each query's cut: the count c* of its top_n-th label, then among the labels counted c* the best
+    rank r* that fills the top_n, then as many labels counted c* at rank r* as are left, in label order.
+    """
+    rows = np.arange(n_queries)
+    # at_least[q, c]: labels of q carried by >= c neighbours (c = 0..k+1).
+    at_least = np.zeros((n_queries, k + 2), np.int64)
+    at_least[:, :k + 1] = np.bincount(query * (k + 1) + count, minlength=n_queries * (k + 1)) \
+        .reshape(n_queries, k + 1)[:, ::-1].cumsum(axis=1)[:, ::-1]
+    cut_count = (at_least[:, 1:k + 1] >= top_n).sum(axis=1)  # 0 when the query predicts fewer than top_n
+    left = top_n - at_least[rows, cut_count + 1]  # places for labels counted exactly c*
+    cut = cut_count[query]
+    top = count > cut
+    tied = np.flatnonzero(count == cut)
+    tied_query, tied_rank = query[tied], best_rank[tied]
+    # before_rank[q, r]: labels counted c* whose best rank is < r.
+    before_rank = np.zeros((n_queries, k + 1), np.int64)
+    before_rank[:, 1:] = np.bincount(tied_query * k + tied_rank, minlength=n_queries * k) \
+        .reshape(n_queries, k).cumsum(axis=1)
+    cut_rank = (before_rank[:, 1:] < left[:, None]).sum(axis=1)
+    left_at_rank = left - before_rank[rows, cut_rank]
+    top[tied[tied_rank < cut_rank[tied_query]]] = True
+    at_cut = tied[tied_rank == cut_rank[tied_query]]
+    cut_query = query[at_cut]
+    place = np.arange(len(cut_query)) - np.searchsorted(cut_query, cut_query)  # label order within the query
+    top[at_cut[place < left_at_rank[cut_query]]] = True
+    return top
+
+
+def query_counts(predicted: Predictions, truth: LabelSets, queries: np.ndarray, n_columns: int) -> np.ndarray:
+    """[n_predicted, n_correct] × [all, top_n] of each query (truth row `queries[q]` for batch query q)."""
+    n_queries = len(queries)
+    truth_query, truth_code = truth.expand(queries)
+    truth_cell = truth_query * n_columns + truth_code
+    at = np.minimum(np.searchsorted(predicted.cell, truth_cell), max(len(predicted.cell) - 1, 0))
+    predicted_truth = predicted.cell[at] == truth_cell if len(predicted.cell) else np.zeros(len(truth_cell), bool)
+    top_truth = predicted_truth & predicted.top[at] if len(predicted.cell) else predicted_truth
+    counts = np.empty((2, 2, n_queries), np.int32)
+    counts[0, 0] = np.diff(np.searchsorted(predicted.cell, np.arange(n_queries + 1) * n_columns))
+    counts[0, 1] = np.bincount(predicted.cell[predicted.top] // n_columns, minlength=n_queries)
+    counts[1, 0] = np.bincount(truth_query[predicted_truth], minlength=n_queries)
+    counts[1, 1] = np.bincount(truth_query[top_truth], minlength=n_queries)
+    return counts
+
+
+# --- reading the inputs ---
+
+COLUMN_TYPES = {"str": lambda dtype: dtype == pl.String, "list<str>": lambda dtype: dtype == pl.List(pl.String),
+                "integer": lambda dtype: dtype.is_integer(), "float": lambda dtype: dtype.is_float()}
+NEIGHBOR_COLUMNS = {"query_id": "str", "rank": "integer", "public_id": "str", "score": "float"}
+
+
+def scan_checked(path: str, columns: dict[str, str]) -> pl.LazyFrame:
+    """A lazy view of `columns` of a Parquet file, their presence and types (keys of COLUMN_TYPES) checked."""
+    if not Path(path).exists():
+        raise DataError(f"{path}: file does not exist")
+    try:
+        schema = pl.scan_parquet(path).collect_schema()
+    except Exception as error:  # polars raises many types for files that are not Parquet
+        raise DataError(f"{path}: not a readable Parquet file ({error})") from error
+    missing = [name for name in columns if name not in schema]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; found {schema.names()}")
+    wrong = [f"'{name}' is {schema[name]}, not {kind}" for name, kind in columns.items()
+             if not COLUMN_TYPES[kind](schema[name])]
+    if wrong:
+        raise DataError(f"{path}: column(s) of the wrong type: {'; '.join(wrong)}")
+    return pl.scan_parquet(path).select(list(columns))
+
+
+def read_queries(path: str) -> pl.Series:
+    ids = scan_checked(path, {"id": "str"}).collect()["id"]
+    if not len(ids):
+        raise DataError(f"{path}: no query records (an empty split): there is nothing to measure")
+    return ids
+
+
+def read_public(path: str) -> PublicSet:
+    return PublicSet.from_frame(scan_checked(path, {"id": "str", "labels": "list<str>"}).collect(), path)
+
+
+def read_truth(path: str, query_ids: pl.Series, public: PublicSet, queries_path: str) -> tuple[np.ndarray, LabelSets]:
+    """n_objects and label sets (public label codes) of the query records, in the order of `query_ids`."""
+    queries = pl.DataFrame({"id": query_ids, "position": np.arange(len(query_ids))})
+    truth = scan_checked(path, {"id": "str", "labels": "list<str>"}).join(queries.lazy(), on="id", how="inner") \
+        .collect(engine="streaming").sort("position")
+    duplicated = truth.filter(pl.col("position").is_duplicated())["id"].unique().sort()
+    if len(duplicated):
+        raise DataError(f"{path}: {len(duplicated)} query record(s) annotated more than once, "
+                        f"e.g. {duplicated.head(5).to_list()}")
+    if truth.height < len(query_ids):
+        missing = query_ids.filter(~query_ids.is_in(truth["id"].implode()))
+        raise DataError(f"{path}: no annotation row for {len(missing)} query record(s) of {queries_path}, "
+                        f"e.g. {missing.head(5).to_list()}")
+    sets = label_sets(truth["labels"], truth["id"], public.label_index, path)
+    return truth["labels"].list.n_unique().to_numpy().astype(np.int32), sets
+
+
+def check_ranks(path: str, k: int) -> None:
+    """The neighbour lists reach rank k − 1 and no rank is negative."""
+    low, high = pl.scan_parquet(path).select(low=pl.col("rank").min(), high=pl.col("rank").max()).collect().row(0)
+    if high is None or high + 1 < k:
+        raise DataError(f"{path}: neighbour lists stop at {0 if high is None else high + 1} rank(s), fewer than "
+                        f"k = {k}: search more neighbours (knn.k) or lower metrics.k")
+    if low < 0:
+        raise DataError(f"{path}: negative rank {low}")
+
+
+# --- one model's scores, streamed over its neighbours table ---
+
+def query_runs(query_ids: pl.Series) -> np.ndarray:
+    """Number each run of equal query ids (0, 0, ..., 1, 1, ...), comparing neighbouring rows' 64-bit hashes.
+
+    Two different neighbouring ids that shared a hash would make one run: the second query would then read
+    as having no neighbours, an error, never a silent number.
+    """
+    hashes = query_ids.hash(0).to_numpy()
+    run = np.zeros(len(hashes), np.int64)
+    np.cumsum(hashes[1:] != hashes[:-1], out=run[1:])
+    return run
+
+@dataclass
+class SideScores:
+    """One model's per-record counts, in the order of the query list."""
+
+    counts: np.ndarray  # int32 [n_predicted, n_correct] × [all, top_n] × records
+    nn_score: np.ndarray  # float32: score of the rank-0 neighbour, NaN where a record has none
+    seen: np.ndarray  # bool: the record's rows were read
+
+    @classmethod
+    def empty(cls, n_records: int) -> "SideScores":
+        return cls(np.zeros((2, 2, n_records), np.int32), np.full(n_records, np.nan, np.float32),
+                   np.zeros(n_records, bool))
+
+
+def score_chunk(rows: pl.DataFrame, run: np.ndarray, scores: SideScores, query_index: StringIndex,
+                public: PublicSet, truth: LabelSets, k: int, top_n: int, path: str) -> None:
+    """Score the queries of neighbour rows that hold all rows of each of their queries; `run` numbers the queries."""
+    run_start = np.flatnonzero(np.diff(run, prepend=-1))
+    position = query_index.positions(rows["query_id"].gather(run_start))  # −1: a query of another split
+    listed = position[position >= 0]
+    ordered = np.sort(listed)
+    again = np.concatenate([listed[scores.seen[listed]], ordered[1:][ordered[1:] == ordered[:-1]]])
+    if len(again):
+        raise DataError(f"{path}: the rows of query {query_index.strings[int(again[0])]!r} are not together "
+                        f"(the kNN stage writes each query's rows in one run)")
+    scores.seen[listed] = True
+    rank = rows["rank"].to_numpy()
+    used = np.flatnonzero((position[run] >= 0) & (rank < k))
+    public_row = public.ids.positions(rows["public_id"], used)
+    if (public_row < 0).any():
+        unknown = rows["public_id"].gather(used[public_row < 0]).unique().sort()
+        raise DataError(f"{path}: {len(unknown)} public id(s) without a public annotation row, "
+                        f"e.g. {unknown.head(5).to_list()}")
+    nearest = used[rank[used] == 0]
+    scores.nn_score[position[run[nearest]]] = rows["score"].gather(nearest).to_numpy()
+    batch_query = (np.cumsum(position >= 0) - 1)[run[used]]
+    step = max(1, DENSE_CELLS // public.n_columns)
+    bounds = np.searchsorted(batch_query, np.arange(0, len(listed) + step, step))
+    for first, lo, hi in zip(range(0, len(listed), step), bounds[:-1], bounds[1:]):
+        queries = listed[first:first + step]
+        predicted = predictions(batch_query[lo:hi] - first, rank[used[lo:hi]], public_row[lo:hi], len(queries),
+                                public, k, top_n)
+        scores.counts[:, :, queries] = query_counts(predicted, truth, queries, public.n_columns)
+
+
+def side_scores(path: str, query_index: StringIndex, public: PublicSet, truth: LabelSets, k: int, top_n: int,
+                batch_rows: int) -> SideScores:
+    """Stream a neighbours file in chunks of `batch_rows` rows; a query cut by a chunk's end moves to the next."""
+    scores = SideScores.empty(len(query_index))
+    scan = scan_checked(path, NEIGHBOR_COLUMNS)
+    n_rows = scan.select(pl.len()).collect().item()
+    carry = None
+    with tqdm(total=n_rows, desc=f"metrics {Path(path).name}", unit="row", unit_scale=True, mininterval=2) as bar:
+        for chunk in scan.collect_batches(chunk_size=batch_rows):
+            bar.update(len(chunk))
+            rows = chunk if carry is None else pl.concat([carry, chunk])
+            if not len(rows):
+                continue
+            run = query_runs(rows["query_id"])
+            last_start = int(np.searchsorted(run, run[-1]))
+            if last_start:
+                score_chunk(rows.slice(0, last_start), run[:last_start], scores, query_index, public, truth, k,
+                            top_n, path)
+            carry = rows.slice(last_start)
+    if carry is not None and len(carry):
+        score_chunk(carry, query_runs(carry["query_id"]), scores, query_index, public, truth, k, top_n,
+                    path)
+    return scores
+
+
+# --- tables ---
+
+def scores_frame(query_ids: pl.Series, n_objects: np.ndarray, scores: SideScores, mode: int,
+                 suffix: str = "") -> pl.DataFrame:
+    """n_predicted, n_correct, precision, recall, f1, nn_score of one model and label mode, in query order."""
+    frame = pl.DataFrame({"n_objects": n_objects, "n_predicted": scores.counts[0, mode],
+                          "n_correct": scores.counts[1, mode], "nn_score": scores.nn_score},
+                         schema={"n_objects": pl.Int32, "n_predicted": pl.Int32, "n_correct": pl.Int32,
+                                 "nn_score": pl.Float32}).with_columns(pl.col("nn_score").fill_nan(None))
+    precision = pl.when(pl.col("n_predicted") > 0).then(pl.col("n_correct") / pl.col("n_predicted")).otherwise(0.0)
+    recall = pl.when(pl.col("n_objects") > 0).then(pl.col("n_correct") / pl.col("n_objects"))
+    frame = frame.with_columns(precision=precision, recall=recall)
+    f1 = pl.when(pl.col("precision") + pl.col("recall") > 0) \
+        .then(2 * pl.col("precision") * pl.col("recall") / (pl.col("precision") + pl.col("recall"))).otherwise(0.0)
+    frame = frame.with_columns(f1=pl.when(pl.col("recall").is_not_null()).then(f1))
+    values = ["n_predicted", "n_correct", "precision", "recall", "f1", "nn_score"]
+    return frame.select(id=query_ids, label_mode=pl.lit(LABEL_MODES[mode]), n_objects="n_objects",
+                        **{f"{name}{suffix}": name for name in values})
+
+
+def records_table(query_ids: pl.Series, n_objects: np.ndarray, sides: dict[str, SideScores]) -> pl.DataFrame:
+    """Both models' scores side by side (suffixes _target, _reference), sorted by label mode, then id."""
+    order = query_ids.arg_sort()
+    frames = []
+    for mode in range(len(LABEL_MODES)):
+        target, reference = (scores_frame(query_ids, n_objects, sides[side], mode, f"_{side}") for side in SIDES)
+        frames.append(pl.concat([target, reference.drop("id", "label_mode", "n_objects")], how="horizontal")[order])
+    return pl.concat(frames)
+
+
+def frame_scores(neighbors: pl.DataFrame, public: PublicSet, query_ids: pl.Series, truth: LabelSets, k: int,
+                 top_n: int) -> SideScores:
+    """Scores of an in-memory neighbours frame (any row order)."""
+    scores = SideScores.empty(len(query_ids))
+    rows = neighbors.filter(pl.col("query_id").is_in(query_ids.implode())).sort("query_id", "rank")
+    score_chunk(rows, query_runs(rows["query_id"]), scores, StringIndex(query_ids, "queries", "id"), public,
+                truth, k, top_n, "neighbors")
+    return scores
 
 
 def record_scores(neighbors: pl.LazyFrame, public_annotations: pl.LazyFrame, truth: pl.LazyFrame,
                   k: int, top_n: int) -> pl.LazyFrame:
-    """One row per (query id, label mode): n_objects, n_predicted, n_correct, precision, recall, f1, nn_score.
-
-    `truth` holds (id, labels) for exactly the query records.
-    """
-    truth_labels = truth.select(pl.col("id").alias("query_id"), pl.col("labels").alias("label")) \
-        .explode("label").drop_nulls("label").unique()
-    predicted = predicted_labels(neighbors, public_annotations, k, top_n) \
-        .join(truth_labels.with_columns(is_true=pl.lit(True)), on=["query_id", "label"], how="left")
-    counts = predicted.group_by("query_id", "label_mode").agg(
-        n_predicted=pl.len(), n_correct=pl.col("is_true").fill_null(False).sum())
-    nearest = neighbors.filter(pl.col("rank") == 0).select(pl.col("query_id"), pl.col("score").alias("nn_score"))
-    modes = pl.LazyFrame({"label_mode": list(LABEL_MODES)})
-    base = truth.select(pl.col("id").alias("query_id"), n_objects=pl.col("labels").list.unique().list.len().cast(pl.Int32)) \
-        .join(modes, how="cross")
-    scored = base.join(counts, on=["query_id", "label_mode"], how="left") \
-        .join(nearest, on="query_id", how="left") \
-        .with_columns(pl.col("n_predicted", "n_correct").fill_null(0).cast(pl.Int32))
-    precision = pl.when(pl.col("n_predicted") > 0).then(pl.col("n_correct") / pl.col("n_predicted")).otherwise(0.0)
-    recall = pl.when(pl.col("n_objects") > 0).then(pl.col("n_correct") / pl.col("n_objects"))
-    scored = scored.with_columns(precision=precision, recall=recall)
-    f1 = pl.when(pl.col("precision") + pl.col("recall") > 0) \
-        .then(2 * pl.col("precision") * pl.col("recall") / (pl.col("precision") + pl.col("recall"))).otherwise(0.0)
-    return scored.with_columns(f1=pl.when(pl.col("recall").is_not_null()).then(f1)).rename({"query_id": "id"})
+    """One row per (query id, label mode) of in-memory frames: n_objects, n_predicted, n_correct, precision, recall,
+    f1, nn_score. `truth` holds (id, labels) for exactly the query records."""
+    public = PublicSet.from_frame(public_annotations.collect(), "public annotations")
+    truth = truth.collect()
+    sets = label_sets(truth["labels"], truth["id"], public.label_index, "truth")
+    scores = frame_scores(neighbors.collect(), public, truth["id"], sets, k, top_n)
+    n_objects = truth["labels"].list.n_unique().to_numpy().astype(np.int32)
+    return pl.concat([scores_frame(truth["id"], n_objects, scores, mode) for mode in range(len(LABEL_MODES))]).lazy()
 
 
-def paired_records(target: pl.LazyFrame, reference: pl.LazyFrame) -> pl.DataFrame:
-    """Join the two models' record scores side by side, suffixed _target and _reference."""
-    value_columns = ["n_predicted", "n_correct", "precision", "recall", "f1", "nn_score"]
-    sides = [
-        frame.select("id", "label_mode", "n_objects", *[pl.col(c).alias(f"{c}_{side}") for c in value_columns])
-        for frame, side in ((target, "target"), (reference, "reference"))
-    ]
-    return sides[0].join(sides[1].drop("n_objects"), on=["id", "label_mode"], how="inner") \
-        .collect(engine="streaming")
-
-
+def predicted_labels(neighbors: pl.LazyFrame, public_annotations: pl.LazyFrame, k: int, top_n: int) -> pl.LazyFrame:
+    """(query_id, label, label_mode) rows: the objects each query's k neighbours predict, in both modes, each
+    query's labels in ranking order."""
+    public = PublicSet.from_frame(public_annotations.collect(), "public annotations")
+    rows = neighbors.filter(pl.col("rank") < k).collect().sort("query_id", "rank")
+    query_ids = rows["query_id"].unique(maintain_order=True)
+    predicted = predictions(StringIndex(query_ids, "neighbors", "query id").positions(rows["query_id"]),
+                            rows["rank"].to_numpy(), public.ids.positions(rows["public_id"]), len(query_ids),
+                            public, k, top_n)
+    labels = pl.DataFrame({"query_id": query_ids.gather(predicted.cell // public.n_columns),
+                           "label": public.vocabulary.gather(predicted.cell % public.n_columns),
+                           "count": predicted.count, "best_rank": predicted.best_rank, "top": predicted.top}) \
+        .sort(["query_id", "count", "best_rank", "label"], descending=[False, True, False, False])
+    return pl.concat([labels.select("query_id", "label", label_mode=pl.lit("all")),
+                      labels.filter("top").select("query_id", "label", label_mode=pl.lit("top_n"))]).lazy()
 # --- population gaps: arrays with records on the last axis, any leading batch axes (bootstrap) ---
 
 def win_gap(target: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -131,7 +558,11 @@ POPULATION_METRICS = {
 
 
 def population_metrics(records: pl.DataFrame, n_boot: int, frac: float, seed: int) -> pl.DataFrame:
-    """Rows (label_mode, metric, value, mean, std, n_boot, frac, n_records, n_excluded)."""
+    """Rows (label_mode, metric, value, mean, std, n_boot, frac, n_records, n_excluded).
+
+    Resamples are drawn and scored a few at a time (BOOTSTRAP_VALUES values), so memory stays bounded;
+    the draws are one stream, the same for any grouping.
+    """
     rows = []
     rng = np.random.default_rng(seed)
     for label_mode in LABEL_MODES:
@@ -141,14 +572,20 @@ def population_metrics(records: pl.DataFrame, n_boot: int, frac: float, seed: in
         columns = {name: scored[name].to_numpy().astype(float)
                    for name in ("precision_target", "precision_reference", "recall_target",
                                 "recall_reference", "f1_target", "f1_reference")}
-        resample = rng.integers(0, n, size=(n_boot, max(1, round(frac * n)))) if n else None
+        size = max(1, round(frac * n))
+        step = max(1, BOOTSTRAP_VALUES // size)
+        boot = {metric: [] for metric in POPULATION_METRICS}
+        for first in range(0, n_boot if n else 0, step):
+            resample = rng.integers(0, n, size=(min(step, n_boot - first), size))
+            resampled = {name: array[resample] for name, array in columns.items()}
+            for metric, compute in POPULATION_METRICS.items():
+                boot[metric].append(compute(resampled))
         for metric, compute in POPULATION_METRICS.items():
-            value = float(compute(columns)) if n else float("nan")
-            boot = compute({name: array[resample] for name, array in columns.items()}) if n and n_boot else None
+            values = np.concatenate(boot[metric]) if boot[metric] else None
             rows.append({
-                "label_mode": label_mode, "metric": metric, "value": value,
-                "mean": float(boot.mean()) if boot is not None else float("nan"),
-                "std": float(boot.std(ddof=1)) if boot is not None and n_boot > 1 else float("nan"),
+                "label_mode": label_mode, "metric": metric, "value": float(compute(columns)) if n else float("nan"),
+                "mean": float(values.mean()) if values is not None else float("nan"),
+                "std": float(values.std(ddof=1)) if values is not None and n_boot > 1 else float("nan"),
                 "n_boot": n_boot, "frac": frac, "n_records": n, "n_excluded": len(mode_records) - n,
             })
     return pl.DataFrame(rows)
@@ -180,68 +617,6 @@ def sample_level(records: pl.DataFrame, top_l: list[int], label_mode: str = "top
     return pl.concat(frames)
 
 
-def scan_annotations(path: str) -> pl.LazyFrame:
-    """A lazy (id, labels) view of an annotations file, its columns checked up front."""
-    if not Path(path).exists():
-        raise DataError(f"{path}: file does not exist")
-    names = pl.scan_parquet(path).collect_schema().names()
-    missing = [name for name in ("id", "labels") if name not in names]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {missing}; found {names}")
-    return pl.scan_parquet(path).select("id", "labels")
-
-
-def load_truth(annotations_path: str, queries_path: str) -> pl.LazyFrame:
-    """(id, labels) of the query records, read from the annotations by a streamed semi-join."""
-    queries = read_parquet(queries_path, {"id": "str"}).select("id")
-    annotated = scan_annotations(annotations_path).join(queries.lazy(), on="id", how="semi")
-    truth = queries.join(annotated.collect(engine="streaming"), on="id", how="left")
-    missing = truth.filter(pl.col("labels").is_null())["id"]
-    if len(missing):
-        raise DataError(f"{annotations_path}: no annotation row for {len(missing)} query record(s) of "
-                        f"{queries_path}, e.g. {missing.head(5).to_list()}")
-    return truth.lazy()
-
-
-def check_neighbors(path: str, query_ids: pl.Series, public: pl.LazyFrame) -> None:
-    """Every query has neighbours, and every neighbour has an annotation row (streamed over the file)."""
-    neighbors = pl.scan_parquet(path)
-    found = neighbors.select(pl.col("query_id").unique()).collect(engine="streaming")["query_id"]
-    absent = query_ids.filter(~query_ids.is_in(found.implode()))
-    if len(absent):
-        raise DataError(f"{path}: no neighbours for {len(absent)} query record(s), e.g. {absent.head(5).to_list()}")
-    unknown = neighbors.select(pl.col("public_id").unique()).join(public.select(public_id="id"), on="public_id",
-                                                                   how="anti").head(5).collect(engine="streaming")
-    if len(unknown):
-        raise DataError(f"{path}: public id(s) without annotations, e.g. {unknown['public_id'].to_list()}")
-
-
-def batched_records(neighbor_paths: dict[str, str], public: pl.LazyFrame, truth: pl.LazyFrame, k: int, top_n: int,
-                    batch_rows: int) -> pl.DataFrame:
-    """Paired record scores, computed over query batches so memory follows `batch_rows` neighbour rows, not |A|·k.
-
-    A query belongs to batch hash(id) mod n_batches in every file alike; each batch streams through the
-    neighbour files and joins only the public annotations its neighbours name. More batches trade a pass
-    over the neighbour files each for less memory.
-    """
-    n_rows = max(pl.scan_parquet(path).select(pl.len()).collect().item() for path in neighbor_paths.values())
-    n_batches = max(1, -(-n_rows // batch_rows))
-    frames = []
-    for batch in range(n_batches):
-        def in_batch(column: str) -> pl.Expr:
-            return pl.col(column).hash(seed=0) % n_batches == batch
-
-        batch_truth = truth.filter(in_batch("id"))
-        scores = {}
-        for side, path in neighbor_paths.items():
-            neighbors = pl.scan_parquet(path).filter(in_batch("query_id")) \
-                .join(batch_truth.select(query_id="id"), on="query_id", how="semi")
-            named = public.join(neighbors.select(id="public_id").unique(), on="id", how="semi")
-            scores[side] = record_scores(neighbors, named, batch_truth, k, top_n)
-        frames.append(paired_records(scores["target"], scores["reference"]))
-    return pl.concat(frames).sort("label_mode", "id")
-
-
 TABLES = ("records", "population", "sample_level")
 
 
@@ -250,13 +625,24 @@ def compute(target_neighbors: str, reference_neighbors: str, query_annotations: 
             seed: int, batch_rows: int = 5_000_000, outputs: dict[str, str] | None = None) -> None:
     """Write the three tables: to `outputs` (table name -> file), or as TABLE.parquet into `out_dir`."""
     outputs = outputs or {table: Path(out_dir) / f"{table}.parquet" for table in TABLES}
-    truth = load_truth(query_annotations, queries)
-    public = scan_annotations(public_annotations)
-    query_ids = truth.select("id").collect()["id"]
+    query_ids = read_queries(queries)
+    query_index = StringIndex(query_ids, queries, "id")
+    public = read_public(public_annotations)
+    n_objects, truth = read_truth(query_annotations, query_ids, public, queries)
     neighbor_paths = dict(zip(SIDES, (target_neighbors, reference_neighbors)))
     for path in neighbor_paths.values():
-        check_neighbors(path, query_ids, public)
-    records = batched_records(neighbor_paths, public, truth, k, top_n, batch_rows)
+        scan_checked(path, NEIGHBOR_COLUMNS)
+        check_ranks(path, k)
+    # The two models' tables are independent: one thread each (numpy and polars release the GIL).
+    with ThreadPoolExecutor(len(SIDES)) as pool:
+        futures = {side: pool.submit(side_scores, path, query_index, public, truth, k, top_n, batch_rows)
+                   for side, path in neighbor_paths.items()}
+        sides = {side: future.result() for side, future in futures.items()}
+    for side, path in neighbor_paths.items():
+        absent = query_ids.filter(~sides[side].seen)
+        if len(absent):
+            raise DataError(f"{path}: no neighbours for {len(absent)} query record(s), e.g. {absent.head(5).to_list()}")
+    records = records_table(query_ids, n_objects, sides)
     params = {"target_neighbors": target_neighbors, "reference_neighbors": reference_neighbors, "queries": queries,
               "k": k, "top_n": top_n, "top_l": top_l, "n_boot": n_boot, "frac": frac, "seed": seed}
     population = population_metrics(records, n_boot, frac, seed).with_columns(
@@ -264,8 +650,6 @@ def compute(target_neighbors: str, reference_neighbors: str, query_annotations: 
     write_parquet(records, outputs["records"], stage="metrics", params=params)
     write_parquet(population, outputs["population"], stage="metrics", params=params)
     write_parquet(sample_level(records, top_l), outputs["sample_level"], stage="metrics", params=params)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target-neighbors", required=True, help="neighbours Parquet of f_A (the target model)")
@@ -284,10 +668,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--frac", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-rows", type=int, default=5_000_000,
-                        help="neighbour rows per query batch: bounds memory; each batch is one pass over the files")
+                        help="neighbour rows read at a time from each neighbours file: bounds memory, "
+                             "changes no table")
     args = parser.parse_args(argv)
     outputs = {table: getattr(args, table) for table in TABLES}
-    if not all(outputs.values()) if args.out_dir is None else any(outputs.values()):
+    if (args.out_dir is None) != all(outputs.values()) or (args.out_dir is not None and any(outputs.values())):
         parser.error("give either --out-dir or all of --records, --population, --sample-level")
     compute(args.target_neighbors, args.reference_neighbors, args.query_annotations, args.public_annotations,
             args.queries, args.out_dir, args.k, args.top_n, [int(v) for v in args.top_l.split(",") if v],

@@ -76,11 +76,6 @@ def segment_regex() -> str:
     return "/".join(f"{re.escape(key)}~[^/~]+" for key in POINT_KEYS)
 
 
-def alternation(segments) -> str:
-    """Wildcard constraint matching exactly the given segments."""
-    return "|".join(re.escape(segment) for segment in sorted(segments))
-
-
 def parse_segment(segment: str) -> dict[str, Any]:
     """Inverse of `point_segment`: typed values, `learned`/`all` back to None."""
     point = {}

@@ -24,7 +24,16 @@ def training_flags(wildcards):
     return to_cli_flags(settings)
 
 
-def run_checkpoint(wildcards):
-    """The file of the run's checkpoint a shorter-epoch point takes its model from."""
-    entry = PLAN[wildcards.point]
+def model_producer(wildcards):
+    """The file whose job makes a point's model: the import, or its training run's final model."""
+    if wildcards.point.startswith("external~"):
+        return path("imported_model", **wildcards)
+    return path("run_model", split=wildcards.split, point=PLAN[wildcards.point]["run"], side=wildcards.side)
+
+
+def model_source(wildcards):
+    """The file a point's model.pt is: the producer's, or for a shorter point its run's checkpoint at that epoch."""
+    entry = PLAN.get(wildcards.point)
+    if entry is None or entry["run"] == wildcards.point:
+        return model_producer(wildcards)
     return path("checkpoint", split=wildcards.split, point=entry["run"], side=wildcards.side, epoch=entry["epoch"])
