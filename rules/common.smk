@@ -81,6 +81,15 @@ def path(entry, /, **wildcards):
     return re.sub(r"\{(\w+)\}", lambda m: str(wildcards.get(m[1], m[0])), PATHS[entry])
 
 
+def keyed_flags(flag, keys, files):
+    """`--flag key=file` for each key and its file, in order: how rules name every file they hand a script
+    (parsed by workflow_scripts.cli.keyed_files)."""
+    keys, files = list(keys), list(files)
+    if len(keys) != len(files):
+        raise ValueError(f"--{flag}: {len(keys)} keys for {len(files)} files")
+    return " ".join(f"--{flag} {key}={file}" for key, file in zip(keys, files))
+
+
 def execution_flags(pass_threads=True, **settings):
     """A params function rendering execution settings (and the job's threads, unless not `pass_threads`) as flags.
 

@@ -6,11 +6,8 @@ include: "helpers/figures.smk"
 
 rule figures_point:
     input:
-        **{
-            f"{queries}_{table}": path("metrics", queries=queries, table=table)
-            for queries in QUERY_SETS
-            for table in ("records", "sample_level")
-        },
+        records=expand(path("metrics", table="records"), queries=QUERY_SETS, allow_missing=True),
+        sample_level=expand(path("metrics", table="sample_level"), queries=QUERY_SETS, allow_missing=True),
     output:
         recall_cdf_png=_figure(path("figure", figure="recall_cdf", ext="png"), "recall_cdf", "Recall CDFs"),
         recall_cdf_svg=path("figure", figure="recall_cdf", ext="svg"),
@@ -21,10 +18,13 @@ rule figures_point:
     conda:
         "../envs/dejavu.yaml"
     params:
-        metrics=lambda wc: " ".join(f"--metrics {q}={RESULTS}/metrics/{wc.split}/{wc.point}/{q}" for q in QUERY_SETS),
-        out_dir=lambda wc, output: os.path.dirname(output.recall_cdf_png),
+        tables=lambda wc, input: keyed_flags("records", QUERY_SETS, input.records)
+        + " "
+        + keyed_flags("sample-level", QUERY_SETS, input.sample_level),
     shell:
-        "python -m workflow_scripts.figures point {params.metrics} --out-dir {params.out_dir} > {log} 2>&1"
+        "python -m workflow_scripts.figures point {params.tables}"
+        " --recall-cdf {output.recall_cdf_png} {output.recall_cdf_svg} --gap-vs-top-l {output.gap_png} {output.gap_svg}"
+        " > {log} 2>&1"
 
 
 rule figures_qualitative:
@@ -48,7 +48,7 @@ rule figures_qualitative:
         " --query-records {input.query_records} --query-annotations {input.query_annotations}"
         " --public-records {input.public_records} --public-annotations {input.public_annotations}"
         " --target-neighbors {input.target_neighbors} --reference-neighbors {input.reference_neighbors}"
-        " --out {output.png} > {log} 2>&1"
+        " --out {output.png} {output.svg} > {log} 2>&1"
 
 
 rule summary:
@@ -62,12 +62,13 @@ rule summary:
     conda:
         "../envs/dejavu.yaml"
     params:
-        points=" ".join(f"--point {point}" for point in POINTS),
-        # results/summary/{split}.parquet -> results
-        results=lambda wc, output: os.path.dirname(os.path.dirname(output.table)),
+        # --target-population, --holdout-population, --utility-A, --utility-B: each point's file, keyed by the point.
+        tables=lambda wc, input: " ".join(
+            keyed_flags(name.replace("_", "-"), POINTS, getattr(input, name)) for name in SUMMARY_INPUTS
+        ),
     shell:
-        "python -m workflow_scripts.summary --results {params.results} --split {wildcards.split} {params.points}"
-        " --out {output.table} > {log} 2>&1"
+        "python -m workflow_scripts.summary --split {wildcards.split} {params.tables}"
+        " --out {output.table} --out-csv {output.csv} > {log} 2>&1"
 
 
 if SWEPT:  # a sweep figure per parameter that takes several values
@@ -76,23 +77,23 @@ if SWEPT:  # a sweep figure per parameter that takes several values
         input:
             path("summary", ext="parquet"),
         output:
-            report(
+            png=report(
                 expand(path("sweep_figure", ext="png"), parameter=SWEPT, allow_missing=True),
                 caption="../report/sweep.rst",
                 category="Mitigations",
                 subcategory="{split}",
             ),
-            expand(path("sweep_figure", ext="svg"), parameter=SWEPT, allow_missing=True),
+            svg=expand(path("sweep_figure", ext="svg"), parameter=SWEPT, allow_missing=True),
         log:
             f"{RESULTS}/logs/figures/sweep/{{split}}.log",
         conda:
             "../envs/dejavu.yaml"
         params:
-            parameters=" ".join(f"--parameter {p}" for p in SWEPT),
-            out_dir=lambda wc: f"{RESULTS}/figures/sweep/{wc.split}",
+            figures=lambda wc, output: keyed_flags("figure", SWEPT, output.png)
+            + " "
+            + keyed_flags("figure", SWEPT, output.svg),
         shell:
-            "python -m workflow_scripts.figures sweep --summary {input} {params.parameters}"
-            " --out-dir {params.out_dir} > {log} 2>&1"
+            "python -m workflow_scripts.figures sweep --summary {input} {params.figures} > {log} 2>&1"
 
 
 rule figures:

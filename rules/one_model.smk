@@ -6,6 +6,13 @@
 ONE_MODEL = config["one_model"]
 REFERENCE = f"reference~{re.sub(r'[^A-Za-z0-9_.-]+', '_', ONE_MODEL['reference_model'])}"
 ONE_MODEL_MODES = ONE_MODEL["modes"] if ONE_MODEL["enabled"] else []
+# The tests the agreement rule compares, by their names in its tables, with their metrics tables' registry entries.
+AGREEMENT_TESTS = {"two_model": ("metrics", {})} | {
+    f"one_model~{mode}": ("metrics_one_model", {"mode": mode}) for mode in ONE_MODEL_MODES
+}
+
+
+include: "helpers/one_model.smk"
 
 
 wildcard_constraints:
@@ -136,14 +143,9 @@ use rule metrics as metrics_one_model with:
 rule agreement:
     """The two-model and one-model tests side by side on the target records: flags agreement and gaps."""
     input:
-        two_model=expand(PATHS["metrics"], queries=QUERY_SETS, table=("records", "population"), allow_missing=True),
-        one_model=expand(
-            PATHS["metrics_one_model"],
-            mode=ONE_MODEL_MODES,
-            queries=QUERY_SETS,
-            table=("records", "population"),
-            allow_missing=True,
-        ),
+        records=agreement_tables("target", "records"),
+        target_population=agreement_tables("target", "population"),
+        holdout_population=agreement_tables("holdout", "population"),
     output:
         agreement=path("agreement", name="agreement.parquet"),
         population=path("agreement", name="population.parquet"),
@@ -159,10 +161,11 @@ rule agreement:
     conda:
         "../envs/dejavu.yaml"
     params:
-        tests=lambda wc: " ".join(
-            [f"--test two_model={RESULTS}/metrics/{wc.split}/{wc.point}"]
-            + [f"--test one_model~{m}={RESULTS}/metrics/{wc.split}/{wc.point}/one_model~{m}" for m in ONE_MODEL_MODES]
+        # --records, --target-population, --holdout-population: each test's file, keyed by the test's name.
+        tables=lambda wc, input: " ".join(
+            keyed_flags(name.replace("_", "-"), AGREEMENT_TESTS, getattr(input, name))
+            for name in ("records", "target_population", "holdout_population")
         ),
-        out_dir=lambda wc, output: os.path.dirname(output.agreement),
     shell:
-        "python -m workflow_scripts.agreement {params.tests} --out-dir {params.out_dir} > {log} 2>&1"
+        "python -m workflow_scripts.agreement {params.tables} --out-agreement {output.agreement}"
+        " --out-population {output.population} --out-heatmap {output.heatmap} {output.heatmap_svg} > {log} 2>&1"

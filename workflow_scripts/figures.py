@@ -25,6 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
+from workflow_scripts.cli import keyed_files  # noqa: E402
 from workflow_scripts.images import load_rgb, resolve_image_paths  # noqa: E402
 from workflow_scripts.io import atomic_path, read_parquet  # noqa: E402
 
@@ -33,10 +34,11 @@ MODEL_STYLES = {"target": ("f_A (target, trained on A)", "tab:red"),
 QUERY_TITLES = {"target": "target records (in A)", "holdout": "holdout records (control)"}
 
 
-def save_figure(figure: plt.Figure, stem: str | Path) -> None:
-    for suffix in (".png", ".svg"):
-        with atomic_path(Path(f"{stem}{suffix}")) as tmp:
-            figure.savefig(tmp, format=suffix[1:], dpi=150, bbox_inches="tight")
+def save_figure(figure: plt.Figure, paths: list[str | Path]) -> None:
+    """Write the figure to each path, in the format its suffix names (.png, .svg)."""
+    for path in map(Path, paths):
+        with atomic_path(path) as tmp:
+            figure.savefig(tmp, format=path.suffix[1:], dpi=150, bbox_inches="tight")
     plt.close(figure)
 
 
@@ -80,12 +82,11 @@ def gap_vs_top_l_figure(sample_level_by_queries: dict[str, pl.DataFrame]) -> plt
     return figure
 
 
-def make_point_figures(metrics_dirs: dict[str, str], out_dir: str | Path) -> None:
-    out_dir = Path(out_dir)
-    records = {q: read_parquet(Path(d) / "records.parquet") for q, d in metrics_dirs.items()}
-    sample_level = {q: read_parquet(Path(d) / "sample_level.parquet") for q, d in metrics_dirs.items()}
-    save_figure(recall_cdf_figure(records), out_dir / "recall_cdf")
-    save_figure(gap_vs_top_l_figure(sample_level), out_dir / "gap_vs_top_l")
+def make_point_figures(records: dict[str, str], sample_level: dict[str, str], recall_cdf_paths: list[str],
+                       gap_vs_top_l_paths: list[str]) -> None:
+    """`records`, `sample_level`: a metrics table per query set (target, holdout); the figures go to the paths."""
+    save_figure(recall_cdf_figure({q: read_parquet(path) for q, path in records.items()}), recall_cdf_paths)
+    save_figure(gap_vs_top_l_figure({q: read_parquet(path) for q, path in sample_level.items()}), gap_vs_top_l_paths)
 
 
 SWEEP_GAPS = ("PPG", "PRG", "AUCG")
@@ -127,11 +128,12 @@ def sweep_figure(summary: pl.DataFrame, parameter: str, utility_columns: list[st
     return figure
 
 
-def make_sweep_figures(summary_path: str | Path, parameters: list[str], out_dir: str | Path) -> None:
+def make_sweep_figures(summary_path: str | Path, figures: dict[str, list[str]]) -> None:
+    """`figures`: per swept parameter, the paths of its figure."""
     summary = read_parquet(summary_path)
     utility_columns = [c for c in summary.columns if c.startswith("A_")]
-    for parameter in parameters:
-        save_figure(sweep_figure(summary, parameter, utility_columns), Path(out_dir) / parameter)
+    for parameter, paths in figures.items():
+        save_figure(sweep_figure(summary, parameter, utility_columns), paths)
 
 
 def _labelled_image(axis, image, title: str, labels: list[str], truth: set[str]) -> None:
@@ -179,22 +181,28 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     point = commands.add_parser("point", help="recall CDFs and sample-level gaps of one parameter point")
-    point.add_argument("--metrics", action="append", required=True, metavar="QUERIES=DIR",
-                       help="metrics folder per query set, e.g. target=results/metrics/s/p/target (repeatable)")
-    point.add_argument("--out-dir", required=True)
+    for table in ("records", "sample-level"):
+        point.add_argument(f"--{table}", action="append", required=True, metavar="QUERIES=FILE",
+                           help=f"{table} metrics table per query set, e.g. target=FILE (repeatable)")
+    for figure in ("recall-cdf", "gap-vs-top-l"):
+        point.add_argument(f"--{figure}", nargs="+", required=True, metavar="FILE",
+                           help="the figure's files, each in the format its suffix names (.png, .svg)")
     sweep = commands.add_parser("sweep", help="gaps and utility against swept parameters")
     sweep.add_argument("--summary", required=True, help="summary Parquet of a split")
-    sweep.add_argument("--parameter", action="append", required=True, help="swept parameter (repeatable)")
-    sweep.add_argument("--out-dir", required=True)
+    sweep.add_argument("--figure", action="append", required=True, metavar="PARAMETER=FILE",
+                       help="a file of a swept parameter's figure, in the format its suffix names (repeatable)")
     qualitative = commands.add_parser("qualitative", help="target images and their neighbours (paper Fig. 1)")
     for name in ("metrics-records", "query-records", "query-annotations", "public-records", "public-annotations",
-                 "target-neighbors", "reference-neighbors", "out"):
+                 "target-neighbors", "reference-neighbors"):
         qualitative.add_argument(f"--{name}", required=True)
+    qualitative.add_argument("--out", nargs="+", required=True, metavar="FILE",
+                             help="the figure's files, each in the format its suffix names (.png, .svg)")
     args = parser.parse_args(argv)
     if args.command == "point":
-        make_point_figures(dict(item.split("=", 1) for item in args.metrics), args.out_dir)
+        make_point_figures(keyed_files(args.records, "records"), keyed_files(args.sample_level, "sample-level"),
+                           args.recall_cdf, args.gap_vs_top_l)
     elif args.command == "sweep":
-        make_sweep_figures(args.summary, args.parameter, args.out_dir)
+        make_sweep_figures(args.summary, keyed_files(args.figure, "figure", repeatable=True))
     else:
         def with_paths(path):
             frame = read_parquet(path)
@@ -204,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
             read_parquet(args.metrics_records), with_paths(args.query_records), read_parquet(args.query_annotations),
             with_paths(args.public_records), read_parquet(args.public_annotations),
             {"A": read_parquet(args.target_neighbors), "B": read_parquet(args.reference_neighbors)})
-        save_figure(figure, Path(args.out).with_suffix(""))
+        save_figure(figure, args.out)
 
 
 if __name__ == "__main__":

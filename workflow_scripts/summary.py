@@ -1,8 +1,7 @@
 """Sweep summary: one row per parameter point with its parameters, memorization gaps and utility.
 
-Reads the cached tables of a split by their contract paths:
-`metrics/{split}/{point}/{target,holdout}/population.parquet` and
-`utility/{split}/{point}/{A,B}.parquet`. Columns: `split`, `point`, the point's
+Reads, per point, the population tables of its target and holdout records and
+the utility tables of f_A and f_B, each file given by name. Columns: `split`, `point`, the point's
 parameters, then `{metric}_{value,mean,std}` for the target records and
 `holdout_{metric}_{value,mean,std}` for the control (label mode `all`),
 `{metric}_net` (target value minus holdout value), then
@@ -12,14 +11,16 @@ parameters, then `{metric}_{value,mean,std}` for the target records and
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import polars as pl
 
+from workflow_scripts.cli import keyed_files
 from workflow_scripts.io import atomic_path, read_parquet, write_parquet
 from workflow_scripts.paramspace import POINT_KEYS, parse_segment
 
 SUMMARY_METRICS = ("PPG", "PRG", "AUCG")
+QUERIES = ("target", "holdout")
+SIDES = ("A", "B")
 
 
 def point_frame(points: list[str]) -> pl.DataFrame:
@@ -29,10 +30,10 @@ def point_frame(points: list[str]) -> pl.DataFrame:
                                       "mask_ratio": pl.Float64, "seed": pl.Int64})
 
 
-def gap_columns(results: Path, split: str, points: list[str], label_mode: str = "all") -> pl.DataFrame:
-    frames = [read_parquet(results / "metrics" / split / point / queries / "population.parquet")
+def gap_columns(populations: dict[str, dict[str, str]], label_mode: str = "all") -> pl.DataFrame:
+    frames = [read_parquet(path)
               .with_columns(point=pl.lit(point), prefix=pl.lit("" if queries == "target" else "holdout_"))
-              for point in points for queries in ("target", "holdout")]
+              for queries, by_point in populations.items() for point, path in by_point.items()]
     long = pl.concat(frames).filter((pl.col("label_mode") == label_mode) & pl.col("metric").is_in(SUMMARY_METRICS))
     long = long.unpivot(["value", "mean", "std"], index=["point", "prefix", "metric"], variable_name="statistic",
                         value_name="number") \
@@ -45,32 +46,43 @@ def gap_columns(results: Path, split: str, points: list[str], label_mode: str = 
                               for metric in SUMMARY_METRICS])
 
 
-def utility_columns(results: Path, split: str, points: list[str]) -> pl.DataFrame:
-    frames = [read_parquet(results / "utility" / split / point / f"{side}.parquet")
+def utility_columns(utilities: dict[str, dict[str, str]]) -> pl.DataFrame:
+    frames = [read_parquet(path)
               .with_columns(point=pl.lit(point), column=pl.lit(f"{side}_") + pl.col("task") + "_" + pl.col("metric"))
-              for point in points for side in ("A", "B")]
+              for side, by_point in utilities.items() for point, path in by_point.items()]
     return pl.concat(frames).pivot("column", index="point", values="accuracy")
 
 
-def summarise(results: str | Path, split: str, points: list[str]) -> pl.DataFrame:
-    results = Path(results)
-    table = point_frame(points).join(gap_columns(results, split, points), on="point", how="left") \
-        .join(utility_columns(results, split, points), on="point", how="left")
+def summarise(split: str, populations: dict[str, dict[str, str]], utilities: dict[str, dict[str, str]]) -> pl.DataFrame:
+    """`populations`: per query set (target, holdout), each point's population table; `utilities`: per side
+    (A, B), each point's utility table. Every query set and side must name the same points."""
+    points = list(populations["target"])
+    if any(set(by_point) != set(points) for by_point in [*populations.values(), *utilities.values()]):
+        raise ValueError("summary: every population and utility table set must cover the same points")
+    table = point_frame(points).join(gap_columns(populations), on="point", how="left") \
+        .join(utility_columns(utilities), on="point", how="left")
     return table.with_columns(split=pl.lit(split)).select("split", "point", *POINT_KEYS, pl.exclude(
         "split", "point", *POINT_KEYS)).sort(list(POINT_KEYS), nulls_last=False)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--results", required=True, help="the results folder")
     parser.add_argument("--split", required=True)
-    parser.add_argument("--point", action="append", required=True, help="parameter point segment (repeatable)")
-    parser.add_argument("--out", required=True, help="summary Parquet; a CSV copy is written beside it")
+    for queries in QUERIES:
+        parser.add_argument(f"--{queries}-population", action="append", required=True, metavar="POINT=FILE",
+                            help=f"a parameter point's population table on the {queries} records (repeatable)")
+    for side in SIDES:
+        parser.add_argument(f"--utility-{side}", action="append", required=True, metavar="POINT=FILE",
+                            help=f"a parameter point's utility table of side {side} (repeatable)")
+    parser.add_argument("--out", required=True, help="summary Parquet")
+    parser.add_argument("--out-csv", required=True, help="its CSV copy")
     args = parser.parse_args(argv)
-    table = summarise(args.results, args.split, args.point)
-    write_parquet(table, args.out, stage="summary", params={"split": args.split, "points": args.point})
-    csv_path = Path(args.out).with_suffix(".csv")
-    with atomic_path(csv_path) as tmp:
+    populations = {queries: keyed_files(getattr(args, f"{queries}_population"), f"{queries}-population")
+                   for queries in QUERIES}
+    utilities = {side: keyed_files(getattr(args, f"utility_{side}"), f"utility-{side}") for side in SIDES}
+    table = summarise(args.split, populations, utilities)
+    write_parquet(table, args.out, stage="summary", params={"split": args.split, "points": list(populations["target"])})
+    with atomic_path(args.out_csv) as tmp:
         table.write_csv(tmp, float_precision=4)
 
 

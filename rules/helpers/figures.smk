@@ -5,14 +5,17 @@ def _figure(path, caption, category):
     return report(path, caption=f"../report/{caption}.rst", category=category, subcategory="{split}")
 
 
+# The summary's inputs by name, each a file per point in POINTS order: populations per query set, utility per side.
+SUMMARY_INPUTS = {
+    **{f"{queries}_population": ("metrics", {"queries": queries, "table": "population"}) for queries in QUERY_SETS},
+    **{f"utility_{side}": ("utility", {"side": side}) for side in SIDES},
+}
+
+
 def summary_inputs(wildcards):
     return {
-        "population": expand(
-            path("metrics", split=wildcards.split, table="population"),
-            point=POINTS,
-            queries=QUERY_SETS,
-        ),
-        "utility": expand(path("utility", split=wildcards.split), point=POINTS, side=SIDES),
+        name: expand(path(entry, split=wildcards.split, **fixed), point=POINTS)
+        for name, (entry, fixed) in SUMMARY_INPUTS.items()
     }
 
 
