@@ -111,11 +111,10 @@ def test_scores_at_100k_records_equal_a_set_based_reference(tmp_path):
                                                abs=1e-12)
 
 
-def test_many_small_batches_write_the_same_bytes_as_one(tmp_path, monkeypatch):
+def test_many_small_batches_write_the_same_bytes_as_one(tmp_path):
     paths = make_inputs(tmp_path, 3_000, seed=1)
     one = run(paths, tmp_path / "one", batch_rows=10_000_000)
-    # Chunks of 29 rows cut most queries' 12 rows apart; dense batches of 5 queries split every chunk further.
-    monkeypatch.setattr(metrics, "DENSE_CELLS", 5 * 61)
+    # Chunks of 29 rows cut most queries' 12 rows apart.
     many = run(paths, tmp_path / "many", batch_rows=29)
     for table in ("records", "population", "sample_level"):
         assert (one / f"{table}.parquet").read_bytes() == (many / f"{table}.parquet").read_bytes(), table

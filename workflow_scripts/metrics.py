@@ -41,6 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numba
 import numpy as np
 import polars as pl
 from tqdm import tqdm
@@ -55,8 +56,6 @@ ORDERS = {
     "correct": (pl.col("n_correct_target"), False),
     "gap": (pl.col("n_correct_target") - pl.col("n_correct_reference"), True),
 }
-# Dense (query × label) cells scored at once: small enough for the counting arrays (~12 bytes a cell) to stay in cache.
-DENSE_CELLS = 1 << 20
 # Resampled values scored at once by the bootstrap (per column): bounds its memory.
 BOOTSTRAP_VALUES = 1 << 21
 
@@ -131,15 +130,6 @@ class LabelSets:
     offsets: np.ndarray  # int64, one more than records
     codes: np.ndarray  # int64
 
-    def expand(self, records: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(owner, code) of every label of `records` in their order: owner indexes `records`."""
-        starts = self.offsets[records]
-        lengths = self.offsets[records + 1] - starts
-        ends = np.cumsum(lengths)
-        owner = np.repeat(np.arange(len(records)), lengths)
-        source = np.arange(ends[-1] if len(ends) else 0) + np.repeat(starts - ends + lengths, lengths)
-        return owner, self.codes[source]
-
 
 def label_values(labels: pl.Series, ids: pl.Series, path: str) -> pl.Series:
     """The labels of every record, flattened; a null list or label is an error naming the record."""
@@ -164,155 +154,109 @@ def label_sets(labels: pl.Series, ids: pl.Series, vocabulary: StringIndex, path:
 
 @dataclass(frozen=True)
 class PublicSet:
-    """The public annotations as integers: ids, the label vocabulary (name order) and each record's label set.
-
-    A record's labels are a row of `padded` (width: the 99th percentile of the label counts; the column
-    code n_labels pads), the rest of a longer set a row of `overflow`. One extra, empty row (index
-    len(ids)) stands for a neighbour already counted.
-    """
+    """The public annotations as integers: ids, the label vocabulary (name order) and each record's label set."""
 
     ids: StringIndex
     vocabulary: pl.Series
     label_index: StringIndex
-    padded: np.ndarray
-    overflow: LabelSets
-
-    @property
-    def n_columns(self) -> int:
-        """Label columns of a query's dense cells: the labels, then the padding."""
-        return len(self.vocabulary) + 1
+    labels: LabelSets
 
     @classmethod
     def from_frame(cls, frame: pl.DataFrame, path: str) -> "PublicSet":
         values = label_values(frame["labels"], frame["id"], path)
         vocabulary = values.unique().sort()
         index = StringIndex(vocabulary, path, "label")
-        sets = label_sets(frame["labels"], frame["id"], index, path)
-        lengths = np.append(np.diff(sets.offsets), 0)
-        width = max(1, int(np.percentile(lengths, 99)))
-        record = np.repeat(np.arange(len(lengths)), lengths)
-        column = np.arange(len(sets.codes)) - np.repeat(sets.offsets[:-1], lengths[:-1])
-        inside = column < width
-        padded = np.full((len(lengths), width), len(vocabulary), np.int64)
-        padded[record[inside], column[inside]] = sets.codes[inside]
-        overflow = np.concatenate([[0], np.cumsum(np.maximum(lengths - width, 0))])
-        return cls(StringIndex(frame["id"], path, "id"), vocabulary, index, padded,
-                   LabelSets(overflow, sets.codes[~inside]))
+        return cls(StringIndex(frame["id"], path, "id"), vocabulary, index,
+                   label_sets(frame["labels"], frame["id"], index, path))
 
 
 # --- scoring a batch of queries ---
 
-@dataclass(frozen=True)
-class Predictions:
-    """Every (query, label) a batch's neighbours predict, in (query, label) order, with its top_n membership."""
+@numba.njit(nogil=True, cache=True)
+def score_queries(bounds, rank, public, label_offsets, label_codes, truth_rows, truth_offsets, truth_codes, n_labels,
+                  n_public, k, top_n, counts, emitted):  # pragma: no cover - compiled
+    """Score queries 0..n−1, whose neighbour rows (rank, public record; ranks < k) are bounds[q]:bounds[q + 1].
 
-    cell: np.ndarray  # query * n_columns + label
-    count: np.ndarray  # neighbours carrying the label
-    best_rank: np.ndarray  # rank of the nearest of them
-    top: np.ndarray  # bool: among the query's top_n labels
-
-
-
-def first_occurrences(query: np.ndarray, rank: np.ndarray, public: np.ndarray, n_public: int) -> np.ndarray:
-    """Rows whose public record the query has not listed at a nearer rank (a neighbour counts once).
-
-    Rows of one query lie together, queries in ascending order.
+    Fills counts[:, :, q] = [n_predicted, n_correct] × [all, top_n] against truth row truth_rows[q]. A public
+    record listed twice by one query counts once, at its nearest rank. The top_n labels are the smallest keys (count
+    descending, best rank ascending, label ascending), kept in a sorted list of top_n as the labels are met.
+    If `emitted` has rows, each predicted (query, label, count, best rank, in top_n) becomes one of them; the
+    number written is returned.
     """
-    first = np.ones(len(query), bool)
-    lengths = np.bincount(query)
-    suspects = np.arange(len(query))
-    if len(lengths) and (lengths == lengths[0]).all():  # the usual table: as many rows per query
-        ordered = np.sort(public.reshape(len(lengths), -1), axis=1)
-        repeated = np.flatnonzero((ordered[:, 1:] == ordered[:, :-1]).any(axis=1))
-        suspects = np.flatnonzero(np.isin(query, repeated)) if len(repeated) else suspects[:0]
-    if len(suspects):
-        order = suspects[np.lexsort((rank[suspects], public[suspects], query[suspects]))]
-        key = query[order] * (n_public + 1) + public[order]
-        first[order[1:]] = key[1:] != key[:-1]
-    return first
+    count = np.zeros(n_labels, np.int64)
+    best = np.zeros(n_labels, np.int64)
+    listed_by = np.full(n_public, -1, np.int64)
+    touched = np.empty(n_labels, np.int64)
+    top_keys = np.empty(max(top_n, 1), np.int64)
+    n_emitted = 0
+    for q in range(len(bounds) - 1):
+        n_touched = 0
+        for row in range(bounds[q], bounds[q + 1]):
+            p, r = public[row], rank[row]
+            new = listed_by[p] != q
+            listed_by[p] = q
+            for j in range(label_offsets[p], label_offsets[p + 1]):
+                label = label_codes[j]
+                if new:
+                    if count[label] == 0:
+                        touched[n_touched] = label
+                        n_touched += 1
+                        best[label] = r
+                    count[label] += 1
+                if r < best[label]:
+                    best[label] = r
+        # Key: smaller is better; counts never exceed the query's rows.
+        most = bounds[q + 1] - bounds[q] + 1
+        filled = 0
+        for i in range(n_touched):
+            label = touched[i]
+            key = ((most - count[label]) * (k + 1) + best[label]) * n_labels + label
+            if filled < top_n or (filled > 0 and key < top_keys[filled - 1]):
+                at = min(filled, top_n - 1)
+                while at > 0 and top_keys[at - 1] > key:
+                    top_keys[at] = top_keys[at - 1]
+                    at -= 1
+                top_keys[at] = key
+                filled = min(filled + 1, top_n)
+        cut = top_keys[filled - 1] if filled > 0 else -1
+        correct = 0
+        correct_top = 0
+        for j in range(truth_offsets[truth_rows[q]], truth_offsets[truth_rows[q] + 1]):
+            label = truth_codes[j]
+            if count[label] > 0:
+                correct += 1
+                if ((most - count[label]) * (k + 1) + best[label]) * n_labels + label <= cut:
+                    correct_top += 1
+        counts[0, 0, q] = n_touched
+        counts[0, 1, q] = filled
+        counts[1, 0, q] = correct
+        counts[1, 1, q] = correct_top
+        for i in range(n_touched):
+            label = touched[i]
+            if len(emitted):
+                key = ((most - count[label]) * (k + 1) + best[label]) * n_labels + label
+                emitted[n_emitted, 0] = q
+                emitted[n_emitted, 1] = label
+                emitted[n_emitted, 2] = count[label]
+                emitted[n_emitted, 3] = best[label]
+                emitted[n_emitted, 4] = key <= cut
+                n_emitted += 1
+            count[label] = 0
+    return n_emitted
 
 
-def predictions(query: np.ndarray, rank: np.ndarray, public: np.ndarray, n_queries: int, public_set: PublicSet,
-                k: int, top_n: int) -> Predictions:
-    """The labels that the neighbour rows (query, rank, public record), ranks < k, predict for queries 0..n-1.
-
-    Rows of one query lie together, queries in ascending order.
-    """
-    n_columns, n_public = public_set.n_columns, len(public_set.ids)
-    first = first_occurrences(query, rank, public, n_public)
-    if not first.all():
-        public = np.where(first, public, n_public)
-    by_rank = np.argsort(rank.astype(np.int16), kind="stable")
-    public, base = public[by_rank], query[by_rank] * n_columns
-    padded = np.take(public_set.padded, public, axis=0) + base[:, None]
-    owner, code = public_set.overflow.expand(public) if len(public_set.overflow.codes) else (public[:0], public[:0])
-    overflow = base[owner] + code
-    count = np.bincount(padded.reshape(-1), minlength=n_queries * n_columns)
-    if len(overflow):
-        count += np.bincount(overflow, minlength=n_queries * n_columns)
-    count[n_columns - 1::n_columns] = 0  # the padding column
-    # Labels are written rank by rank, farthest first, so each cell keeps its nearest rank. No label cell
-    # repeats within one rank (a neighbour's labels are distinct), so the assignment order does not matter.
-    best = np.full(n_queries * n_columns, k, np.int16)
-    row_bounds = np.searchsorted(rank[by_rank], np.arange(k + 1))
-    overflow_bounds = np.searchsorted(owner, row_bounds)
-    for r in range(k - 1, -1, -1):
-        best[padded[row_bounds[r]:row_bounds[r + 1]]] = r
-        if len(overflow):
-            best[overflow[overflow_bounds[r]:overflow_bounds[r + 1]]] = r
-    cell = np.flatnonzero(count > 0)
-    query_of_cell = cell // n_columns
-    return Predictions(cell, count[cell], best[cell],
-                       top_labels(query_of_cell, count[cell], best[cell], n_queries, k, top_n))
-
-
-def top_labels(query: np.ndarray, count: np.ndarray, best_rank: np.ndarray, n_queries: int, k: int,
-               top_n: int) -> np.ndarray:
-    """Whether each predicted (query, label), in (query, label) order, is among the query's top_n.
-
-    The order is count descending, best rank ascending, label ascending. Rather than sorting, histograms
-    find each query's cut: the count c* of its top_n-th label, then among the labels counted c* the best
-    rank r* that fills the top_n, then as many labels counted c* at rank r* as are left, in label order.
-    """
-    rows = np.arange(n_queries)
-    # at_least[q, c]: labels of q carried by >= c neighbours (c = 0..k+1).
-    at_least = np.zeros((n_queries, k + 2), np.int64)
-    at_least[:, :k + 1] = np.bincount(query * (k + 1) + count, minlength=n_queries * (k + 1)) \
-        .reshape(n_queries, k + 1)[:, ::-1].cumsum(axis=1)[:, ::-1]
-    cut_count = (at_least[:, 1:k + 1] >= top_n).sum(axis=1)  # 0 when the query predicts fewer than top_n
-    left = top_n - at_least[rows, cut_count + 1]  # places for labels counted exactly c*
-    cut = cut_count[query]
-    top = count > cut
-    tied = np.flatnonzero(count == cut)
-    tied_query, tied_rank = query[tied], best_rank[tied]
-    # before_rank[q, r]: labels counted c* whose best rank is < r.
-    before_rank = np.zeros((n_queries, k + 1), np.int64)
-    before_rank[:, 1:] = np.bincount(tied_query * k + tied_rank, minlength=n_queries * k) \
-        .reshape(n_queries, k).cumsum(axis=1)
-    cut_rank = (before_rank[:, 1:] < left[:, None]).sum(axis=1)
-    left_at_rank = left - before_rank[rows, cut_rank]
-    top[tied[tied_rank < cut_rank[tied_query]]] = True
-    at_cut = tied[tied_rank == cut_rank[tied_query]]
-    cut_query = query[at_cut]
-    place = np.arange(len(cut_query)) - np.searchsorted(cut_query, cut_query)  # label order within the query
-    top[at_cut[place < left_at_rank[cut_query]]] = True
-    return top
-
-
-def query_counts(predicted: Predictions, truth: LabelSets, queries: np.ndarray, n_columns: int) -> np.ndarray:
-    """[n_predicted, n_correct] × [all, top_n] of each query (truth row `queries[q]` for batch query q)."""
-    n_queries = len(queries)
-    truth_query, truth_code = truth.expand(queries)
-    truth_cell = truth_query * n_columns + truth_code
-    at = np.minimum(np.searchsorted(predicted.cell, truth_cell), max(len(predicted.cell) - 1, 0))
-    predicted_truth = predicted.cell[at] == truth_cell if len(predicted.cell) else np.zeros(len(truth_cell), bool)
-    top_truth = predicted_truth & predicted.top[at] if len(predicted.cell) else predicted_truth
-    counts = np.empty((2, 2, n_queries), np.int32)
-    counts[0, 0] = np.diff(np.searchsorted(predicted.cell, np.arange(n_queries + 1) * n_columns))
-    counts[0, 1] = np.bincount(predicted.cell[predicted.top] // n_columns, minlength=n_queries)
-    counts[1, 0] = np.bincount(truth_query[predicted_truth], minlength=n_queries)
-    counts[1, 1] = np.bincount(truth_query[top_truth], minlength=n_queries)
-    return counts
+def query_scores(batch_query: np.ndarray, rank: np.ndarray, public_row: np.ndarray, truth_rows: np.ndarray,
+                 public: PublicSet, truth: LabelSets, k: int, top_n: int,
+                 emit: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """score_queries over rows sorted by batch query 0..len(truth_rows)−1: counts [2, 2, queries] and, if `emit`,
+    the predicted (query, label, count, best rank, in top_n) rows."""
+    counts = np.zeros((2, 2, len(truth_rows)), np.int32)
+    size = int(np.diff(public.labels.offsets)[public_row].sum()) if emit else 0
+    emitted = np.zeros((size, 5), np.int64)
+    n = score_queries(np.searchsorted(batch_query, np.arange(len(truth_rows) + 1)), rank, public_row,
+                      public.labels.offsets, public.labels.codes, truth_rows, truth.offsets, truth.codes,
+                      len(public.vocabulary), len(public.ids), k, top_n, counts, emitted)
+    return counts, emitted[:n]
 
 
 # --- reading the inputs ---
@@ -427,13 +371,7 @@ def score_chunk(rows: pl.DataFrame, run: np.ndarray, scores: SideScores, query_i
     nearest = used[rank[used] == 0]
     scores.nn_score[position[run[nearest]]] = rows["score"].gather(nearest).to_numpy()
     batch_query = (np.cumsum(position >= 0) - 1)[run[used]]
-    step = max(1, DENSE_CELLS // public.n_columns)
-    bounds = np.searchsorted(batch_query, np.arange(0, len(listed) + step, step))
-    for first, lo, hi in zip(range(0, len(listed), step), bounds[:-1], bounds[1:]):
-        queries = listed[first:first + step]
-        predicted = predictions(batch_query[lo:hi] - first, rank[used[lo:hi]], public_row[lo:hi], len(queries),
-                                public, k, top_n)
-        scores.counts[:, :, queries] = query_counts(predicted, truth, queries, public.n_columns)
+    scores.counts[:, :, listed] = query_scores(batch_query, rank[used], public_row, listed, public, truth, k, top_n)[0]
 
 
 def side_scores(path: str, query_index: StringIndex, public: PublicSet, truth: LabelSets, k: int, top_n: int,
@@ -519,15 +457,18 @@ def predicted_labels(neighbors: pl.LazyFrame, public_annotations: pl.LazyFrame, 
     public = PublicSet.from_frame(public_annotations.collect(), "public annotations")
     rows = neighbors.filter(pl.col("rank") < k).collect().sort("query_id", "rank")
     query_ids = rows["query_id"].unique(maintain_order=True)
-    predicted = predictions(StringIndex(query_ids, "neighbors", "query id").positions(rows["query_id"]),
-                            rows["rank"].to_numpy(), public.ids.positions(rows["public_id"]), len(query_ids),
-                            public, k, top_n)
-    labels = pl.DataFrame({"query_id": query_ids.gather(predicted.cell // public.n_columns),
-                           "label": public.vocabulary.gather(predicted.cell % public.n_columns),
-                           "count": predicted.count, "best_rank": predicted.best_rank, "top": predicted.top}) \
+    no_truth = LabelSets(np.zeros(2, np.int64), np.zeros(0, np.int64))  # one empty row for every query
+    _, emitted = query_scores(StringIndex(query_ids, "neighbors", "query id").positions(rows["query_id"]),
+                              rows["rank"].to_numpy(), public.ids.positions(rows["public_id"]),
+                              np.zeros(len(query_ids), np.int64), public, no_truth, k, top_n, emit=True)
+    query, label, count, best_rank, top = emitted.T
+    labels = pl.DataFrame({"query_id": query_ids.gather(query), "label": public.vocabulary.gather(label),
+                           "count": count, "best_rank": best_rank, "top": top.astype(bool)}) \
         .sort(["query_id", "count", "best_rank", "label"], descending=[False, True, False, False])
     return pl.concat([labels.select("query_id", "label", label_mode=pl.lit("all")),
                       labels.filter("top").select("query_id", "label", label_mode=pl.lit("top_n"))]).lazy()
+
+
 # --- population gaps: arrays with records on the last axis, any leading batch axes (bootstrap) ---
 
 def win_gap(target: np.ndarray, reference: np.ndarray) -> np.ndarray:
