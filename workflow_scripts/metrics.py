@@ -191,34 +191,47 @@ def score_queries(bounds, rank, public, label_offsets, label_codes, truth_rows, 
     number written is returned.
     """
     count = np.zeros(n_labels, np.int32)
-    best = np.zeros(n_labels, np.int32)
+    best = np.full(n_labels, k, np.int32)  # k: not met (ranks are < k)
     listed_by = np.full(n_public, -1, np.int32)
-    touched = np.empty(n_labels, np.int32)
+    touched = np.empty(n_labels + 1, np.int32)  # one spare: every label is written, the new ones kept
+    widest = 0
+    for q in range(len(bounds) - 1):
+        widest = max(widest, bounds[q + 1] - bounds[q])
+    with_count = np.zeros(widest + 2, np.int32)  # the query's labels carried by c neighbours
     top_keys = np.empty(max(top_n, 1), np.int64)
     n_emitted = 0
     for q in range(len(bounds) - 1):
         n_touched = 0
         for row in range(bounds[q], bounds[q + 1]):
             p, r = public[row], rank[row]
-            new = listed_by[p] != q
-            listed_by[p] = q
-            for j in range(label_offsets[p], label_offsets[p + 1]):
-                label = label_codes[j]
-                if new:
-                    if count[label] == 0:
-                        touched[n_touched] = label
-                        n_touched += 1
-                        best[label] = r
-                    count[label] += 1
-                if r < best[label]:
-                    best[label] = r
+            if listed_by[p] != q:
+                listed_by[p] = q
+                for j in range(label_offsets[p], label_offsets[p + 1]):  # branch-free: this loop is the hot one
+                    label = label_codes[j]
+                    c = count[label]
+                    touched[n_touched] = label
+                    n_touched += c == 0
+                    count[label] = c + 1
+                    best[label] = min(best[label], r)
+            else:  # listed again: only a nearer rank matters
+                for j in range(label_offsets[p], label_offsets[p + 1]):
+                    best[label_codes[j]] = min(best[label_codes[j]], r)
+        # The top_n-th label's count (from a histogram of counts) bounds the candidates for the sorted top_n list.
+        for i in range(n_touched):
+            with_count[count[touched[i]]] += 1
+        cut_count, above = widest + 1, 0
+        while cut_count > 1 and above + with_count[cut_count] < top_n:
+            above += with_count[cut_count]
+            cut_count -= 1
         # Key: smaller is better; counts never exceed the query's rows.
         most = bounds[q + 1] - bounds[q] + 1
         filled = 0
         for i in range(n_touched):
             label = touched[i]
+            if count[label] < cut_count:
+                continue
             key = ((most - count[label]) * (k + 1) + best[label]) * n_labels + label
-            if filled < top_n or (filled > 0 and key < top_keys[filled - 1]):
+            if filled < top_n or key < top_keys[filled - 1]:
                 at = min(filled, top_n - 1)
                 while at > 0 and top_keys[at - 1] > key:
                     top_keys[at] = top_keys[at - 1]
@@ -248,7 +261,9 @@ def score_queries(bounds, rank, public, label_offsets, label_codes, truth_rows, 
                 emitted[n_emitted, 3] = best[label]
                 emitted[n_emitted, 4] = key <= cut
                 n_emitted += 1
+            with_count[count[label]] = 0
             count[label] = 0
+            best[label] = k
     return n_emitted
 
 
