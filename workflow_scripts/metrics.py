@@ -109,18 +109,25 @@ class StringIndex:
         hashes = strings.hash(self.seed).to_numpy()
         if rows is not None and len(rows) < len(hashes):
             hashes = hashes[rows]
-        bucket = (hashes >> self.shift).view(np.int64)
-        (first_hash, first_position), (second_hash, second_position) = self.slots
-        found = np.take(first_position, bucket)
-        miss = np.flatnonzero(np.take(first_hash, bucket) != hashes)
-        found[miss] = second_position[bucket[miss]]
-        miss = miss[second_hash[bucket[miss]] != hashes[miss]]
-        if len(miss) and len(self.hashes):
-            at = np.minimum(np.searchsorted(self.hashes, hashes[miss]), len(self.hashes) - 1)
-            found[miss] = np.where(self.hashes[at] == hashes[miss], self.order[at], -1)
+        return probe(hashes, self.shift, *self.slots[0], *self.slots[1], self.hashes, self.order)
+
+
+@numba.njit(nogil=True, cache=True)
+def probe(hashes, shift, first_hash, first_position, second_hash, second_position, sorted_hashes,
+          order):  # pragma: no cover - compiled
+    """StringIndex.positions of hashed strings: the bucket's two slots, else a binary search; −1 where not listed."""
+    found = np.empty(len(hashes), np.int64)
+    for i in range(len(hashes)):
+        hash_ = hashes[i]
+        bucket = hash_ >> shift
+        if first_hash[bucket] == hash_:
+            found[i] = first_position[bucket]
+        elif second_hash[bucket] == hash_:
+            found[i] = second_position[bucket]
         else:
-            found[miss] = -1
-        return found
+            at = np.searchsorted(sorted_hashes, hash_)
+            found[i] = order[at] if at < len(sorted_hashes) and sorted_hashes[at] == hash_ else -1
+    return found
 
 
 @dataclass(frozen=True)
