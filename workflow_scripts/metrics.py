@@ -629,11 +629,16 @@ def compute(target_neighbors: str, reference_neighbors: str, query_annotations: 
     records = records_table(query_ids, n_objects, sides)
     params = {"target_neighbors": target_neighbors, "reference_neighbors": reference_neighbors, "queries": queries,
               "k": k, "top_n": top_n, "top_l": top_l, "n_boot": n_boot, "frac": frac, "seed": seed}
-    population = population_metrics(records, n_boot, frac, seed).with_columns(
-        k=pl.lit(k), top_n=pl.lit(top_n))
-    write_parquet(records, outputs["records"], stage="metrics", params=params)
-    write_parquet(population, outputs["population"], stage="metrics", params=params)
-    write_parquet(sample_level(records, top_l), outputs["sample_level"], stage="metrics", params=params)
+    # The bootstrap (numpy, GIL released) runs beside writing the records and the sample-level table.
+    with ThreadPoolExecutor(1) as pool:
+        population = pool.submit(population_metrics, records, n_boot, frac, seed)
+        write_parquet(records, outputs["records"], stage="metrics", params=params)
+        samples = sample_level(records, top_l)
+        write_parquet(population.result().with_columns(k=pl.lit(k), top_n=pl.lit(top_n)), outputs["population"],
+                      stage="metrics", params=params)
+    write_parquet(samples, outputs["sample_level"], stage="metrics", params=params)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target-neighbors", required=True, help="neighbours Parquet of f_A (the target model)")
