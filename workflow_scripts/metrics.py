@@ -606,7 +606,7 @@ TABLES = ("records", "population", "sample_level")
 
 def compute(target_neighbors: str, reference_neighbors: str, query_annotations: str, public_annotations: str,
             queries: str, out_dir: str | Path | None, k: int, top_n: int, top_l: list[int], n_boot: int, frac: float,
-            seed: int, batch_rows: int = 5_000_000, outputs: dict[str, str] | None = None) -> None:
+            seed: int, batch_rows: int = 1_000_000, outputs: dict[str, str] | None = None) -> None:
     """Write the three tables: to `outputs` (table name -> file), or as TABLE.parquet into `out_dir`."""
     outputs = outputs or {table: Path(out_dir) / f"{table}.parquet" for table in TABLES}
     query_ids = read_queries(queries)
@@ -656,7 +656,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-boot", type=int, default=100)
     parser.add_argument("--frac", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-rows", type=int, default=5_000_000,
+    parser.add_argument("--batch-rows", type=int, default=1_000_000,
                         help="neighbour rows read at a time from each neighbours file: bounds memory, "
                              "changes no table")
     args = parser.parse_args(argv)
