@@ -23,15 +23,16 @@ Population gaps, f_A ("target") against f_B ("reference"):
 Each is reported on all records and as mean ± std over bootstrap resamples.
 
 How it runs. Ids and labels become integers once: each string list is indexed by
-64-bit hash (`StringIndex`), the labels are coded in name order, and every
-record's label set is a CSR row of distinct codes (`LabelSets`). Each
-neighbours file is then walked once, in its own order, in chunks of
-``batch_rows`` rows; a query's rows must lie together (the kNN stage writes
-them so). The complete queries of a chunk are scored with numpy over dense
-(query × label) cells: one ``bincount`` gives each label's neighbour count, a
-pass over the ranks from the farthest to the nearest its best rank, and
-histograms of counts and ranks find each query's ``top_n`` cut without a sort.
-Memory follows the chunk, not the number of records × k.
+64-bit hash (`StringIndex`, looked up by a compiled probe), the labels are coded in
+name order, and every record's label set is a CSR row of distinct codes (`LabelSets`,
+in the narrowest integer types). Each neighbours file is then walked once, in its own
+order, in chunks of ``batch_rows`` rows; a query's rows must lie together (the kNN
+stage writes them so). The complete queries of a chunk are scored by one compiled
+(numba) pass per query over its neighbours' label codes (`score_queries`): counts and
+nearest ranks in small per-label arrays, the ``top_n`` cut from a histogram of counts
+and a sorted list of ``top_n`` keys. numba rather than numpy: the numpy version needed
+a dozen passes over (query × label) cells per chunk and was 3–5× slower. Memory follows
+the chunk, not the number of records × k.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numba
 import numpy as np
 import polars as pl
 from tqdm import tqdm
@@ -55,8 +57,6 @@ ORDERS = {
     "correct": (pl.col("n_correct_target"), False),
     "gap": (pl.col("n_correct_target") - pl.col("n_correct_reference"), True),
 }
-# Dense (query × label) cells scored at once: small enough for the counting arrays (~12 bytes a cell) to stay in cache.
-DENSE_CELLS = 1 << 20
 # Resampled values scored at once by the bootstrap (per column): bounds its memory.
 BOOTSTRAP_VALUES = 1 << 21
 
@@ -110,35 +110,33 @@ class StringIndex:
         hashes = strings.hash(self.seed).to_numpy()
         if rows is not None and len(rows) < len(hashes):
             hashes = hashes[rows]
-        bucket = (hashes >> self.shift).view(np.int64)
-        (first_hash, first_position), (second_hash, second_position) = self.slots
-        found = np.take(first_position, bucket)
-        miss = np.flatnonzero(np.take(first_hash, bucket) != hashes)
-        found[miss] = second_position[bucket[miss]]
-        miss = miss[second_hash[bucket[miss]] != hashes[miss]]
-        if len(miss) and len(self.hashes):
-            at = np.minimum(np.searchsorted(self.hashes, hashes[miss]), len(self.hashes) - 1)
-            found[miss] = np.where(self.hashes[at] == hashes[miss], self.order[at], -1)
+        return probe(hashes, self.shift, *self.slots[0], *self.slots[1], self.hashes, self.order)
+
+
+@numba.njit(nogil=True, cache=True)
+def probe(hashes, shift, first_hash, first_position, second_hash, second_position, sorted_hashes,
+          order):  # pragma: no cover - compiled
+    """StringIndex.positions of hashed strings: the bucket's two slots, else a binary search; −1 where not listed."""
+    found = np.empty(len(hashes), np.int64)
+    for i in range(len(hashes)):
+        hash_ = hashes[i]
+        bucket = hash_ >> shift
+        if first_hash[bucket] == hash_:
+            found[i] = first_position[bucket]
+        elif second_hash[bucket] == hash_:
+            found[i] = second_position[bucket]
         else:
-            found[miss] = -1
-        return found
+            at = np.searchsorted(sorted_hashes, hash_)
+            found[i] = order[at] if at < len(sorted_hashes) and sorted_hashes[at] == hash_ else -1
+    return found
 
 
 @dataclass(frozen=True)
 class LabelSets:
     """Label codes of records as CSR rows: record i holds codes[offsets[i]:offsets[i + 1]], distinct, ascending."""
 
-    offsets: np.ndarray  # int64, one more than records
-    codes: np.ndarray  # int64
-
-    def expand(self, records: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(owner, code) of every label of `records` in their order: owner indexes `records`."""
-        starts = self.offsets[records]
-        lengths = self.offsets[records + 1] - starts
-        ends = np.cumsum(lengths)
-        owner = np.repeat(np.arange(len(records)), lengths)
-        source = np.arange(ends[-1] if len(ends) else 0) + np.repeat(starts - ends + lengths, lengths)
-        return owner, self.codes[source]
+    offsets: np.ndarray  # one more than records
+    codes: np.ndarray
 
 
 def label_values(labels: pl.Series, ids: pl.Series, path: str) -> pl.Series:
@@ -159,160 +157,137 @@ def label_sets(labels: pl.Series, ids: pl.Series, vocabulary: StringIndex, path:
     keys = np.sort(record[known] * len(vocabulary) + codes[known])
     keys = keys[np.diff(keys, prepend=-1) != 0]
     counts = np.bincount(keys // max(len(vocabulary), 1), minlength=len(labels))
-    return LabelSets(np.concatenate([[0], np.cumsum(counts)]), keys % max(len(vocabulary), 1))
+    # The narrowest integer types: the scoring kernel's random reads then touch fewer cache lines.
+    return LabelSets(np.concatenate([[0], np.cumsum(counts)]).astype(narrowest(len(keys))),
+                     (keys % max(len(vocabulary), 1)).astype(narrowest(len(vocabulary))))
+
+
+def narrowest(bound: int) -> type:
+    """The narrowest of int16, int32, int64 holding 0..bound."""
+    return next(dtype for dtype in (np.int16, np.int32, np.int64) if bound <= np.iinfo(dtype).max)
 
 
 @dataclass(frozen=True)
 class PublicSet:
-    """The public annotations as integers: ids, the label vocabulary (name order) and each record's label set.
-
-    A record's labels are a row of `padded` (width: the 99th percentile of the label counts; the column
-    code n_labels pads), the rest of a longer set a row of `overflow`. One extra, empty row (index
-    len(ids)) stands for a neighbour already counted.
-    """
+    """The public annotations as integers: ids, the label vocabulary (name order) and each record's label set."""
 
     ids: StringIndex
     vocabulary: pl.Series
     label_index: StringIndex
-    padded: np.ndarray
-    overflow: LabelSets
-
-    @property
-    def n_columns(self) -> int:
-        """Label columns of a query's dense cells: the labels, then the padding."""
-        return len(self.vocabulary) + 1
+    labels: LabelSets
 
     @classmethod
     def from_frame(cls, frame: pl.DataFrame, path: str) -> "PublicSet":
         values = label_values(frame["labels"], frame["id"], path)
         vocabulary = values.unique().sort()
         index = StringIndex(vocabulary, path, "label")
-        sets = label_sets(frame["labels"], frame["id"], index, path)
-        lengths = np.append(np.diff(sets.offsets), 0)
-        width = max(1, int(np.percentile(lengths, 99)))
-        record = np.repeat(np.arange(len(lengths)), lengths)
-        column = np.arange(len(sets.codes)) - np.repeat(sets.offsets[:-1], lengths[:-1])
-        inside = column < width
-        padded = np.full((len(lengths), width), len(vocabulary), np.int64)
-        padded[record[inside], column[inside]] = sets.codes[inside]
-        overflow = np.concatenate([[0], np.cumsum(np.maximum(lengths - width, 0))])
-        return cls(StringIndex(frame["id"], path, "id"), vocabulary, index, padded,
-                   LabelSets(overflow, sets.codes[~inside]))
+        return cls(StringIndex(frame["id"], path, "id"), vocabulary, index,
+                   label_sets(frame["labels"], frame["id"], index, path))
 
 
 # --- scoring a batch of queries ---
 
-@dataclass(frozen=True)
-class Predictions:
-    """Every (query, label) a batch's neighbours predict, in (query, label) order, with its top_n membership."""
+@numba.njit(nogil=True, cache=True)
+def score_queries(bounds, rank, public, label_offsets, label_codes, truth_rows, truth_offsets, truth_codes, n_labels,
+                  n_public, k, top_n, counts, emitted):  # pragma: no cover - compiled
+    """Score queries 0..n−1, whose neighbour rows (rank, public record; ranks < k) are bounds[q]:bounds[q + 1].
 
-    cell: np.ndarray  # query * n_columns + label
-    count: np.ndarray  # neighbours carrying the label
-    best_rank: np.ndarray  # rank of the nearest of them
-    top: np.ndarray  # bool: among the query's top_n labels
-
-
-
-def first_occurrences(query: np.ndarray, rank: np.ndarray, public: np.ndarray, n_public: int) -> np.ndarray:
-    """Rows whose public record the query has not listed at a nearer rank (a neighbour counts once).
-
-    Rows of one query lie together, queries in ascending order.
+    Fills counts[:, :, q] = [n_predicted, n_correct] × [all, top_n] against truth row truth_rows[q]. A public
+    record listed twice by one query counts once, at its nearest rank. The top_n labels are the smallest keys (count
+    descending, best rank ascending, label ascending), kept in a sorted list of top_n as the labels are met.
+    If `emitted` has rows, each predicted (query, label, count, best rank, in top_n) becomes one of them; the
+    number written is returned.
     """
-    first = np.ones(len(query), bool)
-    lengths = np.bincount(query)
-    suspects = np.arange(len(query))
-    if len(lengths) and (lengths == lengths[0]).all():  # the usual table: as many rows per query
-        ordered = np.sort(public.reshape(len(lengths), -1), axis=1)
-        repeated = np.flatnonzero((ordered[:, 1:] == ordered[:, :-1]).any(axis=1))
-        suspects = np.flatnonzero(np.isin(query, repeated)) if len(repeated) else suspects[:0]
-    if len(suspects):
-        order = suspects[np.lexsort((rank[suspects], public[suspects], query[suspects]))]
-        key = query[order] * (n_public + 1) + public[order]
-        first[order[1:]] = key[1:] != key[:-1]
-    return first
+    count = np.zeros(n_labels, np.int32)
+    best = np.full(n_labels, k, np.int32)  # k: not met (ranks are < k)
+    listed_by = np.full(n_public, -1, np.int32)
+    touched = np.empty(n_labels + 1, np.int32)  # one spare: every label is written, the new ones kept
+    widest = 0
+    for q in range(len(bounds) - 1):
+        widest = max(widest, bounds[q + 1] - bounds[q])
+    with_count = np.zeros(widest + 2, np.int32)  # the query's labels carried by c neighbours
+    top_keys = np.empty(max(top_n, 1), np.int64)
+    n_emitted = 0
+    for q in range(len(bounds) - 1):
+        n_touched = 0
+        for row in range(bounds[q], bounds[q + 1]):
+            p, r = public[row], rank[row]
+            if listed_by[p] != q:
+                listed_by[p] = q
+                for j in range(label_offsets[p], label_offsets[p + 1]):  # branch-free: this loop is the hot one
+                    label = label_codes[j]
+                    c = count[label]
+                    touched[n_touched] = label
+                    n_touched += c == 0
+                    count[label] = c + 1
+                    best[label] = min(best[label], r)
+            else:  # listed again: only a nearer rank matters
+                for j in range(label_offsets[p], label_offsets[p + 1]):
+                    best[label_codes[j]] = min(best[label_codes[j]], r)
+        # The top_n-th label's count (from a histogram of counts) bounds the candidates for the sorted top_n list.
+        for i in range(n_touched):
+            with_count[count[touched[i]]] += 1
+        cut_count, above = widest + 1, 0
+        while cut_count > 1 and above + with_count[cut_count] < top_n:
+            above += with_count[cut_count]
+            cut_count -= 1
+        # Key: smaller is better; counts never exceed the query's rows.
+        most = bounds[q + 1] - bounds[q] + 1
+        filled = 0
+        for i in range(n_touched):
+            label = touched[i]
+            if count[label] < cut_count:
+                continue
+            key = ((most - count[label]) * (k + 1) + best[label]) * n_labels + label
+            if filled < top_n or key < top_keys[filled - 1]:
+                at = min(filled, top_n - 1)
+                while at > 0 and top_keys[at - 1] > key:
+                    top_keys[at] = top_keys[at - 1]
+                    at -= 1
+                top_keys[at] = key
+                filled = min(filled + 1, top_n)
+        cut = top_keys[filled - 1] if filled > 0 else -1
+        correct = 0
+        correct_top = 0
+        for j in range(truth_offsets[truth_rows[q]], truth_offsets[truth_rows[q] + 1]):
+            label = truth_codes[j]
+            if count[label] > 0:
+                correct += 1
+                if ((most - count[label]) * (k + 1) + best[label]) * n_labels + label <= cut:
+                    correct_top += 1
+        counts[0, 0, q] = n_touched
+        counts[0, 1, q] = filled
+        counts[1, 0, q] = correct
+        counts[1, 1, q] = correct_top
+        for i in range(n_touched):
+            label = touched[i]
+            if len(emitted):
+                key = ((most - count[label]) * (k + 1) + best[label]) * n_labels + label
+                emitted[n_emitted, 0] = q
+                emitted[n_emitted, 1] = label
+                emitted[n_emitted, 2] = count[label]
+                emitted[n_emitted, 3] = best[label]
+                emitted[n_emitted, 4] = key <= cut
+                n_emitted += 1
+            with_count[count[label]] = 0
+            count[label] = 0
+            best[label] = k
+    return n_emitted
 
 
-def predictions(query: np.ndarray, rank: np.ndarray, public: np.ndarray, n_queries: int, public_set: PublicSet,
-                k: int, top_n: int) -> Predictions:
-    """The labels that the neighbour rows (query, rank, public record), ranks < k, predict for queries 0..n-1.
-
-    Rows of one query lie together, queries in ascending order.
-    """
-    n_columns, n_public = public_set.n_columns, len(public_set.ids)
-    first = first_occurrences(query, rank, public, n_public)
-    if not first.all():
-        public = np.where(first, public, n_public)
-    by_rank = np.argsort(rank.astype(np.int16), kind="stable")
-    public, base = public[by_rank], query[by_rank] * n_columns
-    padded = np.take(public_set.padded, public, axis=0) + base[:, None]
-    owner, code = public_set.overflow.expand(public) if len(public_set.overflow.codes) else (public[:0], public[:0])
-    overflow = base[owner] + code
-    count = np.bincount(padded.reshape(-1), minlength=n_queries * n_columns)
-    if len(overflow):
-        count += np.bincount(overflow, minlength=n_queries * n_columns)
-    count[n_columns - 1::n_columns] = 0  # the padding column
-    # Labels are written rank by rank, farthest first, so each cell keeps its nearest rank. No label cell
-    # repeats within one rank (a neighbour's labels are distinct), so the assignment order does not matter.
-    best = np.full(n_queries * n_columns, k, np.int16)
-    row_bounds = np.searchsorted(rank[by_rank], np.arange(k + 1))
-    overflow_bounds = np.searchsorted(owner, row_bounds)
-    for r in range(k - 1, -1, -1):
-        best[padded[row_bounds[r]:row_bounds[r + 1]]] = r
-        if len(overflow):
-            best[overflow[overflow_bounds[r]:overflow_bounds[r + 1]]] = r
-    cell = np.flatnonzero(count > 0)
-    query_of_cell = cell // n_columns
-    return Predictions(cell, count[cell], best[cell],
-                       top_labels(query_of_cell, count[cell], best[cell], n_queries, k, top_n))
-
-
-def top_labels(query: np.ndarray, count: np.ndarray, best_rank: np.ndarray, n_queries: int, k: int,
-               top_n: int) -> np.ndarray:
-    """Whether each predicted (query, label), in (query, label) order, is among the query's top_n.
-
-    The order is count descending, best rank ascending, label ascending. Rather than sorting, histograms
-    find each query's cut: the count c* of its top_n-th label, then among the labels counted c* the best
-    rank r* that fills the top_n, then as many labels counted c* at rank r* as are left, in label order.
-    """
-    rows = np.arange(n_queries)
-    # at_least[q, c]: labels of q carried by >= c neighbours (c = 0..k+1).
-    at_least = np.zeros((n_queries, k + 2), np.int64)
-    at_least[:, :k + 1] = np.bincount(query * (k + 1) + count, minlength=n_queries * (k + 1)) \
-        .reshape(n_queries, k + 1)[:, ::-1].cumsum(axis=1)[:, ::-1]
-    cut_count = (at_least[:, 1:k + 1] >= top_n).sum(axis=1)  # 0 when the query predicts fewer than top_n
-    left = top_n - at_least[rows, cut_count + 1]  # places for labels counted exactly c*
-    cut = cut_count[query]
-    top = count > cut
-    tied = np.flatnonzero(count == cut)
-    tied_query, tied_rank = query[tied], best_rank[tied]
-    # before_rank[q, r]: labels counted c* whose best rank is < r.
-    before_rank = np.zeros((n_queries, k + 1), np.int64)
-    before_rank[:, 1:] = np.bincount(tied_query * k + tied_rank, minlength=n_queries * k) \
-        .reshape(n_queries, k).cumsum(axis=1)
-    cut_rank = (before_rank[:, 1:] < left[:, None]).sum(axis=1)
-    left_at_rank = left - before_rank[rows, cut_rank]
-    top[tied[tied_rank < cut_rank[tied_query]]] = True
-    at_cut = tied[tied_rank == cut_rank[tied_query]]
-    cut_query = query[at_cut]
-    place = np.arange(len(cut_query)) - np.searchsorted(cut_query, cut_query)  # label order within the query
-    top[at_cut[place < left_at_rank[cut_query]]] = True
-    return top
-
-
-def query_counts(predicted: Predictions, truth: LabelSets, queries: np.ndarray, n_columns: int) -> np.ndarray:
-    """[n_predicted, n_correct] × [all, top_n] of each query (truth row `queries[q]` for batch query q)."""
-    n_queries = len(queries)
-    truth_query, truth_code = truth.expand(queries)
-    truth_cell = truth_query * n_columns + truth_code
-    at = np.minimum(np.searchsorted(predicted.cell, truth_cell), max(len(predicted.cell) - 1, 0))
-    predicted_truth = predicted.cell[at] == truth_cell if len(predicted.cell) else np.zeros(len(truth_cell), bool)
-    top_truth = predicted_truth & predicted.top[at] if len(predicted.cell) else predicted_truth
-    counts = np.empty((2, 2, n_queries), np.int32)
-    counts[0, 0] = np.diff(np.searchsorted(predicted.cell, np.arange(n_queries + 1) * n_columns))
-    counts[0, 1] = np.bincount(predicted.cell[predicted.top] // n_columns, minlength=n_queries)
-    counts[1, 0] = np.bincount(truth_query[predicted_truth], minlength=n_queries)
-    counts[1, 1] = np.bincount(truth_query[top_truth], minlength=n_queries)
-    return counts
+def query_scores(batch_query: np.ndarray, rank: np.ndarray, public_row: np.ndarray, truth_rows: np.ndarray,
+                 public: PublicSet, truth: LabelSets, k: int, top_n: int,
+                 emit: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """score_queries over rows sorted by batch query 0..len(truth_rows)−1: counts [2, 2, queries] and, if `emit`,
+    the predicted (query, label, count, best rank, in top_n) rows."""
+    counts = np.zeros((2, 2, len(truth_rows)), np.int32)
+    size = int(np.diff(public.labels.offsets)[public_row].sum()) if emit else 0
+    emitted = np.zeros((size, 5), np.int64)
+    n = score_queries(np.searchsorted(batch_query, np.arange(len(truth_rows) + 1)), rank,
+                      public_row.astype(narrowest(len(public.ids))),
+                      public.labels.offsets, public.labels.codes, truth_rows, truth.offsets, truth.codes,
+                      len(public.vocabulary), len(public.ids), k, top_n, counts, emitted)
+    return counts, emitted[:n]
 
 
 # --- reading the inputs ---
@@ -427,13 +402,7 @@ def score_chunk(rows: pl.DataFrame, run: np.ndarray, scores: SideScores, query_i
     nearest = used[rank[used] == 0]
     scores.nn_score[position[run[nearest]]] = rows["score"].gather(nearest).to_numpy()
     batch_query = (np.cumsum(position >= 0) - 1)[run[used]]
-    step = max(1, DENSE_CELLS // public.n_columns)
-    bounds = np.searchsorted(batch_query, np.arange(0, len(listed) + step, step))
-    for first, lo, hi in zip(range(0, len(listed), step), bounds[:-1], bounds[1:]):
-        queries = listed[first:first + step]
-        predicted = predictions(batch_query[lo:hi] - first, rank[used[lo:hi]], public_row[lo:hi], len(queries),
-                                public, k, top_n)
-        scores.counts[:, :, queries] = query_counts(predicted, truth, queries, public.n_columns)
+    scores.counts[:, :, listed] = query_scores(batch_query, rank[used], public_row, listed, public, truth, k, top_n)[0]
 
 
 def side_scores(path: str, query_index: StringIndex, public: PublicSet, truth: LabelSets, k: int, top_n: int,
@@ -519,15 +488,18 @@ def predicted_labels(neighbors: pl.LazyFrame, public_annotations: pl.LazyFrame, 
     public = PublicSet.from_frame(public_annotations.collect(), "public annotations")
     rows = neighbors.filter(pl.col("rank") < k).collect().sort("query_id", "rank")
     query_ids = rows["query_id"].unique(maintain_order=True)
-    predicted = predictions(StringIndex(query_ids, "neighbors", "query id").positions(rows["query_id"]),
-                            rows["rank"].to_numpy(), public.ids.positions(rows["public_id"]), len(query_ids),
-                            public, k, top_n)
-    labels = pl.DataFrame({"query_id": query_ids.gather(predicted.cell // public.n_columns),
-                           "label": public.vocabulary.gather(predicted.cell % public.n_columns),
-                           "count": predicted.count, "best_rank": predicted.best_rank, "top": predicted.top}) \
+    no_truth = LabelSets(np.zeros(2, np.int64), np.zeros(0, np.int64))  # one empty row for every query
+    _, emitted = query_scores(StringIndex(query_ids, "neighbors", "query id").positions(rows["query_id"]),
+                              rows["rank"].to_numpy(), public.ids.positions(rows["public_id"]),
+                              np.zeros(len(query_ids), np.int64), public, no_truth, k, top_n, emit=True)
+    query, label, count, best_rank, top = emitted.T
+    labels = pl.DataFrame({"query_id": query_ids.gather(query), "label": public.vocabulary.gather(label),
+                           "count": count, "best_rank": best_rank, "top": top.astype(bool)}) \
         .sort(["query_id", "count", "best_rank", "label"], descending=[False, True, False, False])
     return pl.concat([labels.select("query_id", "label", label_mode=pl.lit("all")),
                       labels.filter("top").select("query_id", "label", label_mode=pl.lit("top_n"))]).lazy()
+
+
 # --- population gaps: arrays with records on the last axis, any leading batch axes (bootstrap) ---
 
 def win_gap(target: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -535,14 +507,20 @@ def win_gap(target: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return np.sign(target - reference).mean(axis=-1)
 
 
-def aucg(recall_target: np.ndarray, recall_reference: np.ndarray) -> np.ndarray:
-    """Exact signed area ∫₀¹ (F_reference − F_target) between the empirical recall CDFs."""
+def aucg(recall_target: np.ndarray, recall_reference: np.ndarray, key_target: np.ndarray | None = None,
+         key_reference: np.ndarray | None = None) -> np.ndarray:
+    """Exact signed area ∫₀¹ (F_reference − F_target) between the empirical recall CDFs.
+
+    Optional keys (integers ordered as the recalls, e.g. their ranks among the distinct values) give the same
+    stable order faster: numpy sorts integers of 16 bits by radix.
+    """
     target, reference = np.asarray(recall_target, float), np.asarray(recall_reference, float)
     values = np.concatenate([target, reference], axis=-1)
     # Walking the pooled values upwards, F_target jumps by 1/n_t, F_reference by 1/n_r.
     jumps = np.concatenate([np.full(target.shape, -1.0 / target.shape[-1]),
                             np.full(reference.shape, 1.0 / reference.shape[-1])], axis=-1)
-    order = np.argsort(values, axis=-1, kind="stable")
+    keys = values if key_target is None else np.concatenate([key_target, key_reference], axis=-1)
+    order = np.argsort(keys, axis=-1, kind="stable")
     values = np.take_along_axis(values, order, axis=-1)
     cdf_gap = np.cumsum(np.take_along_axis(jumps, order, axis=-1), axis=-1)
     widths = np.diff(values, axis=-1, append=np.ones(values.shape[:-1] + (1,)))
@@ -553,8 +531,11 @@ POPULATION_METRICS = {
     "PPG": lambda columns: win_gap(columns["precision_target"], columns["precision_reference"]),
     "PRG": lambda columns: win_gap(columns["recall_target"], columns["recall_reference"]),
     "PFG": lambda columns: win_gap(columns["f1_target"], columns["f1_reference"]),
-    "AUCG": lambda columns: aucg(columns["recall_target"], columns["recall_reference"]),
+    "AUCG": lambda columns: aucg(columns["recall_target"], columns["recall_reference"], columns["recall_key_target"],
+                                 columns["recall_key_reference"]),
 }
+SCORE_COLUMNS = ("precision_target", "precision_reference", "recall_target", "recall_reference", "f1_target",
+                 "f1_reference")
 
 
 def population_metrics(records: pl.DataFrame, n_boot: int, frac: float, seed: int) -> pl.DataFrame:
@@ -569,9 +550,12 @@ def population_metrics(records: pl.DataFrame, n_boot: int, frac: float, seed: in
         mode_records = records.filter(pl.col("label_mode") == label_mode)
         scored = mode_records.filter(pl.col("n_objects") > 0)
         n = len(scored)
-        columns = {name: scored[name].to_numpy().astype(float)
-                   for name in ("precision_target", "precision_reference", "recall_target",
-                                "recall_reference", "f1_target", "f1_reference")}
+        columns = {name: scored[name].to_numpy().astype(float) for name in SCORE_COLUMNS}
+        # The recalls' ranks among their distinct values: AUCG's sort key.
+        distinct, keys = np.unique(np.concatenate([columns["recall_target"], columns["recall_reference"]]),
+                                   return_inverse=True)
+        keys = keys.astype(narrowest(len(distinct)))
+        columns.update(recall_key_target=keys[:n], recall_key_reference=keys[n:])
         size = max(1, round(frac * n))
         step = max(1, BOOTSTRAP_VALUES // size)
         boot = {metric: [] for metric in POPULATION_METRICS}
@@ -603,9 +587,10 @@ def sample_level(records: pl.DataFrame, top_l: list[int], label_mode: str = "top
     n = len(scored)
     cutoffs = sorted({l for l in top_l if 0 < l < n} | ({n} if n else set()))
     frames = []
+    id_rank = scored["id"].rank("ordinal")  # ties break by id; its rank sorts faster than the strings
     for order, (key, oracle) in ORDERS.items():
-        ranked = scored.with_columns(_key=key).sort(["_key", "id"], descending=[True, False])
-        gaps = {metric: (ranked[f"{metric}_target"] - ranked[f"{metric}_reference"]).to_numpy()
+        ranked = scored.select(pl.arg_sort_by(key, id_rank, descending=[True, False])).to_series()
+        gaps = {metric: (scored[f"{metric}_target"] - scored[f"{metric}_reference"]).gather(ranked).to_numpy()
                 for metric in ("precision", "recall", "f1")}
         index = np.asarray(cutoffs, dtype=np.int64) - 1
         frames.append(pl.DataFrame({
@@ -622,7 +607,7 @@ TABLES = ("records", "population", "sample_level")
 
 def compute(target_neighbors: str, reference_neighbors: str, query_annotations: str, public_annotations: str,
             queries: str, out_dir: str | Path | None, k: int, top_n: int, top_l: list[int], n_boot: int, frac: float,
-            seed: int, batch_rows: int = 5_000_000, outputs: dict[str, str] | None = None) -> None:
+            seed: int, batch_rows: int = 1_000_000, outputs: dict[str, str] | None = None) -> None:
     """Write the three tables: to `outputs` (table name -> file), or as TABLE.parquet into `out_dir`."""
     outputs = outputs or {table: Path(out_dir) / f"{table}.parquet" for table in TABLES}
     query_ids = read_queries(queries)
@@ -645,11 +630,16 @@ def compute(target_neighbors: str, reference_neighbors: str, query_annotations: 
     records = records_table(query_ids, n_objects, sides)
     params = {"target_neighbors": target_neighbors, "reference_neighbors": reference_neighbors, "queries": queries,
               "k": k, "top_n": top_n, "top_l": top_l, "n_boot": n_boot, "frac": frac, "seed": seed}
-    population = population_metrics(records, n_boot, frac, seed).with_columns(
-        k=pl.lit(k), top_n=pl.lit(top_n))
-    write_parquet(records, outputs["records"], stage="metrics", params=params)
-    write_parquet(population, outputs["population"], stage="metrics", params=params)
-    write_parquet(sample_level(records, top_l), outputs["sample_level"], stage="metrics", params=params)
+    # The bootstrap (numpy, GIL released) runs beside writing the records and the sample-level table.
+    with ThreadPoolExecutor(1) as pool:
+        population = pool.submit(population_metrics, records, n_boot, frac, seed)
+        write_parquet(records, outputs["records"], stage="metrics", params=params)
+        samples = sample_level(records, top_l)
+        write_parquet(population.result().with_columns(k=pl.lit(k), top_n=pl.lit(top_n)), outputs["population"],
+                      stage="metrics", params=params)
+    write_parquet(samples, outputs["sample_level"], stage="metrics", params=params)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target-neighbors", required=True, help="neighbours Parquet of f_A (the target model)")
@@ -667,7 +657,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-boot", type=int, default=100)
     parser.add_argument("--frac", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-rows", type=int, default=5_000_000,
+    parser.add_argument("--batch-rows", type=int, default=1_000_000,
                         help="neighbour rows read at a time from each neighbours file: bounds memory, "
                              "changes no table")
     args = parser.parse_args(argv)
