@@ -206,15 +206,30 @@ def score_queries(bounds, rank, public, label_offsets, label_codes, truth_rows, 
     for q in range(len(bounds) - 1):
         widest = max(widest, bounds[q + 1] - bounds[q])
     with_count = np.zeros(widest + 2, np.int32)  # the query's labels carried by c neighbours
+    row_start = np.empty(widest, np.int64)
+    row_end = np.empty(widest, np.int64)
+    row_again = np.empty(widest, np.bool_)
     top_keys = np.empty(max(top_n, 1), np.int64)
     n_emitted = 0
     for q in range(len(bounds) - 1):
+        first = bounds[q]
+        # A first pass gathers the rows' label ranges: its loads are independent of one another, so the CPU
+        # overlaps their cache misses; the label loop below then finds its data in cache.
+        touch = 0
+        for row in range(first, bounds[q + 1]):
+            p = public[row]
+            start, end = label_offsets[p], label_offsets[p + 1]
+            row_start[row - first], row_end[row - first] = start, end
+            row_again[row - first] = listed_by[p] == q
+            listed_by[p] = q
+            if start < end:
+                touch += label_codes[start]
+        touched[n_labels] = touch  # keeps the touching loads
         n_touched = 0
-        for row in range(bounds[q], bounds[q + 1]):
-            p, r = public[row], rank[row]
-            if listed_by[p] != q:
-                listed_by[p] = q
-                for j in range(label_offsets[p], label_offsets[p + 1]):  # branch-free: this loop is the hot one
+        for i in range(bounds[q + 1] - first):
+            r = rank[first + i]
+            if not row_again[i]:
+                for j in range(row_start[i], row_end[i]):  # branch-free: this loop is the hot one
                     label = label_codes[j]
                     c = count[label]
                     touched[n_touched] = label
@@ -222,7 +237,7 @@ def score_queries(bounds, rank, public, label_offsets, label_codes, truth_rows, 
                     count[label] = c + 1
                     best[label] = min(best[label], r)
             else:  # listed again: only a nearer rank matters
-                for j in range(label_offsets[p], label_offsets[p + 1]):
+                for j in range(row_start[i], row_end[i]):
                     best[label_codes[j]] = min(best[label_codes[j]], r)
         # The top_n-th label's count (from a histogram of counts) bounds the candidates for the sorted top_n list.
         for i in range(n_touched):
