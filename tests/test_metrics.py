@@ -291,3 +291,29 @@ def test_compute_refuses_a_query_whose_rows_are_apart(tmp_path):
     apart = pl.concat([nb.slice(1), nb.slice(0, 1)])  # q1's rank 0 moved to the end
     with pytest.raises(DataError, match="nb.parquet: the rows of query 'q1' are not together"):
         metrics.compute(**metric_inputs(tmp_path, nb=apart))
+
+
+@given(st.integers(1, 60), st.integers(1, 25), st.integers(0, 2**32 - 1))
+@settings(max_examples=200, deadline=None)
+def test_resampled_metrics_equal_the_metrics_of_the_resampled_records_bit_for_bit(n, size, seed):
+    rng = np.random.default_rng(seed)
+    fractions = np.array([0.0, 1 / 3, 0.5, 2 / 3, 0.9, 1.0])  # recalls tie, as counts over a few objects do
+    frame = pl.DataFrame({f"{score}_{side}": rng.choice(fractions, n) for score in ("precision", "recall", "f1")
+                          for side in ("target", "reference")})
+    columns, distinct = metrics.metric_columns(frame)
+    resample = rng.integers(0, n, size=(4, size))
+    fast = metrics.resampled_metrics(columns, distinct, resample)
+    for metric, compute in metrics.POPULATION_METRICS.items():
+        slow = compute({name: values[resample] for name, values in columns.items()})
+        assert np.array_equal(fast[metric], slow), metric
+
+
+@given(st.lists(st.text(max_size=6), unique=True, max_size=300), st.lists(st.text(max_size=6), max_size=100))
+@settings(max_examples=200, deadline=None)
+def test_string_index_finds_each_listed_string_and_no_other(listed, looked_up):
+    strings = pl.Series(listed, dtype=pl.String)
+    queries = pl.Series(looked_up + listed[::-1], dtype=pl.String)
+    expected = np.array([listed.index(s) if s in listed else -1 for s in queries.to_list()], dtype=np.int64)
+    for buckets in (True, False):
+        index = metrics.StringIndex(strings, "listed", "id", buckets=buckets)
+        assert np.array_equal(index.positions(queries), expected)

@@ -32,15 +32,18 @@ stage writes them so). The complete queries of a chunk are scored by one compile
 nearest ranks in small per-label arrays, the ``top_n`` cut from a histogram of counts
 and a sorted list of ``top_n`` keys. numba rather than numpy: the numpy version needed
 a dozen passes over (query × label) cells per chunk and was 3–5× slower. Memory follows
-the chunk, not the number of records × k.
+the chunk, not the number of records × k. The bootstrap counts each resample's recall
+keys instead of sorting them (`resample_gaps`), with the very floats `aucg` computes.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from threading import Thread
 
 import numba
 import numpy as np
@@ -66,14 +69,15 @@ BOOTSTRAP_VALUES = 1 << 21
 class StringIndex:
     """The position of each string in a list of distinct strings, found for a whole Series at once.
 
-    Strings are compared by a 64-bit hash. Buckets (the top bits of the hash, about 2 per string) hold
-    the first two hashes that fall in them, and a string is looked up with one or two gathers; the rare
-    third of a bucket by a binary search of the sorted hashes. Distinct strings of the list never share a
-    hash (another seed is tried if they do); a string outside the list is reported only if its hash differs
-    from every listed one, which fails with probability ~|list| / 2^64.
+    Strings are compared by a 64-bit hash. With `buckets` (for lookups of every neighbour row), buckets (the top
+    bits of the hash, about 2 per string) hold the first two hashes that fall in them with their positions, side by
+    side in one cache line, and most strings are found with one random read; the rare third of a bucket, and
+    every string without `buckets` (a smaller index, for few lookups), by a binary search of the sorted hashes.
+    Distinct strings of the list never share a hash (another seed is tried if they do); a string outside the list
+    is reported only if its hash differs from every listed one, which fails with probability ~|list| / 2^64.
     """
 
-    def __init__(self, strings: pl.Series, path: str, what: str):
+    def __init__(self, strings: pl.Series, path: str, what: str, buckets: bool = True):
         for seed in range(8):
             hashes = strings.hash(seed).to_numpy()
             order = np.argsort(hashes, kind="stable")
@@ -87,20 +91,20 @@ class StringIndex:
                 raise DataError(f"{path}: {len(duplicated)} duplicate {what}(s), e.g. {duplicated.head(5).to_list()}")
         else:
             raise RuntimeError(f"{path}: distinct {what}s share a 64-bit hash under 8 seeds")
-        self.strings, self.seed, self.order, self.hashes = strings, seed, order, sorted_hashes
-        bits = max(len(hashes) - 1, 1).bit_length() + 1
+        self.strings, self.seed, self.hashes = strings, seed, sorted_hashes
+        self.order = order.astype(narrowest(len(order)))
+        bits = max(len(hashes) - 1, 1).bit_length() + 1 if buckets else 0
         self.shift = np.uint64(64 - bits)
-        bucket = (sorted_hashes >> self.shift).astype(np.intp)
-        place = np.arange(len(bucket)) - np.searchsorted(bucket, bucket)
-        # Per slot (first, second of a bucket): its hash and position. An empty slot holds a hash of the next
-        # bucket, which no string of its own bucket has.
-        self.slots = []
-        for slot in range(2):
-            slot_hash = np.arange(1, 2 ** bits + 1, dtype=np.uint64) << self.shift
-            slot_position = np.full(2 ** bits, -1, np.int64)
-            slot_hash[bucket[place == slot]] = sorted_hashes[place == slot]
-            slot_position[bucket[place == slot]] = order[place == slot]
-            self.slots.append((slot_hash, slot_position))
+        # Row b: (hash, position) of the bucket's first and second string. An empty slot holds a hash of the next
+        # bucket, which no string of bucket b has.
+        self.slots = np.zeros((2 ** bits if buckets else 0, 4), np.uint64)
+        if buckets:
+            self.slots[:, 0] = self.slots[:, 2] = np.arange(1, 2 ** bits + 1, dtype=np.uint64) << self.shift
+            bucket = (sorted_hashes >> self.shift).astype(np.intp)
+            place = np.arange(len(bucket)) - np.searchsorted(bucket, bucket)
+            for slot in range(2):
+                self.slots[bucket[place == slot], 2 * slot] = sorted_hashes[place == slot]
+                self.slots[bucket[place == slot], 2 * slot + 1] = order[place == slot]
 
     def __len__(self) -> int:
         return len(self.hashes)
@@ -110,21 +114,20 @@ class StringIndex:
         hashes = strings.hash(self.seed).to_numpy()
         if rows is not None and len(rows) < len(hashes):
             hashes = hashes[rows]
-        return probe(hashes, self.shift, *self.slots[0], *self.slots[1], self.hashes, self.order)
+        return probe(hashes, self.shift, self.slots, self.hashes, self.order)
 
 
 @numba.njit(nogil=True, cache=True)
-def probe(hashes, shift, first_hash, first_position, second_hash, second_position, sorted_hashes,
-          order):  # pragma: no cover - compiled
+def probe(hashes, shift, slots, sorted_hashes, order):  # pragma: no cover - compiled
     """StringIndex.positions of hashed strings: the bucket's two slots, else a binary search; −1 where not listed."""
     found = np.empty(len(hashes), np.int64)
     for i in range(len(hashes)):
         hash_ = hashes[i]
-        bucket = hash_ >> shift
-        if first_hash[bucket] == hash_:
-            found[i] = first_position[bucket]
-        elif second_hash[bucket] == hash_:
-            found[i] = second_position[bucket]
+        bucket = np.intp(hash_ >> shift) if len(slots) else 0
+        if len(slots) and slots[bucket, 0] == hash_:
+            found[i] = slots[bucket, 1]
+        elif len(slots) and slots[bucket, 2] == hash_:
+            found[i] = slots[bucket, 3]
         else:
             at = np.searchsorted(sorted_hashes, hash_)
             found[i] = order[at] if at < len(sorted_hashes) and sorted_hashes[at] == hash_ else -1
@@ -290,16 +293,15 @@ def score_queries(bounds, rank, public, label_offsets, label_codes, truth_rows, 
     return n_emitted
 
 
-def query_scores(batch_query: np.ndarray, rank: np.ndarray, public_row: np.ndarray, truth_rows: np.ndarray,
+def query_scores(bounds: np.ndarray, rank: np.ndarray, public_row: np.ndarray, truth_rows: np.ndarray,
                  public: PublicSet, truth: LabelSets, k: int, top_n: int,
                  emit: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """score_queries over rows sorted by batch query 0..len(truth_rows)−1: counts [2, 2, queries] and, if `emit`,
-    the predicted (query, label, count, best rank, in top_n) rows."""
+    """score_queries over queries 0..len(truth_rows)−1, query q's rows bounds[q]:bounds[q + 1]: counts [2, 2, queries]
+    and, if `emit`, the predicted (query, label, count, best rank, in top_n) rows."""
     counts = np.zeros((2, 2, len(truth_rows)), np.int32)
     size = int(np.diff(public.labels.offsets)[public_row].sum()) if emit else 0
     emitted = np.zeros((size, 5), np.int64)
-    n = score_queries(np.searchsorted(batch_query, np.arange(len(truth_rows) + 1)), rank,
-                      public_row.astype(narrowest(len(public.ids))),
+    n = score_queries(bounds, rank, public_row.astype(narrowest(len(public.ids)), copy=False),
                       public.labels.offsets, public.labels.codes, truth_rows, truth.offsets, truth.codes,
                       len(public.vocabulary), len(public.ids), k, top_n, counts, emitted)
     return counts, emitted[:n]
@@ -370,16 +372,45 @@ def check_ranks(path: str, k: int) -> None:
 
 # --- one model's scores, streamed over its neighbours table ---
 
-def query_runs(query_ids: pl.Series) -> np.ndarray:
-    """Number each run of equal query ids (0, 0, ..., 1, 1, ...), comparing neighbouring rows' 64-bit hashes.
+def run_starts(query_ids: pl.Series) -> np.ndarray:
+    """The first row of each run of equal query ids, comparing neighbouring rows' 64-bit hashes.
 
     Two different neighbouring ids that shared a hash would make one run: the second query would then read
     as having no neighbours, an error, never a silent number.
     """
     hashes = query_ids.hash(0).to_numpy()
-    run = np.zeros(len(hashes), np.int64)
-    np.cumsum(hashes[1:] != hashes[:-1], out=run[1:])
-    return run
+    return np.flatnonzero(np.concatenate([[True], hashes[1:] != hashes[:-1]])) if len(hashes) else np.zeros(0, int)
+
+
+@numba.njit(nogil=True, cache=True)
+def select_rows(run_start, listed, rank, k, row_public, public_row, kept_rank):  # pragma: no cover - compiled
+    """The rows of rank < k of the listed runs (runs of queries of the query list) in one pass.
+
+    Writes each kept row's public record (row_public: of every row, −1 where not a public id) and rank into
+    public_row and kept_rank; returns the kept rows' bounds per listed run and the rank-0 row of each listed run
+    (−1 if none; the last if several).
+    """
+    n_rows = len(rank)
+    n_listed = 0
+    for j in range(len(run_start)):
+        n_listed += listed[j]
+    bounds = np.zeros(n_listed + 1, np.int64)
+    nearest = np.full(n_listed, -1, np.int64)
+    kept, at = 0, 0
+    for j in range(len(run_start)):
+        if not listed[j]:
+            continue
+        for row in range(run_start[j], run_start[j + 1] if j + 1 < len(run_start) else n_rows):
+            if rank[row] < k:
+                public_row[kept] = row_public[row]
+                kept_rank[kept] = rank[row]
+                if rank[row] == 0:
+                    nearest[at] = row
+                kept += 1
+        at += 1
+        bounds[at] = kept
+    return bounds, nearest
+
 
 @dataclass
 class SideScores:
@@ -395,10 +426,20 @@ class SideScores:
                    np.zeros(n_records, bool))
 
 
-def score_chunk(rows: pl.DataFrame, run: np.ndarray, scores: SideScores, query_index: StringIndex,
-                public: PublicSet, truth: LabelSets, k: int, top_n: int, path: str) -> None:
-    """Score the queries of neighbour rows that hold all rows of each of their queries; `run` numbers the queries."""
-    run_start = np.flatnonzero(np.diff(run, prepend=-1))
+@dataclass(frozen=True)
+class ScoringInputs:
+    """What scoring a neighbours file needs besides the file: the query index, the public set, the queries' labels."""
+
+    query_index: StringIndex
+    public: PublicSet
+    truth: LabelSets
+
+
+def score_chunk(rows: pl.DataFrame, run_start: np.ndarray, scores: SideScores, inputs: ScoringInputs, k: int,
+                top_n: int, path: str) -> None:
+    """Score the queries of neighbour rows that hold all rows of each of their queries; their runs start at
+    `run_start`."""
+    query_index, public = inputs.query_index, inputs.public
     position = query_index.positions(rows["query_id"].gather(run_start))  # −1: a query of another split
     listed = position[position >= 0]
     ordered = np.sort(listed)
@@ -408,22 +449,25 @@ def score_chunk(rows: pl.DataFrame, run: np.ndarray, scores: SideScores, query_i
                         f"(the kNN stage writes each query's rows in one run)")
     scores.seen[listed] = True
     rank = rows["rank"].to_numpy()
-    used = np.flatnonzero((position[run] >= 0) & (rank < k))
-    public_row = public.ids.positions(rows["public_id"], used)
+    public_row = np.empty(len(rows), narrowest(len(public.ids)))
+    kept_rank = np.empty(len(rows), rank.dtype)
+    row_public = public.ids.positions(rows["public_id"])
+    bounds, nearest = select_rows(run_start, position >= 0, rank, k, row_public, public_row, kept_rank)
+    public_row, kept_rank = public_row[:bounds[-1]], kept_rank[:bounds[-1]]
     if (public_row < 0).any():
-        unknown = rows["public_id"].gather(used[public_row < 0]).unique().sort()
+        used = np.repeat(position >= 0, np.diff(run_start, append=len(rows))) & (rank < k)
+        unknown = rows["public_id"].filter(used & (row_public < 0)).unique().sort()
         raise DataError(f"{path}: {len(unknown)} public id(s) without a public annotation row, "
                         f"e.g. {unknown.head(5).to_list()}")
-    nearest = used[rank[used] == 0]
-    scores.nn_score[position[run[nearest]]] = rows["score"].gather(nearest).to_numpy()
-    batch_query = (np.cumsum(position >= 0) - 1)[run[used]]
-    scores.counts[:, :, listed] = query_scores(batch_query, rank[used], public_row, listed, public, truth, k, top_n)[0]
+    met = nearest >= 0
+    scores.nn_score[listed[met]] = rows["score"].gather(nearest[met]).to_numpy()
+    scores.counts[:, :, listed] = query_scores(bounds, kept_rank, public_row, listed, public, inputs.truth, k,
+                                               top_n)[0]
 
 
-def side_scores(path: str, query_index: StringIndex, public: PublicSet, truth: LabelSets, k: int, top_n: int,
-                batch_rows: int) -> SideScores:
+def side_scores(path: str, inputs: ScoringInputs, k: int, top_n: int, batch_rows: int) -> SideScores:
     """Stream a neighbours file in chunks of `batch_rows` rows; a query cut by a chunk's end moves to the next."""
-    scores = SideScores.empty(len(query_index))
+    scores = SideScores.empty(len(inputs.query_index))
     scan = scan_checked(path, NEIGHBOR_COLUMNS)
     n_rows = scan.select(pl.len()).collect().item()
     carry = None
@@ -433,15 +477,12 @@ def side_scores(path: str, query_index: StringIndex, public: PublicSet, truth: L
             rows = chunk if carry is None else pl.concat([carry, chunk])
             if not len(rows):
                 continue
-            run = query_runs(rows["query_id"])
-            last_start = int(np.searchsorted(run, run[-1]))
-            if last_start:
-                score_chunk(rows.slice(0, last_start), run[:last_start], scores, query_index, public, truth, k,
-                            top_n, path)
-            carry = rows.slice(last_start)
+            run_start = run_starts(rows["query_id"])
+            if len(run_start) > 1:
+                score_chunk(rows.slice(0, run_start[-1]), run_start[:-1], scores, inputs, k, top_n, path)
+            carry = rows.slice(run_start[-1])
     if carry is not None and len(carry):
-        score_chunk(carry, query_runs(carry["query_id"]), scores, query_index, public, truth, k, top_n,
-                    path)
+        score_chunk(carry, run_starts(carry["query_id"]), scores, inputs, k, top_n, path)
     return scores
 
 
@@ -480,8 +521,9 @@ def frame_scores(neighbors: pl.DataFrame, public: PublicSet, query_ids: pl.Serie
     """Scores of an in-memory neighbours frame (any row order)."""
     scores = SideScores.empty(len(query_ids))
     rows = neighbors.filter(pl.col("query_id").is_in(query_ids.implode())).sort("query_id", "rank")
-    score_chunk(rows, query_runs(rows["query_id"]), scores, StringIndex(query_ids, "queries", "id"), public,
-                truth, k, top_n, "neighbors")
+    score_chunk(rows, run_starts(rows["query_id"]), scores,
+                ScoringInputs(StringIndex(query_ids, "queries", "id", buckets=False), public, truth), k, top_n,
+                "neighbors")
     return scores
 
 
@@ -504,7 +546,8 @@ def predicted_labels(neighbors: pl.LazyFrame, public_annotations: pl.LazyFrame, 
     rows = neighbors.filter(pl.col("rank") < k).collect().sort("query_id", "rank")
     query_ids = rows["query_id"].unique(maintain_order=True)
     no_truth = LabelSets(np.zeros(2, np.int64), np.zeros(0, np.int64))  # one empty row for every query
-    _, emitted = query_scores(StringIndex(query_ids, "neighbors", "query id").positions(rows["query_id"]),
+    batch_query = StringIndex(query_ids, "neighbors", "query id").positions(rows["query_id"])
+    _, emitted = query_scores(np.searchsorted(batch_query, np.arange(len(query_ids) + 1)),
                               rows["rank"].to_numpy(), public.ids.positions(rows["public_id"]),
                               np.zeros(len(query_ids), np.int64), public, no_truth, k, top_n, emit=True)
     query, label, count, best_rank, top = emitted.T
@@ -549,8 +592,77 @@ POPULATION_METRICS = {
     "AUCG": lambda columns: aucg(columns["recall_target"], columns["recall_reference"], columns["recall_key_target"],
                                  columns["recall_key_reference"]),
 }
+WIN_GAPS = {"PPG": "precision", "PRG": "recall", "PFG": "f1"}
 SCORE_COLUMNS = ("precision_target", "precision_reference", "recall_target", "recall_reference", "f1_target",
                  "f1_reference")
+
+
+@numba.njit(nogil=True, cache=True)
+def resample_gaps(resample, signs, key_target, key_reference, distinct, win_sums,
+                  areas):  # pragma: no cover - compiled
+    """The bootstrap's arithmetic, resample by resample, as `win_gap` and `aucg` do it (so their floats agree).
+
+    For resample b (records resample[b]): win_sums[b, m] = Σ signs[m] (the win gaps' numerators) and
+    areas[b] = the terms of aucg's final sum in aucg's order. aucg stably sorts the pooled recall keys (target
+    first): key by key, ascending, the target's records then the reference's, which counting the keys gives
+    without a sort. Inside a key the width to the next value is 0; the last of a key reaches the next key met.
+    """
+    size = resample.shape[1]
+    n_target = np.zeros(len(distinct), np.int64)
+    n_reference = np.zeros(len(distinct), np.int64)
+    target_jump, reference_jump = -1.0 / size, 1.0 / size
+    for b in range(resample.shape[0]):
+        for i in range(size):
+            record = resample[b, i]
+            for m in range(signs.shape[0]):
+                win_sums[b, m] += signs[m, record]
+            n_target[key_target[record]] += 1
+            n_reference[key_reference[record]] += 1
+        cdf_gap, at, key = 0.0, 0, 0
+        while n_target[key] + n_reference[key] == 0:
+            key += 1
+        while key < len(distinct):
+            following = key + 1
+            while following < len(distinct) and n_target[following] + n_reference[following] == 0:
+                following += 1
+            next_value = distinct[following] if following < len(distinct) else 1.0
+            for side in range(2):
+                jump = target_jump if side == 0 else reference_jump
+                n = n_target[key] if side == 0 else n_reference[key]
+                for _ in range(n):
+                    cdf_gap += jump
+                    areas[b, at] = cdf_gap * (distinct[key] - distinct[key])
+                    at += 1
+            areas[b, at - 1] = cdf_gap * (next_value - distinct[key])
+            n_target[key] = 0
+            n_reference[key] = 0
+            key = following
+
+
+def metric_columns(scored: pl.DataFrame) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The score columns of records as float arrays, with the recalls' ranks among their distinct values (AUCG's
+    sort keys, recall_key_target and recall_key_reference), and those distinct values."""
+    columns = {name: scored[name].to_numpy().astype(float) for name in SCORE_COLUMNS}
+    distinct, keys = np.unique(np.concatenate([columns["recall_target"], columns["recall_reference"]]),
+                               return_inverse=True)
+    keys = keys.astype(narrowest(len(distinct)))
+    columns.update(recall_key_target=keys[:len(scored)], recall_key_reference=keys[len(scored):])
+    return columns, distinct
+
+
+def resampled_metrics(columns: dict[str, np.ndarray], distinct: np.ndarray,
+                      resample: np.ndarray) -> dict[str, np.ndarray]:
+    """POPULATION_METRICS of each resample (a row of record indices into `columns`), equal to the last bit to
+    computing them on the resampled columns, without gathering the columns (`resample_gaps`)."""
+    signs = np.stack([np.sign(columns[f"{score}_target"] - columns[f"{score}_reference"])
+                      for score in WIN_GAPS.values()]).astype(np.int8)
+    win_sums = np.zeros((len(resample), len(WIN_GAPS)), np.int64)
+    areas = np.empty((len(resample), 2 * resample.shape[1]))
+    resample_gaps(resample, signs, columns["recall_key_target"], columns["recall_key_reference"], distinct, win_sums,
+                  areas)
+    # The win gaps' sums are exact integers, so dividing them equals numpy's mean of the signs.
+    return {**{metric: win_sums[:, column] / resample.shape[1] for column, metric in enumerate(WIN_GAPS)},
+            "AUCG": areas.sum(axis=-1)}
 
 
 def population_metrics(records: pl.DataFrame, n_boot: int, frac: float, seed: int) -> pl.DataFrame:
@@ -565,20 +677,14 @@ def population_metrics(records: pl.DataFrame, n_boot: int, frac: float, seed: in
         mode_records = records.filter(pl.col("label_mode") == label_mode)
         scored = mode_records.filter(pl.col("n_objects") > 0)
         n = len(scored)
-        columns = {name: scored[name].to_numpy().astype(float) for name in SCORE_COLUMNS}
-        # The recalls' ranks among their distinct values: AUCG's sort key.
-        distinct, keys = np.unique(np.concatenate([columns["recall_target"], columns["recall_reference"]]),
-                                   return_inverse=True)
-        keys = keys.astype(narrowest(len(distinct)))
-        columns.update(recall_key_target=keys[:n], recall_key_reference=keys[n:])
+        columns, distinct = metric_columns(scored)
         size = max(1, round(frac * n))
         step = max(1, BOOTSTRAP_VALUES // size)
         boot = {metric: [] for metric in POPULATION_METRICS}
         for first in range(0, n_boot if n else 0, step):
             resample = rng.integers(0, n, size=(min(step, n_boot - first), size))
-            resampled = {name: array[resample] for name, array in columns.items()}
-            for metric, compute in POPULATION_METRICS.items():
-                boot[metric].append(compute(resampled))
+            for metric, values in resampled_metrics(columns, distinct, resample).items():
+                boot[metric].append(values)
         for metric, compute in POPULATION_METRICS.items():
             values = np.concatenate(boot[metric]) if boot[metric] else None
             rows.append({
@@ -625,17 +731,22 @@ def compute(target_neighbors: str, reference_neighbors: str, query_annotations: 
             seed: int, batch_rows: int = 1_000_000, outputs: dict[str, str] | None = None) -> None:
     """Write the three tables: to `outputs` (table name -> file), or as TABLE.parquet into `out_dir`."""
     outputs = outputs or {table: Path(out_dir) / f"{table}.parquet" for table in TABLES}
+    # Numba's first compiled call sets up its compiler (~0.5 s): done on a thread while polars reads the inputs.
+    warm_up = Thread(target=lambda: StringIndex(pl.Series(["label"]), "warm-up", "label").positions(pl.Series(["x"])))
+    warm_up.start()
     query_ids = read_queries(queries)
-    query_index = StringIndex(query_ids, queries, "id")
+    query_index = StringIndex(query_ids, queries, "id", buckets=False)  # looked up once per query
     public = read_public(public_annotations)
     n_objects, truth = read_truth(query_annotations, query_ids, public, queries)
+    warm_up.join()
+    inputs = ScoringInputs(query_index, public, truth)
     neighbor_paths = dict(zip(SIDES, (target_neighbors, reference_neighbors)))
     for path in neighbor_paths.values():
         scan_checked(path, NEIGHBOR_COLUMNS)
         check_ranks(path, k)
-    # The two models' tables are independent: one thread each (numpy and polars release the GIL).
+    # The two models' tables are independent: one thread each (numba, numpy and polars release the GIL).
     with ThreadPoolExecutor(len(SIDES)) as pool:
-        futures = {side: pool.submit(side_scores, path, query_index, public, truth, k, top_n, batch_rows)
+        futures = {side: pool.submit(side_scores, path, inputs, k, top_n, batch_rows)
                    for side, path in neighbor_paths.items()}
         sides = {side: future.result() for side, future in futures.items()}
     for side, path in neighbor_paths.items():
@@ -686,3 +797,5 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    # Python's last garbage collection at exit walks numba's compiler objects: ~0.3 s. Nothing needs it.
+    gc.freeze()
