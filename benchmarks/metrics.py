@@ -31,8 +31,8 @@ import pyarrow as pa
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from workflow_scripts.io import write_parquet  # noqa: E402
-from workflow_scripts.knn import NEIGHBORS_SCHEMA, ROW_GROUP_ROWS, parquet_stream  # noqa: E402
+from workflow_scripts.io import parquet_stream, write_parquet  # noqa: E402
+from workflow_scripts.knn import NEIGHBORS_SCHEMA, ROW_GROUP_ROWS  # noqa: E402
 
 N_PUBLIC = 200_000
 VOCABULARY = 1_000

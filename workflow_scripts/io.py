@@ -82,19 +82,36 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def contract_table(table: pa.Table | pl.DataFrame) -> pa.Table:
+    """An Arrow table with one physical type per contract column, whichever library built it."""
+    if isinstance(table, pl.DataFrame):
+        table = table.to_arrow()
+    return table.cast(pa.schema([field.with_type(_narrow(field.type)) for field in table.schema],
+                                metadata=table.schema.metadata))
+
+
 def write_parquet(
     table: pa.Table | pl.DataFrame, path: str | os.PathLike, *, stage: str, params: Mapping | None = None
 ) -> None:
-    if isinstance(table, pl.DataFrame):
-        table = table.to_arrow()
-    # One physical type per contract column, whichever library built the table.
-    table = table.cast(pa.schema([field.with_type(_narrow(field.type)) for field in table.schema],
-                                 metadata=table.schema.metadata))
+    table = contract_table(table)
     metadata = dict(table.schema.metadata or {})
     metadata.update({k.encode(): v.encode() for k, v in provenance(stage, params or {}).items()})
     table = table.replace_schema_metadata(metadata)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
+
+
+@contextlib.contextmanager
+def parquet_stream(path: str | os.PathLike, schema: pa.Schema, stage: str,
+                   params: Mapping) -> Iterator[pq.ParquetWriter]:
+    """A ParquetWriter to a temporary name, renamed into place on success, with the provenance metadata.
+
+    Memory stays bounded by what the caller writes at once, not by the file.
+    """
+    metadata = {**(schema.metadata or {}), **{key.encode(): value.encode()
+                                                for key, value in provenance(stage, params).items()}}
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema.with_metadata(metadata)) as writer:
+        yield writer
 
 
 def _narrow(data_type: pa.DataType) -> pa.DataType:

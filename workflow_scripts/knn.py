@@ -31,11 +31,9 @@ is an error without one, never a silent CPU run.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import re
-from typing import Iterator
 
 import faiss
 import numpy as np
@@ -44,7 +42,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from workflow_scripts.io import DataError, atomic_path, embeddings_from_table, provenance, read_metadata
+from workflow_scripts.io import DataError, embeddings_from_table, parquet_stream, read_metadata
 
 log = logging.getLogger(__name__)
 
@@ -103,18 +101,6 @@ def read_embedding_rows(path: str, start: int, stop: int) -> tuple[pa.StringArra
         raise DataError(f"{path}: {len(bad)} embedding(s) with a non-finite (inf or NaN) component, the first at "
                         f"row {start + int(bad[0])} (id {ids[int(bad[0])].as_py()!r}); re-embed with a sound model")
     return ids, matrix
-
-
-@contextlib.contextmanager
-def parquet_stream(path: str, schema: pa.Schema, stage: str, params: dict) -> Iterator[pq.ParquetWriter]:
-    """A ParquetWriter to a temporary name, renamed into place on success, with the provenance metadata.
-
-    Memory stays bounded by what the caller writes at once, not by the file.
-    """
-    metadata = {**(schema.metadata or {}), **{key.encode(): value.encode()
-                                                for key, value in provenance(stage, params).items()}}
-    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema.with_metadata(metadata)) as writer:
-        yield writer
 
 
 # --- the search ---

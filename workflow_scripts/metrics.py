@@ -50,7 +50,7 @@ import numpy as np
 import polars as pl
 from tqdm import tqdm
 
-from workflow_scripts.io import DataError, write_parquet
+from workflow_scripts.io import DataError, contract_table, parquet_stream, write_parquet
 
 LABEL_MODES = ("all", "top_n")
 SIDES = ("target", "reference")
@@ -62,6 +62,9 @@ ORDERS = {
 }
 # Resampled values scored at once by the bootstrap (per column): bounds its memory.
 BOOTSTRAP_VALUES = 1 << 21
+# Rows of the query annotations read at a time, and records written at a time (one row group each).
+ANNOTATION_BATCH_ROWS = 1 << 20
+RECORDS_BATCH_ROWS = 1 << 20
 
 
 # --- strings as integers ---
@@ -343,21 +346,37 @@ def read_public(path: str) -> PublicSet:
     return PublicSet.from_frame(scan_checked(path, {"id": "str", "labels": "list<str>"}).collect(), path)
 
 
-def read_truth(path: str, query_ids: pl.Series, public: PublicSet, queries_path: str) -> tuple[np.ndarray, LabelSets]:
-    """n_objects and label sets (public label codes) of the query records, in the order of `query_ids`."""
-    queries = pl.DataFrame({"id": query_ids, "position": np.arange(len(query_ids))})
-    truth = scan_checked(path, {"id": "str", "labels": "list<str>"}).join(queries.lazy(), on="id", how="inner") \
-        .collect(engine="streaming").sort("position")
-    duplicated = truth.filter(pl.col("position").is_duplicated())["id"].unique().sort()
+def read_truth(path: str, query_index: StringIndex, public: PublicSet, queries_path: str) -> tuple[np.ndarray, LabelSets]:
+    """n_objects and label sets (public label codes) of the query records, in query-list order.
+
+    The annotations are read ANNOTATION_BATCH_ROWS rows at a time; only the query records' label codes are kept.
+    """
+    n = len(query_index)
+    n_objects = np.zeros(n, np.int32)
+    times_annotated = np.zeros(n, np.int32)
+    records, codes = [], []
+    columns = {"id": "str", "labels": "list<str>"}
+    for batch in scan_checked(path, columns).collect_batches(chunk_size=ANNOTATION_BATCH_ROWS):
+        position = query_index.positions(batch["id"])
+        batch, position = batch.filter(position >= 0), position[position >= 0]
+        times_annotated += np.bincount(position, minlength=n).astype(np.int32)
+        n_objects[position] = batch["labels"].list.n_unique().to_numpy()
+        sets = label_sets(batch["labels"], batch["id"], public.label_index, path)
+        records.append(np.repeat(position, np.diff(sets.offsets)))
+        codes.append(sets.codes)
+    duplicated = query_index.strings.filter(times_annotated > 1).sort()
     if len(duplicated):
         raise DataError(f"{path}: {len(duplicated)} query record(s) annotated more than once, "
                         f"e.g. {duplicated.head(5).to_list()}")
-    if truth.height < len(query_ids):
-        missing = query_ids.filter(~query_ids.is_in(truth["id"].implode()))
+    missing = query_index.strings.filter(times_annotated == 0)
+    if len(missing):
         raise DataError(f"{path}: no annotation row for {len(missing)} query record(s) of {queries_path}, "
                         f"e.g. {missing.head(5).to_list()}")
-    sets = label_sets(truth["labels"], truth["id"], public.label_index, path)
-    return truth["labels"].list.n_unique().to_numpy().astype(np.int32), sets
+    record = np.concatenate(records)
+    # Each record's codes arrive together and ascending: a stable sort by record keeps them so.
+    order = np.argsort(record, kind="stable")
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(record, minlength=n))])
+    return n_objects, LabelSets(offsets.astype(narrowest(len(record))), np.concatenate(codes)[order])
 
 
 def check_ranks(path: str, k: int) -> None:
@@ -488,11 +507,12 @@ def side_scores(path: str, inputs: ScoringInputs, k: int, top_n: int, batch_rows
 
 # --- tables ---
 
-def scores_frame(query_ids: pl.Series, n_objects: np.ndarray, scores: SideScores, mode: int,
+def scores_frame(ids: pl.Series, n_objects: np.ndarray, scores: SideScores, mode: int, rows: np.ndarray,
                  suffix: str = "") -> pl.DataFrame:
-    """n_predicted, n_correct, precision, recall, f1, nn_score of one model and label mode, in query order."""
-    frame = pl.DataFrame({"n_objects": n_objects, "n_predicted": scores.counts[0, mode],
-                          "n_correct": scores.counts[1, mode], "nn_score": scores.nn_score},
+    """n_predicted, n_correct, precision, recall, f1, nn_score of one model and label mode for the records `rows`
+    (positions in the query list), in that order; `ids` names them."""
+    frame = pl.DataFrame({"n_objects": n_objects[rows], "n_predicted": scores.counts[0, mode, rows],
+                          "n_correct": scores.counts[1, mode, rows], "nn_score": scores.nn_score[rows]},
                          schema={"n_objects": pl.Int32, "n_predicted": pl.Int32, "n_correct": pl.Int32,
                                  "nn_score": pl.Float32}).with_columns(pl.col("nn_score").fill_nan(None))
     precision = pl.when(pl.col("n_predicted") > 0).then(pl.col("n_correct") / pl.col("n_predicted")).otherwise(0.0)
@@ -502,18 +522,15 @@ def scores_frame(query_ids: pl.Series, n_objects: np.ndarray, scores: SideScores
         .then(2 * pl.col("precision") * pl.col("recall") / (pl.col("precision") + pl.col("recall"))).otherwise(0.0)
     frame = frame.with_columns(f1=pl.when(pl.col("recall").is_not_null()).then(f1))
     values = ["n_predicted", "n_correct", "precision", "recall", "f1", "nn_score"]
-    return frame.select(id=query_ids, label_mode=pl.lit(LABEL_MODES[mode]), n_objects="n_objects",
+    return frame.select(id=ids, label_mode=pl.lit(LABEL_MODES[mode]), n_objects="n_objects",
                         **{f"{name}{suffix}": name for name in values})
 
 
-def records_table(query_ids: pl.Series, n_objects: np.ndarray, sides: dict[str, SideScores]) -> pl.DataFrame:
-    """Both models' scores side by side (suffixes _target, _reference), sorted by label mode, then id."""
-    order = query_ids.arg_sort()
-    frames = []
-    for mode in range(len(LABEL_MODES)):
-        target, reference = (scores_frame(query_ids, n_objects, sides[side], mode, f"_{side}") for side in SIDES)
-        frames.append(pl.concat([target, reference.drop("id", "label_mode", "n_objects")], how="horizontal")[order])
-    return pl.concat(frames)
+def records_frame(ids: pl.Series, n_objects: np.ndarray, sides: dict[str, SideScores], mode: int,
+                  rows: np.ndarray) -> pl.DataFrame:
+    """Both models' scores side by side (suffixes _target, _reference) of one label mode's records `rows`."""
+    target, reference = (scores_frame(ids, n_objects, sides[side], mode, rows, f"_{side}") for side in SIDES)
+    return pl.concat([target, reference.drop("id", "label_mode", "n_objects")], how="horizontal")
 
 
 def frame_scores(neighbors: pl.DataFrame, public: PublicSet, query_ids: pl.Series, truth: LabelSets, k: int,
@@ -536,7 +553,9 @@ def record_scores(neighbors: pl.LazyFrame, public_annotations: pl.LazyFrame, tru
     sets = label_sets(truth["labels"], truth["id"], public.label_index, "truth")
     scores = frame_scores(neighbors.collect(), public, truth["id"], sets, k, top_n)
     n_objects = truth["labels"].list.n_unique().to_numpy().astype(np.int32)
-    return pl.concat([scores_frame(truth["id"], n_objects, scores, mode) for mode in range(len(LABEL_MODES))]).lazy()
+    every = np.arange(len(truth))
+    return pl.concat([scores_frame(truth["id"], n_objects, scores, mode, every)
+                      for mode in range(len(LABEL_MODES))]).lazy()
 
 
 def predicted_labels(neighbors: pl.LazyFrame, public_annotations: pl.LazyFrame, k: int, top_n: int) -> pl.LazyFrame:
@@ -666,34 +685,40 @@ def resampled_metrics(columns: dict[str, np.ndarray], distinct: np.ndarray,
 
 
 def population_metrics(records: pl.DataFrame, n_boot: int, frac: float, seed: int) -> pl.DataFrame:
-    """Rows (label_mode, metric, value, mean, std, n_boot, frac, n_records, n_excluded).
+    """Rows (label_mode, metric, value, mean, std, n_boot, frac, n_records, n_excluded)."""
+    rng = np.random.default_rng(seed)
+    return pl.DataFrame([row for label_mode in LABEL_MODES for row in mode_population(
+        records.filter(pl.col("label_mode") == label_mode), label_mode, n_boot, frac, rng)])
+
+
+def mode_population(mode_records: pl.DataFrame, label_mode: str, n_boot: int, frac: float,
+                    rng: np.random.Generator) -> list[dict]:
+    """population_metrics' rows of one label mode's records, resampled with `rng` (the draws of all modes are one
+    stream).
 
     Resamples are drawn and scored a few at a time (BOOTSTRAP_VALUES values), so memory stays bounded;
-    the draws are one stream, the same for any grouping.
+    the draws are the same for any grouping.
     """
+    scored = mode_records.filter(pl.col("n_objects") > 0)
+    n = len(scored)
+    columns, distinct = metric_columns(scored)
+    size = max(1, round(frac * n))
+    step = max(1, BOOTSTRAP_VALUES // size)
+    boot = {metric: [] for metric in POPULATION_METRICS}
+    for first in range(0, n_boot if n else 0, step):
+        resample = rng.integers(0, n, size=(min(step, n_boot - first), size))
+        for metric, values in resampled_metrics(columns, distinct, resample).items():
+            boot[metric].append(values)
     rows = []
-    rng = np.random.default_rng(seed)
-    for label_mode in LABEL_MODES:
-        mode_records = records.filter(pl.col("label_mode") == label_mode)
-        scored = mode_records.filter(pl.col("n_objects") > 0)
-        n = len(scored)
-        columns, distinct = metric_columns(scored)
-        size = max(1, round(frac * n))
-        step = max(1, BOOTSTRAP_VALUES // size)
-        boot = {metric: [] for metric in POPULATION_METRICS}
-        for first in range(0, n_boot if n else 0, step):
-            resample = rng.integers(0, n, size=(min(step, n_boot - first), size))
-            for metric, values in resampled_metrics(columns, distinct, resample).items():
-                boot[metric].append(values)
-        for metric, compute in POPULATION_METRICS.items():
-            values = np.concatenate(boot[metric]) if boot[metric] else None
-            rows.append({
-                "label_mode": label_mode, "metric": metric, "value": float(compute(columns)) if n else float("nan"),
-                "mean": float(values.mean()) if values is not None else float("nan"),
-                "std": float(values.std(ddof=1)) if values is not None and n_boot > 1 else float("nan"),
-                "n_boot": n_boot, "frac": frac, "n_records": n, "n_excluded": len(mode_records) - n,
-            })
-    return pl.DataFrame(rows)
+    for metric, compute in POPULATION_METRICS.items():
+        values = np.concatenate(boot[metric]) if boot[metric] else None
+        rows.append({
+            "label_mode": label_mode, "metric": metric, "value": float(compute(columns)) if n else float("nan"),
+            "mean": float(values.mean()) if values is not None else float("nan"),
+            "std": float(values.std(ddof=1)) if values is not None and n_boot > 1 else float("nan"),
+            "n_boot": n_boot, "frac": frac, "n_records": n, "n_excluded": len(mode_records) - n,
+        })
+    return rows
 
 
 def sample_level(records: pl.DataFrame, top_l: list[int], label_mode: str = "top_n") -> pl.DataFrame:
@@ -737,7 +762,7 @@ def compute(target_neighbors: str, reference_neighbors: str, query_annotations: 
     query_ids = read_queries(queries)
     query_index = StringIndex(query_ids, queries, "id", buckets=False)  # looked up once per query
     public = read_public(public_annotations)
-    n_objects, truth = read_truth(query_annotations, query_ids, public, queries)
+    n_objects, truth = read_truth(query_annotations, query_index, public, queries)
     warm_up.join()
     inputs = ScoringInputs(query_index, public, truth)
     neighbor_paths = dict(zip(SIDES, (target_neighbors, reference_neighbors)))
@@ -753,16 +778,31 @@ def compute(target_neighbors: str, reference_neighbors: str, query_annotations: 
         absent = query_ids.filter(~sides[side].seen)
         if len(absent):
             raise DataError(f"{path}: no neighbours for {len(absent)} query record(s), e.g. {absent.head(5).to_list()}")
-    records = records_table(query_ids, n_objects, sides)
     params = {"target_neighbors": target_neighbors, "reference_neighbors": reference_neighbors, "queries": queries,
               "k": k, "top_n": top_n, "top_l": top_l, "n_boot": n_boot, "frac": frac, "seed": seed}
-    # The bootstrap (numpy, GIL released) runs beside writing the records and the sample-level table.
-    with ThreadPoolExecutor(1) as pool:
-        population = pool.submit(population_metrics, records, n_boot, frac, seed)
-        write_parquet(records, outputs["records"], stage="metrics", params=params)
-        samples = sample_level(records, top_l)
-        write_parquet(population.result().with_columns(k=pl.lit(k), top_n=pl.lit(top_n)), outputs["population"],
-                      stage="metrics", params=params)
+    # The records table lists the records by label mode, then id. It is written RECORDS_BATCH_ROWS at a time; the
+    # population and sample-level tables read each mode's numbers with the ids replaced by their rank (only their
+    # order matters there), so no table of all records and their ids is ever held.
+    order = query_ids.arg_sort().to_numpy()
+    id_rank = pl.Series("id", np.arange(len(order)))
+    schema = contract_table(records_frame(query_ids.gather(order[:1]), n_objects, sides, 0, order[:1])).schema
+    rng = np.random.default_rng(seed)
+    with parquet_stream(outputs["records"], schema, "metrics", params) as writer, ThreadPoolExecutor(1) as pool:
+        populations = []
+        for mode, label_mode in enumerate(LABEL_MODES):
+            mode_records = records_frame(id_rank, n_objects, sides, mode, order)
+            # The bootstrap (compiled, GIL released) runs beside writing the records; one worker keeps the modes'
+            # draws in order.
+            populations.append(pool.submit(mode_population, mode_records, label_mode, n_boot, frac, rng))
+            if label_mode == "top_n":
+                samples = sample_level(mode_records, top_l)
+            del mode_records
+            for first in range(0, len(order), RECORDS_BATCH_ROWS):
+                rows = order[first:first + RECORDS_BATCH_ROWS]
+                writer.write_table(contract_table(records_frame(query_ids.gather(rows), n_objects, sides, mode, rows)))
+        population = pl.DataFrame([row for future in populations for row in future.result()])
+    write_parquet(population.with_columns(k=pl.lit(k), top_n=pl.lit(top_n)), outputs["population"], stage="metrics",
+                  params=params)
     write_parquet(samples, outputs["sample_level"], stage="metrics", params=params)
 
 
