@@ -256,6 +256,33 @@ def metric_inputs(tmp_path, truth=TRUTH, public=PUBLIC, queries=None, nb=None):
                 out_dir=tmp_path / "out", k=2, top_n=1, top_l=[1], n_boot=5, frac=0.5, seed=0)
 
 
+def test_annotations_in_any_order_and_small_batches_give_the_same_tables(tmp_path, monkeypatch):
+    rng = np.random.default_rng(1)
+    public_ids = [f"p{i}" for i in range(40)]
+    public = pl.DataFrame({"id": public_ids, "labels": [[f"c{j}" for j in rng.choice(9, rng.integers(0, 4),
+                                                                                      replace=False)]
+                                                        for _ in public_ids]})
+    truth = pl.DataFrame({"id": [f"q{i}" for i in range(30)],
+                          "labels": [[f"c{j}" for j in rng.choice(9, rng.integers(0, 5))] for _ in range(30)]})
+    nb = write(neighbors({q: list(rng.choice(public_ids, 5, replace=False)) for q in truth["id"]}),
+               tmp_path / "nb.parquet")
+    # Records of another split and a shuffled order: the queries' rows must still be found, each once.
+    others = pl.DataFrame({"id": [f"x{i}" for i in range(7)], "labels": [["c1"]] * 7})
+    shuffled = pl.concat([truth, others]).sample(fraction=1.0, shuffle=True, seed=2)
+    common = dict(public_annotations=write(public, tmp_path / "public.parquet"),
+                  queries=write(truth.select("id"), tmp_path / "queries.parquet"),
+                  k=5, top_n=2, top_l=[5, 10], n_boot=10, frac=0.5, seed=0)
+    metrics.compute(nb, nb, query_annotations=write(truth, tmp_path / "truth.parquet"), out_dir=tmp_path / "one",
+                    **common)
+    monkeypatch.setattr(metrics, "ANNOTATION_BATCH_ROWS", 4)
+    monkeypatch.setattr(metrics, "RECORDS_BATCH_ROWS", 7)
+    metrics.compute(nb, nb, query_annotations=write(shuffled, tmp_path / "shuffled.parquet"),
+                    out_dir=tmp_path / "many", **common)
+    for table in ("records", "population", "sample_level"):
+        assert pl.read_parquet(tmp_path / "one" / f"{table}.parquet").equals(
+            pl.read_parquet(tmp_path / "many" / f"{table}.parquet")), table
+
+
 @pytest.mark.parametrize("table, expected", [("queries", "queries.parquet.*duplicate id.*q2"),
                                              ("truth", "truth.parquet.*more than once.*q2"),
                                              ("public", "public.parquet.*duplicate id.*p2")])

@@ -354,16 +354,14 @@ def read_truth(path: str, query_index: StringIndex, public: PublicSet, queries_p
     n = len(query_index)
     n_objects = np.zeros(n, np.int32)
     times_annotated = np.zeros(n, np.int32)
-    records, codes = [], []
+    batches = []  # (query positions, label sets) of each batch's query records
     columns = {"id": "str", "labels": "list<str>"}
     for batch in scan_checked(path, columns).collect_batches(chunk_size=ANNOTATION_BATCH_ROWS):
         position = query_index.positions(batch["id"])
         batch, position = batch.filter(position >= 0), position[position >= 0]
         times_annotated += np.bincount(position, minlength=n).astype(np.int32)
         n_objects[position] = batch["labels"].list.n_unique().to_numpy()
-        sets = label_sets(batch["labels"], batch["id"], public.label_index, path)
-        records.append(np.repeat(position, np.diff(sets.offsets)))
-        codes.append(sets.codes)
+        batches.append((position, label_sets(batch["labels"], batch["id"], public.label_index, path)))
     duplicated = query_index.strings.filter(times_annotated > 1).sort()
     if len(duplicated):
         raise DataError(f"{path}: {len(duplicated)} query record(s) annotated more than once, "
@@ -372,11 +370,16 @@ def read_truth(path: str, query_index: StringIndex, public: PublicSet, queries_p
     if len(missing):
         raise DataError(f"{path}: no annotation row for {len(missing)} query record(s) of {queries_path}, "
                         f"e.g. {missing.head(5).to_list()}")
-    record = np.concatenate(records)
-    # Each record's codes arrive together and ascending: a stable sort by record keeps them so.
-    order = np.argsort(record, kind="stable")
-    offsets = np.concatenate([[0], np.cumsum(np.bincount(record, minlength=n))])
-    return n_objects, LabelSets(offsets.astype(narrowest(len(record))), np.concatenate(codes)[order])
+    # Query-list order by counting: each record's codes go to its CSR row, no sort of all codes.
+    sizes = np.zeros(n, np.int64)
+    for position, sets in batches:
+        sizes[position] = np.diff(sets.offsets)
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    codes = np.empty(offsets[-1], public.labels.codes.dtype)
+    for position, sets in batches:
+        record_sizes = np.diff(sets.offsets)
+        codes[np.repeat(offsets[position] - sets.offsets[:-1], record_sizes) + np.arange(len(sets.codes))] = sets.codes
+    return n_objects, LabelSets(offsets.astype(narrowest(offsets[-1])), codes)
 
 
 def check_ranks(path: str, k: int) -> None:
@@ -790,6 +793,8 @@ def compute(target_neighbors: str, reference_neighbors: str, query_annotations: 
     with parquet_stream(outputs["records"], schema, "metrics", params) as writer, ThreadPoolExecutor(1) as pool:
         populations = []
         for mode, label_mode in enumerate(LABEL_MODES):
+            if populations:  # one mode's numbers in memory at a time
+                populations[-1].result()
             mode_records = records_frame(id_rank, n_objects, sides, mode, order)
             # The bootstrap (compiled, GIL released) runs beside writing the records; one worker keeps the modes'
             # draws in order.
