@@ -325,9 +325,9 @@ def test_compute_refuses_a_query_whose_rows_are_apart(tmp_path):
 def test_resampled_metrics_equal_the_metrics_of_the_resampled_records_bit_for_bit(n, size, seed):
     rng = np.random.default_rng(seed)
     fractions = np.array([0.0, 1 / 3, 0.5, 2 / 3, 0.9, 1.0])  # recalls tie, as counts over a few objects do
-    frame = pl.DataFrame({f"{score}_{side}": rng.choice(fractions, n) for score in ("precision", "recall", "f1")
-                          for side in ("target", "reference")})
-    columns, distinct = metrics.metric_columns(frame)
+    frame = pl.DataFrame({"n_objects": 3, **{f"{score}_{side}": rng.choice(fractions, n)
+                                             for score in ("precision", "recall", "f1") for side in ("target", "reference")}})
+    columns, distinct, _ = metrics.metric_columns(frame)
     resample = rng.integers(0, n, size=(4, size))
     fast = metrics.resampled_metrics(columns, distinct, resample)
     for metric, compute in metrics.POPULATION_METRICS.items():

@@ -54,6 +54,7 @@ from workflow_scripts.io import DataError, contract_table, parquet_stream, write
 
 LABEL_MODES = ("all", "top_n")
 SIDES = ("target", "reference")
+ORDER_COLUMNS = ("nn_score_target", "n_correct_target", "n_correct_reference")  # what ORDERS sort by
 ORDERS = {
     # order name: (sort key expression on the records table, is an oracle view)
     "distance": (pl.col("nn_score_target"), False),
@@ -661,15 +662,17 @@ def resample_gaps(resample, signs, key_target, key_reference, distinct, win_sums
             key = following
 
 
-def metric_columns(scored: pl.DataFrame) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """The score columns of records as float arrays, with the recalls' ranks among their distinct values (AUCG's
-    sort keys, recall_key_target and recall_key_reference), and those distinct values."""
-    columns = {name: scored[name].to_numpy().astype(float) for name in SCORE_COLUMNS}
+def metric_columns(mode_records: pl.DataFrame) -> tuple[dict[str, np.ndarray], np.ndarray, int]:
+    """The score columns of one label mode's records with objects as float arrays, with the recalls' ranks among
+    their distinct values (AUCG's sort keys, recall_key_target and recall_key_reference); those distinct values; the
+    number of records without objects (excluded)."""
+    scored = mode_records.lazy().filter(pl.col("n_objects") > 0).select(SCORE_COLUMNS).collect()
+    columns = {name: scored[name].to_numpy().astype(float, copy=False) for name in SCORE_COLUMNS}
     distinct, keys = np.unique(np.concatenate([columns["recall_target"], columns["recall_reference"]]),
                                return_inverse=True)
     keys = keys.astype(narrowest(len(distinct)))
     columns.update(recall_key_target=keys[:len(scored)], recall_key_reference=keys[len(scored):])
-    return columns, distinct
+    return columns, distinct, len(mode_records) - len(scored)
 
 
 def resampled_metrics(columns: dict[str, np.ndarray], distinct: np.ndarray,
@@ -690,21 +693,19 @@ def resampled_metrics(columns: dict[str, np.ndarray], distinct: np.ndarray,
 def population_metrics(records: pl.DataFrame, n_boot: int, frac: float, seed: int) -> pl.DataFrame:
     """Rows (label_mode, metric, value, mean, std, n_boot, frac, n_records, n_excluded)."""
     rng = np.random.default_rng(seed)
-    return pl.DataFrame([row for label_mode in LABEL_MODES for row in mode_population(
-        records.filter(pl.col("label_mode") == label_mode), label_mode, n_boot, frac, rng)])
+    return pl.DataFrame([row for label_mode in LABEL_MODES for row in population_rows(
+        *metric_columns(records.filter(pl.col("label_mode") == label_mode)), label_mode, n_boot, frac, rng)])
 
 
-def mode_population(mode_records: pl.DataFrame, label_mode: str, n_boot: int, frac: float,
-                    rng: np.random.Generator) -> list[dict]:
-    """population_metrics' rows of one label mode's records, resampled with `rng` (the draws of all modes are one
-    stream).
+def population_rows(columns: dict[str, np.ndarray], distinct: np.ndarray, n_excluded: int, label_mode: str,
+                    n_boot: int, frac: float, rng: np.random.Generator) -> list[dict]:
+    """population_metrics' rows of one label mode (`metric_columns`), resampled with `rng`: the draws of all modes
+    are one stream.
 
     Resamples are drawn and scored a few at a time (BOOTSTRAP_VALUES values), so memory stays bounded;
     the draws are the same for any grouping.
     """
-    scored = mode_records.filter(pl.col("n_objects") > 0)
-    n = len(scored)
-    columns, distinct = metric_columns(scored)
+    n = len(columns["recall_target"])
     size = max(1, round(frac * n))
     step = max(1, BOOTSTRAP_VALUES // size)
     boot = {metric: [] for metric in POPULATION_METRICS}
@@ -719,7 +720,7 @@ def mode_population(mode_records: pl.DataFrame, label_mode: str, n_boot: int, fr
             "label_mode": label_mode, "metric": metric, "value": float(compute(columns)) if n else float("nan"),
             "mean": float(values.mean()) if values is not None else float("nan"),
             "std": float(values.std(ddof=1)) if values is not None and n_boot > 1 else float("nan"),
-            "n_boot": n_boot, "frac": frac, "n_records": n, "n_excluded": len(mode_records) - n,
+            "n_boot": n_boot, "frac": frac, "n_records": n, "n_excluded": n_excluded,
         })
     return rows
 
@@ -732,15 +733,16 @@ def sample_level(records: pl.DataFrame, top_l: list[int], label_mode: str = "top
     model got right, ``gap`` (an oracle view that peeks at the reference model)
     by correct-under-target minus correct-under-reference. Ties break by id.
     """
-    scored = records.filter((pl.col("label_mode") == label_mode) & (pl.col("n_objects") > 0))
+    scored = records.lazy().filter((pl.col("label_mode") == label_mode) & (pl.col("n_objects") > 0)).select(
+        "id", *ORDER_COLUMNS, **{f"{metric}_gap": pl.col(f"{metric}_target") - pl.col(f"{metric}_reference")
+                                 for metric in ("precision", "recall", "f1")}).collect()
     n = len(scored)
     cutoffs = sorted({l for l in top_l if 0 < l < n} | ({n} if n else set()))
     frames = []
     id_rank = scored["id"].rank("ordinal")  # ties break by id; its rank sorts faster than the strings
     for order, (key, oracle) in ORDERS.items():
         ranked = scored.select(pl.arg_sort_by(key, id_rank, descending=[True, False])).to_series()
-        gaps = {metric: (scored[f"{metric}_target"] - scored[f"{metric}_reference"]).gather(ranked).to_numpy()
-                for metric in ("precision", "recall", "f1")}
+        gaps = {metric: scored[f"{metric}_gap"].gather(ranked).to_numpy() for metric in ("precision", "recall", "f1")}
         index = np.asarray(cutoffs, dtype=np.int64) - 1
         frames.append(pl.DataFrame({
             "order": [order] * len(cutoffs),
@@ -796,12 +798,14 @@ def compute(target_neighbors: str, reference_neighbors: str, query_annotations: 
             if populations:  # one mode's numbers in memory at a time
                 populations[-1].result()
             mode_records = records_frame(id_rank, n_objects, sides, mode, order)
-            # The bootstrap (compiled, GIL released) runs beside writing the records; one worker keeps the modes'
-            # draws in order.
-            populations.append(pool.submit(mode_population, mode_records, label_mode, n_boot, frac, rng))
+            columns = metric_columns(mode_records)
             if label_mode == "top_n":
                 samples = sample_level(mode_records, top_l)
             del mode_records
+            # The bootstrap (compiled, GIL released) runs beside writing the records; one worker keeps the modes'
+            # draws in order.
+            populations.append(pool.submit(population_rows, *columns, label_mode, n_boot, frac, rng))
+            del columns
             for first in range(0, len(order), RECORDS_BATCH_ROWS):
                 rows = order[first:first + RECORDS_BATCH_ROWS]
                 writer.write_table(contract_table(records_frame(query_ids.gather(rows), n_objects, sides, mode, rows)))
