@@ -512,13 +512,13 @@ def side_scores(path: str, inputs: ScoringInputs, k: int, top_n: int, batch_rows
 # --- tables ---
 
 def scores_frame(ids: pl.Series, n_objects: np.ndarray, scores: SideScores, mode: int, rows: np.ndarray,
-                 suffix: str = "") -> pl.DataFrame:
+                 suffix: str = "") -> pl.LazyFrame:
     """n_predicted, n_correct, precision, recall, f1, nn_score of one model and label mode for the records `rows`
     (positions in the query list), in that order; `ids` names them."""
     frame = pl.DataFrame({"n_objects": n_objects[rows], "n_predicted": scores.counts[0, mode, rows],
                           "n_correct": scores.counts[1, mode, rows], "nn_score": scores.nn_score[rows]},
                          schema={"n_objects": pl.Int32, "n_predicted": pl.Int32, "n_correct": pl.Int32,
-                                 "nn_score": pl.Float32}).with_columns(pl.col("nn_score").fill_nan(None))
+                                 "nn_score": pl.Float32}).lazy().with_columns(pl.col("nn_score").fill_nan(None))
     precision = pl.when(pl.col("n_predicted") > 0).then(pl.col("n_correct") / pl.col("n_predicted")).otherwise(0.0)
     recall = pl.when(pl.col("n_objects") > 0).then(pl.col("n_correct") / pl.col("n_objects"))
     frame = frame.with_columns(precision=precision, recall=recall)
@@ -531,8 +531,9 @@ def scores_frame(ids: pl.Series, n_objects: np.ndarray, scores: SideScores, mode
 
 
 def records_frame(ids: pl.Series, n_objects: np.ndarray, sides: dict[str, SideScores], mode: int,
-                  rows: np.ndarray) -> pl.DataFrame:
-    """Both models' scores side by side (suffixes _target, _reference) of one label mode's records `rows`."""
+                  rows: np.ndarray) -> pl.LazyFrame:
+    """Both models' scores side by side (suffixes _target, _reference) of one label mode's records `rows`; lazy, so
+    a reader computes only the columns it selects."""
     target, reference = (scores_frame(ids, n_objects, sides[side], mode, rows, f"_{side}") for side in SIDES)
     return pl.concat([target, reference.drop("id", "label_mode", "n_objects")], how="horizontal")
 
@@ -558,8 +559,7 @@ def record_scores(neighbors: pl.LazyFrame, public_annotations: pl.LazyFrame, tru
     scores = frame_scores(neighbors.collect(), public, truth["id"], sets, k, top_n)
     n_objects = truth["labels"].list.n_unique().to_numpy().astype(np.int32)
     every = np.arange(len(truth))
-    return pl.concat([scores_frame(truth["id"], n_objects, scores, mode, every)
-                      for mode in range(len(LABEL_MODES))]).lazy()
+    return pl.concat([scores_frame(truth["id"], n_objects, scores, mode, every) for mode in range(len(LABEL_MODES))])
 
 
 def predicted_labels(neighbors: pl.LazyFrame, public_annotations: pl.LazyFrame, k: int, top_n: int) -> pl.LazyFrame:
@@ -662,17 +662,19 @@ def resample_gaps(resample, signs, key_target, key_reference, distinct, win_sums
             key = following
 
 
-def metric_columns(mode_records: pl.DataFrame) -> tuple[dict[str, np.ndarray], np.ndarray, int]:
+def metric_columns(mode_records: pl.DataFrame | pl.LazyFrame) -> tuple[dict[str, np.ndarray], np.ndarray, int]:
     """The score columns of one label mode's records with objects as float arrays, with the recalls' ranks among
     their distinct values (AUCG's sort keys, recall_key_target and recall_key_reference); those distinct values; the
     number of records without objects (excluded)."""
-    scored = mode_records.lazy().filter(pl.col("n_objects") > 0).select(SCORE_COLUMNS).collect()
+    mode_records = mode_records.lazy()
+    scored = mode_records.filter(pl.col("n_objects") > 0).select(SCORE_COLUMNS).collect()
     columns = {name: scored[name].to_numpy().astype(float, copy=False) for name in SCORE_COLUMNS}
-    distinct, keys = np.unique(np.concatenate([columns["recall_target"], columns["recall_reference"]]),
-                               return_inverse=True)
-    keys = keys.astype(narrowest(len(distinct)))
-    columns.update(recall_key_target=keys[:len(scored)], recall_key_reference=keys[len(scored):])
-    return columns, distinct, len(mode_records) - len(scored)
+    distinct = np.unique(np.concatenate([np.unique(columns[f"recall_{side}"]) for side in SIDES]))
+    for side in SIDES:
+        columns[f"recall_key_{side}"] = np.searchsorted(distinct, columns[f"recall_{side}"]).astype(
+            narrowest(len(distinct)))
+    n_excluded = mode_records.select((pl.col("n_objects") == 0).sum()).collect().item()
+    return columns, distinct, n_excluded
 
 
 def resampled_metrics(columns: dict[str, np.ndarray], distinct: np.ndarray,
@@ -725,7 +727,7 @@ def population_rows(columns: dict[str, np.ndarray], distinct: np.ndarray, n_excl
     return rows
 
 
-def sample_level(records: pl.DataFrame, top_l: list[int], label_mode: str = "top_n") -> pl.DataFrame:
+def sample_level(records: pl.DataFrame | pl.LazyFrame, top_l: list[int], label_mode: str = "top_n") -> pl.DataFrame:
     """Mean precision/recall/F1 gaps (target − reference) over the top-L records of each order.
 
     Orders put the most suspicious records first: ``distance`` by the target
@@ -790,7 +792,7 @@ def compute(target_neighbors: str, reference_neighbors: str, query_annotations: 
     # order matters there), so no table of all records and their ids is ever held.
     order = query_ids.arg_sort().to_numpy()
     id_rank = pl.Series("id", np.arange(len(order)))
-    schema = contract_table(records_frame(query_ids.gather(order[:1]), n_objects, sides, 0, order[:1])).schema
+    schema = contract_table(records_frame(query_ids.gather(order[:1]), n_objects, sides, 0, order[:1]).collect()).schema
     rng = np.random.default_rng(seed)
     with parquet_stream(outputs["records"], schema, "metrics", params) as writer, ThreadPoolExecutor(1) as pool:
         populations = []
@@ -808,7 +810,8 @@ def compute(target_neighbors: str, reference_neighbors: str, query_annotations: 
             del columns
             for first in range(0, len(order), RECORDS_BATCH_ROWS):
                 rows = order[first:first + RECORDS_BATCH_ROWS]
-                writer.write_table(contract_table(records_frame(query_ids.gather(rows), n_objects, sides, mode, rows)))
+                batch = records_frame(query_ids.gather(rows), n_objects, sides, mode, rows).collect()
+                writer.write_table(contract_table(batch))
         population = pl.DataFrame([row for future in populations for row in future.result()])
     write_parquet(population.with_columns(k=pl.lit(k), top_n=pl.lit(top_n)), outputs["population"], stage="metrics",
                   params=params)
