@@ -439,13 +439,13 @@ def select_rows(run_start, listed, rank, k, row_public, public_row, kept_rank): 
 class SideScores:
     """One model's per-record counts, in the order of the query list."""
 
-    counts: np.ndarray  # int32 [n_predicted, n_correct] × [all, top_n] × records
+    counts: np.ndarray  # [n_predicted, n_correct] × [all, top_n] × records, at most n_labels: narrowest integers
     nn_score: np.ndarray  # float32: score of the rank-0 neighbour, NaN where a record has none
     seen: np.ndarray  # bool: the record's rows were read
 
     @classmethod
-    def empty(cls, n_records: int) -> "SideScores":
-        return cls(np.zeros((2, 2, n_records), np.int32), np.full(n_records, np.nan, np.float32),
+    def empty(cls, n_records: int, n_labels: int) -> "SideScores":
+        return cls(np.zeros((2, 2, n_records), narrowest(n_labels)), np.full(n_records, np.nan, np.float32),
                    np.zeros(n_records, bool))
 
 
@@ -490,7 +490,7 @@ def score_chunk(rows: pl.DataFrame, run_start: np.ndarray, scores: SideScores, i
 
 def side_scores(path: str, inputs: ScoringInputs, k: int, top_n: int, batch_rows: int) -> SideScores:
     """Stream a neighbours file in chunks of `batch_rows` rows; a query cut by a chunk's end moves to the next."""
-    scores = SideScores.empty(len(inputs.query_index))
+    scores = SideScores.empty(len(inputs.query_index), len(inputs.public.vocabulary))
     scan = scan_checked(path, NEIGHBOR_COLUMNS)
     n_rows = scan.select(pl.len()).collect().item()
     carry = None
@@ -541,7 +541,7 @@ def records_frame(ids: pl.Series, n_objects: np.ndarray, sides: dict[str, SideSc
 def frame_scores(neighbors: pl.DataFrame, public: PublicSet, query_ids: pl.Series, truth: LabelSets, k: int,
                  top_n: int) -> SideScores:
     """Scores of an in-memory neighbours frame (any row order)."""
-    scores = SideScores.empty(len(query_ids))
+    scores = SideScores.empty(len(query_ids), len(public.vocabulary))
     rows = neighbors.filter(pl.col("query_id").is_in(query_ids.implode())).sort("query_id", "rank")
     score_chunk(rows, run_starts(rows["query_id"]), scores,
                 ScoringInputs(StringIndex(query_ids, "queries", "id", buckets=False), public, truth), k, top_n,
@@ -791,7 +791,7 @@ def compute(target_neighbors: str, reference_neighbors: str, query_annotations: 
     # population and sample-level tables read each mode's numbers with the ids replaced by their rank (only their
     # order matters there), so no table of all records and their ids is ever held.
     order = query_ids.arg_sort().to_numpy()
-    id_rank = pl.Series("id", np.arange(len(order)))
+    id_rank = pl.Series("id", np.arange(len(order), dtype=narrowest(len(order))))
     schema = contract_table(records_frame(query_ids.gather(order[:1]), n_objects, sides, 0, order[:1]).collect()).schema
     rng = np.random.default_rng(seed)
     with parquet_stream(outputs["records"], schema, "metrics", params) as writer, ThreadPoolExecutor(1) as pool:
@@ -800,9 +800,9 @@ def compute(target_neighbors: str, reference_neighbors: str, query_annotations: 
             if populations:  # one mode's numbers in memory at a time
                 populations[-1].result()
             mode_records = records_frame(id_rank, n_objects, sides, mode, order)
-            columns = metric_columns(mode_records)
-            if label_mode == "top_n":
+            if label_mode == "top_n":  # before the bootstrap's columns exist: the two never share memory
                 samples = sample_level(mode_records, top_l)
+            columns = metric_columns(mode_records)
             del mode_records
             # The bootstrap (compiled, GIL released) runs beside writing the records; one worker keeps the modes'
             # draws in order.
