@@ -329,7 +329,7 @@ def test_resampled_metrics_equal_the_metrics_of_the_resampled_records_bit_for_bi
                                              for score in ("precision", "recall", "f1") for side in ("target", "reference")}})
     columns, distinct, _ = metrics.metric_columns(frame)
     resample = rng.integers(0, n, size=(4, size))
-    fast = metrics.resampled_metrics(columns, distinct, resample)
+    fast = metrics.resampled_metrics(metrics.ResampleInputs.from_columns(columns), distinct, resample)
     for metric, compute in metrics.POPULATION_METRICS.items():
         slow = compute({name: values[resample] for name, values in columns.items()})
         assert np.array_equal(fast[metric], slow), metric

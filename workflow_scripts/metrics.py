@@ -677,16 +677,31 @@ def metric_columns(mode_records: pl.DataFrame | pl.LazyFrame) -> tuple[dict[str,
     return columns, distinct, n_excluded
 
 
-def resampled_metrics(columns: dict[str, np.ndarray], distinct: np.ndarray,
-                      resample: np.ndarray) -> dict[str, np.ndarray]:
-    """POPULATION_METRICS of each resample (a row of record indices into `columns`), equal to the last bit to
-    computing them on the resampled columns, without gathering the columns (`resample_gaps`)."""
-    signs = np.stack([np.sign(columns[f"{score}_target"] - columns[f"{score}_reference"])
-                      for score in WIN_GAPS.values()]).astype(np.int8)
+@dataclass(frozen=True)
+class ResampleInputs:
+    """What the bootstrap reads of each record: the signs of the three win gaps' differences (int8, [3, records])
+    and the recalls' keys. A few bytes per record instead of six float columns."""
+
+    signs: np.ndarray
+    key_target: np.ndarray
+    key_reference: np.ndarray
+
+    @classmethod
+    def from_columns(cls, columns: dict[str, np.ndarray]) -> "ResampleInputs":
+        return cls(np.stack([np.sign(columns[f"{score}_target"] - columns[f"{score}_reference"])
+                             for score in WIN_GAPS.values()]).astype(np.int8),
+                   columns["recall_key_target"], columns["recall_key_reference"])
+
+    def __len__(self) -> int:
+        return len(self.key_target)
+
+
+def resampled_metrics(inputs: ResampleInputs, distinct: np.ndarray, resample: np.ndarray) -> dict[str, np.ndarray]:
+    """POPULATION_METRICS of each resample (a row of record indices), equal to the last bit to computing them on the
+    resampled score columns, without gathering any column (`resample_gaps`)."""
     win_sums = np.zeros((len(resample), len(WIN_GAPS)), np.int64)
     areas = np.empty((len(resample), 2 * resample.shape[1]))
-    resample_gaps(resample, signs, columns["recall_key_target"], columns["recall_key_reference"], distinct, win_sums,
-                  areas)
+    resample_gaps(resample, inputs.signs, inputs.key_target, inputs.key_reference, distinct, win_sums, areas)
     # The win gaps' sums are exact integers, so dividing them equals numpy's mean of the signs.
     return {**{metric: win_sums[:, column] / resample.shape[1] for column, metric in enumerate(WIN_GAPS)},
             "AUCG": areas.sum(axis=-1)}
@@ -695,33 +710,43 @@ def resampled_metrics(columns: dict[str, np.ndarray], distinct: np.ndarray,
 def population_metrics(records: pl.DataFrame, n_boot: int, frac: float, seed: int) -> pl.DataFrame:
     """Rows (label_mode, metric, value, mean, std, n_boot, frac, n_records, n_excluded)."""
     rng = np.random.default_rng(seed)
-    return pl.DataFrame([row for label_mode in LABEL_MODES for row in population_rows(
-        *metric_columns(records.filter(pl.col("label_mode") == label_mode)), label_mode, n_boot, frac, rng)])
+    rows = []
+    for label_mode in LABEL_MODES:
+        columns, distinct, n_excluded = metric_columns(records.filter(pl.col("label_mode") == label_mode))
+        rows += population_rows(full_values(columns), ResampleInputs.from_columns(columns), distinct, n_excluded,
+                                label_mode, n_boot, frac, rng)
+    return pl.DataFrame(rows)
 
 
-def population_rows(columns: dict[str, np.ndarray], distinct: np.ndarray, n_excluded: int, label_mode: str,
-                    n_boot: int, frac: float, rng: np.random.Generator) -> list[dict]:
-    """population_metrics' rows of one label mode (`metric_columns`), resampled with `rng`: the draws of all modes
-    are one stream.
+def full_values(columns: dict[str, np.ndarray]) -> dict[str, float]:
+    """Each population metric on all records (NaN without records)."""
+    return {metric: float(compute(columns)) if len(columns["recall_target"]) else float("nan")
+            for metric, compute in POPULATION_METRICS.items()}
+
+
+def population_rows(values: dict[str, float], inputs: ResampleInputs, distinct: np.ndarray, n_excluded: int,
+                    label_mode: str, n_boot: int, frac: float, rng: np.random.Generator) -> list[dict]:
+    """population_metrics' rows of one label mode: its `full_values` and `n_boot` resamples drawn with `rng` (the
+    draws of all modes are one stream).
 
     Resamples are drawn and scored a few at a time (BOOTSTRAP_VALUES values), so memory stays bounded;
     the draws are the same for any grouping.
     """
-    n = len(columns["recall_target"])
+    n = len(inputs)
     size = max(1, round(frac * n))
     step = max(1, BOOTSTRAP_VALUES // size)
     boot = {metric: [] for metric in POPULATION_METRICS}
     for first in range(0, n_boot if n else 0, step):
         resample = rng.integers(0, n, size=(min(step, n_boot - first), size))
-        for metric, values in resampled_metrics(columns, distinct, resample).items():
-            boot[metric].append(values)
+        for metric, resampled in resampled_metrics(inputs, distinct, resample).items():
+            boot[metric].append(resampled)
     rows = []
-    for metric, compute in POPULATION_METRICS.items():
-        values = np.concatenate(boot[metric]) if boot[metric] else None
+    for metric in POPULATION_METRICS:
+        resampled = np.concatenate(boot[metric]) if boot[metric] else None
         rows.append({
-            "label_mode": label_mode, "metric": metric, "value": float(compute(columns)) if n else float("nan"),
-            "mean": float(values.mean()) if values is not None else float("nan"),
-            "std": float(values.std(ddof=1)) if values is not None and n_boot > 1 else float("nan"),
+            "label_mode": label_mode, "metric": metric, "value": values[metric],
+            "mean": float(resampled.mean()) if resampled is not None else float("nan"),
+            "std": float(resampled.std(ddof=1)) if resampled is not None and n_boot > 1 else float("nan"),
             "n_boot": n_boot, "frac": frac, "n_records": n, "n_excluded": n_excluded,
         })
     return rows
@@ -781,6 +806,7 @@ def compute(target_neighbors: str, reference_neighbors: str, query_annotations: 
         futures = {side: pool.submit(side_scores, path, inputs, k, top_n, batch_rows)
                    for side, path in neighbor_paths.items()}
         sides = {side: future.result() for side, future in futures.items()}
+    del inputs, query_index, public, truth  # what scoring needed: the tables need only the ids and the counts
     for side, path in neighbor_paths.items():
         absent = query_ids.filter(~sides[side].seen)
         if len(absent):
@@ -797,17 +823,17 @@ def compute(target_neighbors: str, reference_neighbors: str, query_annotations: 
     with parquet_stream(outputs["records"], schema, "metrics", params) as writer, ThreadPoolExecutor(1) as pool:
         populations = []
         for mode, label_mode in enumerate(LABEL_MODES):
-            if populations:  # one mode's numbers in memory at a time
-                populations[-1].result()
             mode_records = records_frame(id_rank, n_objects, sides, mode, order)
             if label_mode == "top_n":  # before the bootstrap's columns exist: the two never share memory
                 samples = sample_level(mode_records, top_l)
-            columns = metric_columns(mode_records)
+            columns, distinct, n_excluded = metric_columns(mode_records)
             del mode_records
+            values, resample_inputs = full_values(columns), ResampleInputs.from_columns(columns)
+            del columns  # the bootstrap reads a few bytes per record, not the score columns
             # The bootstrap (compiled, GIL released) runs beside writing the records; one worker keeps the modes'
             # draws in order.
-            populations.append(pool.submit(population_rows, *columns, label_mode, n_boot, frac, rng))
-            del columns
+            populations.append(pool.submit(population_rows, values, resample_inputs, distinct, n_excluded, label_mode,
+                                           n_boot, frac, rng))
             for first in range(0, len(order), RECORDS_BATCH_ROWS):
                 rows = order[first:first + RECORDS_BATCH_ROWS]
                 batch = records_frame(query_ids.gather(rows), n_objects, sides, mode, rows).collect()
