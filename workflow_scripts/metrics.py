@@ -54,7 +54,6 @@ from workflow_scripts.io import DataError, contract_table, parquet_stream, write
 
 LABEL_MODES = ("all", "top_n")
 SIDES = ("target", "reference")
-ORDER_COLUMNS = ("nn_score_target", "n_correct_target", "n_correct_reference")  # what ORDERS sort by
 ORDERS = {
     # order name: (sort key expression on the records table, is an oracle view)
     "distance": (pl.col("nn_score_target"), False),
@@ -113,12 +112,9 @@ class StringIndex:
     def __len__(self) -> int:
         return len(self.hashes)
 
-    def positions(self, strings: pl.Series, rows: np.ndarray | None = None) -> np.ndarray:
-        """int64 position of each string (of `rows` of the Series only, if given) in the list, −1 where not listed."""
-        hashes = strings.hash(self.seed).to_numpy()
-        if rows is not None and len(rows) < len(hashes):
-            hashes = hashes[rows]
-        return probe(hashes, self.shift, self.slots, self.hashes, self.order)
+    def positions(self, strings: pl.Series) -> np.ndarray:
+        """int64 position of each string in the list, −1 where not listed."""
+        return probe(strings.hash(self.seed).to_numpy(), self.shift, self.slots, self.hashes, self.order)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -355,14 +351,17 @@ def read_truth(path: str, query_index: StringIndex, public: PublicSet, queries_p
     n = len(query_index)
     n_objects = np.zeros(n, np.int32)
     times_annotated = np.zeros(n, np.int32)
+    sizes = np.zeros(n, np.int64)  # label codes per record
     batches = []  # (query positions, label sets) of each batch's query records
     columns = {"id": "str", "labels": "list<str>"}
     for batch in scan_checked(path, columns).collect_batches(chunk_size=ANNOTATION_BATCH_ROWS):
         position = query_index.positions(batch["id"])
         batch, position = batch.filter(position >= 0), position[position >= 0]
-        times_annotated += np.bincount(position, minlength=n).astype(np.int32)
+        np.add.at(times_annotated, position, 1)
         n_objects[position] = batch["labels"].list.n_unique().to_numpy()
-        batches.append((position, label_sets(batch["labels"], batch["id"], public.label_index, path)))
+        sets = label_sets(batch["labels"], batch["id"], public.label_index, path)
+        sizes[position] = np.diff(sets.offsets)
+        batches.append((position, sets))
     duplicated = query_index.strings.filter(times_annotated > 1).sort()
     if len(duplicated):
         raise DataError(f"{path}: {len(duplicated)} query record(s) annotated more than once, "
@@ -372,14 +371,10 @@ def read_truth(path: str, query_index: StringIndex, public: PublicSet, queries_p
         raise DataError(f"{path}: no annotation row for {len(missing)} query record(s) of {queries_path}, "
                         f"e.g. {missing.head(5).to_list()}")
     # Query-list order by counting: each record's codes go to its CSR row, no sort of all codes.
-    sizes = np.zeros(n, np.int64)
-    for position, sets in batches:
-        sizes[position] = np.diff(sets.offsets)
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     codes = np.empty(offsets[-1], public.labels.codes.dtype)
     for position, sets in batches:
-        record_sizes = np.diff(sets.offsets)
-        codes[np.repeat(offsets[position] - sets.offsets[:-1], record_sizes) + np.arange(len(sets.codes))] = sets.codes
+        codes[np.repeat(offsets[position] - sets.offsets[:-1], sizes[position]) + np.arange(len(sets.codes))] = sets.codes
     return n_objects, LabelSets(offsets.astype(narrowest(offsets[-1])), codes)
 
 
@@ -569,7 +564,7 @@ def predicted_labels(neighbors: pl.LazyFrame, public_annotations: pl.LazyFrame, 
     rows = neighbors.filter(pl.col("rank") < k).collect().sort("query_id", "rank")
     query_ids = rows["query_id"].unique(maintain_order=True)
     no_truth = LabelSets(np.zeros(2, np.int64), np.zeros(0, np.int64))  # one empty row for every query
-    batch_query = StringIndex(query_ids, "neighbors", "query id").positions(rows["query_id"])
+    batch_query = rows["query_id"].rle_id().to_numpy()  # the rows are sorted by query id
     _, emitted = query_scores(np.searchsorted(batch_query, np.arange(len(query_ids) + 1)),
                               rows["rank"].to_numpy(), public.ids.positions(rows["public_id"]),
                               np.zeros(len(query_ids), np.int64), public, no_truth, k, top_n, emit=True)
@@ -608,16 +603,14 @@ def aucg(recall_target: np.ndarray, recall_reference: np.ndarray, key_target: np
     return (cdf_gap * widths).sum(axis=-1)
 
 
+WIN_GAPS = {"PPG": "precision", "PRG": "recall", "PFG": "f1"}  # win-gap metric: the score it compares
 POPULATION_METRICS = {
-    "PPG": lambda columns: win_gap(columns["precision_target"], columns["precision_reference"]),
-    "PRG": lambda columns: win_gap(columns["recall_target"], columns["recall_reference"]),
-    "PFG": lambda columns: win_gap(columns["f1_target"], columns["f1_reference"]),
+    **{metric: lambda columns, score=score: win_gap(columns[f"{score}_target"], columns[f"{score}_reference"])
+       for metric, score in WIN_GAPS.items()},
     "AUCG": lambda columns: aucg(columns["recall_target"], columns["recall_reference"], columns["recall_key_target"],
                                  columns["recall_key_reference"]),
 }
-WIN_GAPS = {"PPG": "precision", "PRG": "recall", "PFG": "f1"}
-SCORE_COLUMNS = ("precision_target", "precision_reference", "recall_target", "recall_reference", "f1_target",
-                 "f1_reference")
+SCORE_COLUMNS = tuple(f"{score}_{side}" for score in WIN_GAPS.values() for side in SIDES)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -760,16 +753,18 @@ def sample_level(records: pl.DataFrame | pl.LazyFrame, top_l: list[int], label_m
     model got right, ``gap`` (an oracle view that peeks at the reference model)
     by correct-under-target minus correct-under-reference. Ties break by id.
     """
+    # Only what the orders sort by and the gaps they average: the ids, each order's key, the three gaps.
     scored = records.lazy().filter((pl.col("label_mode") == label_mode) & (pl.col("n_objects") > 0)).select(
-        "id", *ORDER_COLUMNS, **{f"{metric}_gap": pl.col(f"{metric}_target") - pl.col(f"{metric}_reference")
-                                 for metric in ("precision", "recall", "f1")}).collect()
+        "id", **{f"{order}_key": key for order, (key, _) in ORDERS.items()},
+        **{f"{metric}_gap": pl.col(f"{metric}_target") - pl.col(f"{metric}_reference")
+           for metric in WIN_GAPS.values()}).collect()
     n = len(scored)
     cutoffs = sorted({l for l in top_l if 0 < l < n} | ({n} if n else set()))
     frames = []
     id_rank = scored["id"].rank("ordinal")  # ties break by id; its rank sorts faster than the strings
-    for order, (key, oracle) in ORDERS.items():
-        ranked = scored.select(pl.arg_sort_by(key, id_rank, descending=[True, False])).to_series()
-        gaps = {metric: scored[f"{metric}_gap"].gather(ranked).to_numpy() for metric in ("precision", "recall", "f1")}
+    for order, (_, oracle) in ORDERS.items():
+        ranked = scored.select(pl.arg_sort_by(f"{order}_key", id_rank, descending=[True, False])).to_series()
+        gaps = {metric: scored[f"{metric}_gap"].gather(ranked).to_numpy() for metric in WIN_GAPS.values()}
         index = np.asarray(cutoffs, dtype=np.int64) - 1
         frames.append(pl.DataFrame({
             "order": [order] * len(cutoffs),
