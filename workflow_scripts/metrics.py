@@ -180,7 +180,7 @@ class PublicSet:
     labels: LabelSets
 
     @classmethod
-    def from_frame(cls, frame: pl.DataFrame, path: str) -> "PublicSet":
+    def from_frame(cls, frame: pl.DataFrame, path: str) -> PublicSet:
         values = label_values(frame["labels"], frame["id"], path)
         vocabulary = values.unique().sort()
         index = StringIndex(vocabulary, path, "label")
@@ -439,7 +439,7 @@ class SideScores:
     seen: np.ndarray  # bool: the record's rows were read
 
     @classmethod
-    def empty(cls, n_records: int, n_labels: int) -> "SideScores":
+    def empty(cls, n_records: int, n_labels: int) -> SideScores:
         return cls(np.zeros((2, 2, n_records), narrowest(n_labels)), np.full(n_records, np.nan, np.float32),
                    np.zeros(n_records, bool))
 
@@ -680,7 +680,7 @@ class ResampleInputs:
     key_reference: np.ndarray
 
     @classmethod
-    def from_columns(cls, columns: dict[str, np.ndarray]) -> "ResampleInputs":
+    def from_columns(cls, columns: dict[str, np.ndarray]) -> ResampleInputs:
         return cls(np.stack([np.sign(columns[f"{score}_target"] - columns[f"{score}_reference"])
                              for score in WIN_GAPS.values()]).astype(np.int8),
                    columns["recall_key_target"], columns["recall_key_reference"])
