@@ -322,17 +322,23 @@ def test_compute_refuses_a_query_whose_rows_are_apart(tmp_path):
 
 @given(st.integers(1, 60), st.integers(1, 25), st.integers(0, 2**32 - 1))
 @settings(max_examples=200, deadline=None)
-def test_resampled_metrics_equal_the_metrics_of_the_resampled_records_bit_for_bit(n, size, seed):
+def test_resampled_metrics_equal_the_formulas_on_the_resampled_and_on_all_records_bit_for_bit(n, size, seed):
     rng = np.random.default_rng(seed)
     fractions = np.array([0.0, 1 / 3, 0.5, 2 / 3, 0.9, 1.0])  # recalls tie, as counts over a few objects do
     frame = pl.DataFrame({"n_objects": 3, **{f"{score}_{side}": rng.choice(fractions, n)
                                              for score in ("precision", "recall", "f1") for side in ("target", "reference")}})
-    columns, distinct, _ = metrics.metric_columns(frame)
+    inputs = metrics.ResampleInputs.from_records(frame)
     resample = rng.integers(0, n, size=(4, size))
-    fast = metrics.resampled_metrics(metrics.ResampleInputs.from_columns(columns), distinct, resample)
-    for metric, compute in metrics.POPULATION_METRICS.items():
-        slow = compute({name: values[resample] for name, values in columns.items()})
-        assert np.array_equal(fast[metric], slow), metric
+    formulas = {**{metric: lambda columns, score=score: metrics.win_gap(columns[f"{score}_target"],
+                                                                         columns[f"{score}_reference"])
+                   for metric, score in metrics.WIN_GAPS.items()},
+                "AUCG": lambda columns: metrics.aucg(columns["recall_target"], columns["recall_reference"])}
+    fast = metrics.resampled_metrics(inputs, resample)
+    every = metrics.resampled_metrics(inputs, np.arange(n)[None])  # the values on all records
+    for metric in metrics.POPULATION_METRICS:
+        assert np.array_equal(fast[metric], formulas[metric]({name: frame[name].to_numpy()[resample]
+                                                              for name in frame.columns})), metric
+        assert every[metric][0] == formulas[metric]({name: frame[name].to_numpy() for name in frame.columns}), metric
 
 
 @given(st.lists(st.text(max_size=6), unique=True, max_size=300), st.lists(st.text(max_size=6), max_size=100))

@@ -583,20 +583,15 @@ def win_gap(target: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return np.sign(target - reference).mean(axis=-1)
 
 
-def aucg(recall_target: np.ndarray, recall_reference: np.ndarray, key_target: np.ndarray | None = None,
-         key_reference: np.ndarray | None = None) -> np.ndarray:
-    """Exact signed area ∫₀¹ (F_reference − F_target) between the empirical recall CDFs.
-
-    Optional keys (integers ordered as the recalls, e.g. their ranks among the distinct values) give the same
-    stable order faster: numpy sorts integers of 16 bits by radix.
-    """
+def aucg(recall_target: np.ndarray, recall_reference: np.ndarray) -> np.ndarray:
+    """Exact signed area ∫₀¹ (F_reference − F_target) between the empirical recall CDFs: the definition, which
+    `resampled_metrics` computes without sorting."""
     target, reference = np.asarray(recall_target, float), np.asarray(recall_reference, float)
     values = np.concatenate([target, reference], axis=-1)
     # Walking the pooled values upwards, F_target jumps by 1/n_t, F_reference by 1/n_r.
     jumps = np.concatenate([np.full(target.shape, -1.0 / target.shape[-1]),
                             np.full(reference.shape, 1.0 / reference.shape[-1])], axis=-1)
-    keys = values if key_target is None else np.concatenate([key_target, key_reference], axis=-1)
-    order = np.argsort(keys, axis=-1, kind="stable")
+    order = np.argsort(values, axis=-1, kind="stable")
     values = np.take_along_axis(values, order, axis=-1)
     cdf_gap = np.cumsum(np.take_along_axis(jumps, order, axis=-1), axis=-1)
     widths = np.diff(values, axis=-1, append=np.ones(values.shape[:-1] + (1,)))
@@ -604,13 +599,7 @@ def aucg(recall_target: np.ndarray, recall_reference: np.ndarray, key_target: np
 
 
 WIN_GAPS = {"PPG": "precision", "PRG": "recall", "PFG": "f1"}  # win-gap metric: the score it compares
-POPULATION_METRICS = {
-    **{metric: lambda columns, score=score: win_gap(columns[f"{score}_target"], columns[f"{score}_reference"])
-       for metric, score in WIN_GAPS.items()},
-    "AUCG": lambda columns: aucg(columns["recall_target"], columns["recall_reference"], columns["recall_key_target"],
-                                 columns["recall_key_reference"]),
-}
-SCORE_COLUMNS = tuple(f"{score}_{side}" for score in WIN_GAPS.values() for side in SIDES)
+POPULATION_METRICS = (*WIN_GAPS, "AUCG")
 
 
 @numba.njit(nogil=True, cache=True)
@@ -655,46 +644,46 @@ def resample_gaps(resample, signs, key_target, key_reference, distinct, win_sums
             key = following
 
 
-def metric_columns(mode_records: pl.DataFrame | pl.LazyFrame) -> tuple[dict[str, np.ndarray], np.ndarray, int]:
-    """The score columns of one label mode's records with objects as float arrays, with the recalls' ranks among
-    their distinct values (AUCG's sort keys, recall_key_target and recall_key_reference); those distinct values; the
-    number of records without objects (excluded)."""
-    mode_records = mode_records.lazy()
-    scored = mode_records.filter(pl.col("n_objects") > 0).select(SCORE_COLUMNS).collect()
-    columns = {name: scored[name].to_numpy().astype(float, copy=False) for name in SCORE_COLUMNS}
-    distinct = np.unique(np.concatenate([np.unique(columns[f"recall_{side}"]) for side in SIDES]))
-    for side in SIDES:
-        columns[f"recall_key_{side}"] = np.searchsorted(distinct, columns[f"recall_{side}"]).astype(
-            narrowest(len(distinct)))
-    n_excluded = mode_records.select((pl.col("n_objects") == 0).sum()).collect().item()
-    return columns, distinct, n_excluded
-
-
 @dataclass(frozen=True)
 class ResampleInputs:
-    """What the bootstrap reads of each record: the signs of the three win gaps' differences (int8, [3, records])
-    and the recalls' keys. A few bytes per record instead of six float columns."""
+    """What the population metrics read of each record with objects: the signs of the three win gaps' differences
+    (int8, [3, records]) and the recalls' keys, their ranks among the distinct recalls (`distinct`, ascending). A few
+    bytes per record instead of six float columns."""
 
     signs: np.ndarray
     key_target: np.ndarray
     key_reference: np.ndarray
+    distinct: np.ndarray
 
     @classmethod
-    def from_columns(cls, columns: dict[str, np.ndarray]) -> ResampleInputs:
-        return cls(np.stack([np.sign(columns[f"{score}_target"] - columns[f"{score}_reference"])
-                             for score in WIN_GAPS.values()]).astype(np.int8),
-                   columns["recall_key_target"], columns["recall_key_reference"])
+    def from_records(cls, mode_records: pl.DataFrame | pl.LazyFrame) -> ResampleInputs:
+        """Of one label mode's records (the records table's columns), those with objects."""
+        scored = mode_records.lazy().filter(pl.col("n_objects") > 0).select(
+            *[(pl.col(f"{score}_target") - pl.col(f"{score}_reference")).sign().cast(pl.Int8).alias(score)
+              for score in WIN_GAPS.values()],
+            *[f"recall_{side}" for side in SIDES]).collect()
+        recalls = [scored[f"recall_{side}"].to_numpy() for side in SIDES]
+        distinct = np.unique(np.concatenate([np.unique(recall) for recall in recalls]))
+        key_target, key_reference = (np.searchsorted(distinct, recall).astype(narrowest(len(distinct)))
+                                     for recall in recalls)
+        return cls(np.stack([scored[score].to_numpy() for score in WIN_GAPS.values()]), key_target, key_reference,
+                   distinct)
 
     def __len__(self) -> int:
         return len(self.key_target)
 
 
-def resampled_metrics(inputs: ResampleInputs, distinct: np.ndarray, resample: np.ndarray) -> dict[str, np.ndarray]:
-    """POPULATION_METRICS of each resample (a row of record indices), equal to the last bit to computing them on the
-    resampled score columns, without gathering any column (`resample_gaps`)."""
+def n_excluded(mode_records: pl.DataFrame | pl.LazyFrame) -> int:
+    """Records without objects: they have no recall."""
+    return mode_records.lazy().select((pl.col("n_objects") == 0).sum()).collect().item()
+
+
+def resampled_metrics(inputs: ResampleInputs, resample: np.ndarray) -> dict[str, np.ndarray]:
+    """The population metrics of each resample (a row of record indices), equal to the last bit to `win_gap` and
+    `aucg` of the resampled score columns, without gathering any column (`resample_gaps`)."""
     win_sums = np.zeros((len(resample), len(WIN_GAPS)), np.int64)
     areas = np.empty((len(resample), 2 * resample.shape[1]))
-    resample_gaps(resample, inputs.signs, inputs.key_target, inputs.key_reference, distinct, win_sums, areas)
+    resample_gaps(resample, inputs.signs, inputs.key_target, inputs.key_reference, inputs.distinct, win_sums, areas)
     # The win gaps' sums are exact integers, so dividing them equals numpy's mean of the signs.
     return {**{metric: win_sums[:, column] / resample.shape[1] for column, metric in enumerate(WIN_GAPS)},
             "AUCG": areas.sum(axis=-1)}
@@ -705,42 +694,38 @@ def population_metrics(records: pl.DataFrame, n_boot: int, frac: float, seed: in
     rng = np.random.default_rng(seed)
     rows = []
     for label_mode in LABEL_MODES:
-        columns, distinct, n_excluded = metric_columns(records.filter(pl.col("label_mode") == label_mode))
-        rows += population_rows(full_values(columns), ResampleInputs.from_columns(columns), distinct, n_excluded,
-                                label_mode, n_boot, frac, rng)
+        mode_records = records.filter(pl.col("label_mode") == label_mode)
+        rows += population_rows(ResampleInputs.from_records(mode_records), n_excluded(mode_records), label_mode,
+                                n_boot, frac, rng)
     return pl.DataFrame(rows)
 
 
-def full_values(columns: dict[str, np.ndarray]) -> dict[str, float]:
-    """Each population metric on all records (NaN without records)."""
-    return {metric: float(compute(columns)) if len(columns["recall_target"]) else float("nan")
-            for metric, compute in POPULATION_METRICS.items()}
-
-
-def population_rows(values: dict[str, float], inputs: ResampleInputs, distinct: np.ndarray, n_excluded: int,
-                    label_mode: str, n_boot: int, frac: float, rng: np.random.Generator) -> list[dict]:
-    """population_metrics' rows of one label mode: its `full_values` and `n_boot` resamples drawn with `rng` (the
-    draws of all modes are one stream).
+def population_rows(inputs: ResampleInputs, excluded: int, label_mode: str, n_boot: int, frac: float,
+                    rng: np.random.Generator) -> list[dict]:
+    """population_metrics' rows of one label mode: each metric on all records (NaN without records; the all-records
+    "resample" in record order) and over `n_boot` resamples drawn with `rng` (the draws of all modes are one stream).
 
     Resamples are drawn and scored a few at a time (BOOTSTRAP_VALUES values), so memory stays bounded;
     the draws are the same for any grouping.
     """
     n = len(inputs)
+    values = resampled_metrics(inputs, np.arange(n)[None]) if n else {}
     size = max(1, round(frac * n))
     step = max(1, BOOTSTRAP_VALUES // size)
     boot = {metric: [] for metric in POPULATION_METRICS}
     for first in range(0, n_boot if n else 0, step):
         resample = rng.integers(0, n, size=(min(step, n_boot - first), size))
-        for metric, resampled in resampled_metrics(inputs, distinct, resample).items():
+        for metric, resampled in resampled_metrics(inputs, resample).items():
             boot[metric].append(resampled)
     rows = []
     for metric in POPULATION_METRICS:
         resampled = np.concatenate(boot[metric]) if boot[metric] else None
         rows.append({
-            "label_mode": label_mode, "metric": metric, "value": values[metric],
+            "label_mode": label_mode, "metric": metric,
+            "value": float(values[metric][0]) if n else float("nan"),
             "mean": float(resampled.mean()) if resampled is not None else float("nan"),
             "std": float(resampled.std(ddof=1)) if resampled is not None and n_boot > 1 else float("nan"),
-            "n_boot": n_boot, "frac": frac, "n_records": n, "n_excluded": n_excluded,
+            "n_boot": n_boot, "frac": frac, "n_records": n, "n_excluded": excluded,
         })
     return rows
 
@@ -821,14 +806,11 @@ def compute(target_neighbors: str, reference_neighbors: str, query_annotations: 
             mode_records = records_frame(id_rank, n_objects, sides, mode, order)
             if label_mode == "top_n":  # before the bootstrap's columns exist: the two never share memory
                 samples = sample_level(mode_records, top_l)
-            columns, distinct, n_excluded = metric_columns(mode_records)
+            resample_inputs, excluded = ResampleInputs.from_records(mode_records), n_excluded(mode_records)
             del mode_records
-            values, resample_inputs = full_values(columns), ResampleInputs.from_columns(columns)
-            del columns  # the bootstrap reads a few bytes per record, not the score columns
-            # The bootstrap (compiled, GIL released) runs beside writing the records; one worker keeps the modes'
-            # draws in order.
-            populations.append(pool.submit(population_rows, values, resample_inputs, distinct, n_excluded, label_mode,
-                                           n_boot, frac, rng))
+            # The population metrics (compiled, GIL released) run beside writing the records; one worker keeps the
+            # modes' draws in order.
+            populations.append(pool.submit(population_rows, resample_inputs, excluded, label_mode, n_boot, frac, rng))
             for first in range(0, len(order), RECORDS_BATCH_ROWS):
                 rows = order[first:first + RECORDS_BATCH_ROWS]
                 batch = records_frame(query_ids.gather(rows), n_objects, sides, mode, rows).collect()
