@@ -351,8 +351,8 @@ def read_truth(path: str, query_index: StringIndex, public: PublicSet, queries_p
     n = len(query_index)
     n_objects = np.zeros(n, np.int32)
     times_annotated = np.zeros(n, np.int32)
-    sizes = np.zeros(n, np.int64)  # label codes per record
-    batches = []  # (query positions, label sets) of each batch's query records
+    sizes = np.zeros(n, narrowest(len(public.vocabulary)))  # label codes per record
+    batches = []  # (query positions, label sets) of each batch's query records, in the narrowest types
     columns = {"id": "str", "labels": "list<str>"}
     for batch in scan_checked(path, columns).collect_batches(chunk_size=ANNOTATION_BATCH_ROWS):
         position = query_index.positions(batch["id"])
@@ -361,7 +361,7 @@ def read_truth(path: str, query_index: StringIndex, public: PublicSet, queries_p
         n_objects[position] = batch["labels"].list.n_unique().to_numpy()
         sets = label_sets(batch["labels"], batch["id"], public.label_index, path)
         sizes[position] = np.diff(sets.offsets)
-        batches.append((position, sets))
+        batches.append((position.astype(narrowest(n)), sets))
     duplicated = query_index.strings.filter(times_annotated > 1).sort()
     if len(duplicated):
         raise DataError(f"{path}: {len(duplicated)} query record(s) annotated more than once, "
@@ -371,7 +371,7 @@ def read_truth(path: str, query_index: StringIndex, public: PublicSet, queries_p
         raise DataError(f"{path}: no annotation row for {len(missing)} query record(s) of {queries_path}, "
                         f"e.g. {missing.head(5).to_list()}")
     # Query-list order by counting: each record's codes go to its CSR row, no sort of all codes.
-    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
     codes = np.empty(offsets[-1], public.labels.codes.dtype)
     for position, sets in batches:
         codes[np.repeat(offsets[position] - sets.offsets[:-1], sizes[position]) + np.arange(len(sets.codes))] = sets.codes
@@ -746,16 +746,18 @@ def sample_level(records: pl.DataFrame | pl.LazyFrame, top_l: list[int], label_m
     n = len(scored)
     cutoffs = sorted({l for l in top_l if 0 < l < n} | ({n} if n else set()))
     frames = []
-    id_rank = scored["id"].rank("ordinal")  # ties break by id; its rank sorts faster than the strings
+    # Ties break by id; the rank of string ids sorts faster than the strings, integer ids sort as they are.
+    id_rank = scored["id"] if scored["id"].dtype.is_integer() else scored["id"].rank("ordinal")
+    index = pl.Series(cutoffs, dtype=pl.Int64) - 1
     for order, (_, oracle) in ORDERS.items():
         ranked = scored.select(pl.arg_sort_by(f"{order}_key", id_rank, descending=[True, False])).to_series()
-        gaps = {metric: scored[f"{metric}_gap"].gather(ranked).to_numpy() for metric in WIN_GAPS.values()}
-        index = np.asarray(cutoffs, dtype=np.int64) - 1
         frames.append(pl.DataFrame({
             "order": [order] * len(cutoffs),
             "oracle": [oracle] * len(cutoffs),
             "top_l": cutoffs,
-            **{f"{metric}_gap": (np.cumsum(gap)[index] / (index + 1)) if n else [] for metric, gap in gaps.items()},
+            # One gap at a time in that order: its running sum (sequential, as numpy's cumsum) at each cutoff.
+            **{f"{metric}_gap": scored[f"{metric}_gap"].gather(ranked).cum_sum().gather(index) / (index + 1)
+               for metric in WIN_GAPS.values()},
         }, schema_overrides={"top_l": pl.Int64}))
     return pl.concat(frames)
 
