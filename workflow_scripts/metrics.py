@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,7 +95,7 @@ class StringIndex:
                 raise DataError(f"{path}: {len(duplicated)} duplicate {what}(s), e.g. {duplicated.head(5).to_list()}")
         else:
             raise RuntimeError(f"{path}: distinct {what}s share a 64-bit hash under 8 seeds")
-        self.strings, self.seed, self.hashes = strings, seed, sorted_hashes
+        self.seed, self.hashes = seed, sorted_hashes  # not the strings: an index is a few bytes per string
         self.order = order.astype(narrowest(len(order)))
         bits = max(len(hashes) - 1, 1).bit_length() + 1 if buckets else 0
         self.shift = np.uint64(64 - bits)
@@ -343,8 +344,10 @@ def read_public(path: str) -> PublicSet:
     return PublicSet.from_frame(scan_checked(path, {"id": "str", "labels": "list<str>"}).collect(), path)
 
 
-def read_truth(path: str, query_index: StringIndex, public: PublicSet, queries_path: str) -> tuple[np.ndarray, LabelSets]:
-    """n_objects and label sets (public label codes) of the query records, in query-list order.
+def read_truth(path: str, query_ids: pl.Series, query_index: StringIndex, public: PublicSet,
+               queries_path: str) -> tuple[np.ndarray, LabelSets]:
+    """n_objects and label sets (public label codes) of the query records `query_ids` (indexed by `query_index`), in
+    query-list order.
 
     The annotations are read ANNOTATION_BATCH_ROWS rows at a time; only the query records' label codes are kept.
     """
@@ -362,11 +365,11 @@ def read_truth(path: str, query_index: StringIndex, public: PublicSet, queries_p
         sets = label_sets(batch["labels"], batch["id"], public.label_index, path)
         sizes[position] = np.diff(sets.offsets)
         batches.append((position.astype(narrowest(n)), sets))
-    duplicated = query_index.strings.filter(times_annotated > 1).sort()
+    duplicated = query_ids.filter(times_annotated > 1).sort()
     if len(duplicated):
         raise DataError(f"{path}: {len(duplicated)} query record(s) annotated more than once, "
                         f"e.g. {duplicated.head(5).to_list()}")
-    missing = query_index.strings.filter(times_annotated == 0)
+    missing = query_ids.filter(times_annotated == 0)
     if len(missing):
         raise DataError(f"{path}: no annotation row for {len(missing)} query record(s) of {queries_path}, "
                         f"e.g. {missing.head(5).to_list()}")
@@ -458,12 +461,13 @@ def score_chunk(rows: pl.DataFrame, run_start: np.ndarray, scores: SideScores, i
     """Score the queries of neighbour rows that hold all rows of each of their queries; their runs start at
     `run_start`."""
     query_index, public = inputs.query_index, inputs.public
-    position = query_index.positions(rows["query_id"].gather(run_start))  # −1: a query of another split
+    run_ids = rows["query_id"].gather(run_start)
+    position = query_index.positions(run_ids)  # −1: a query of another split
     listed = position[position >= 0]
     ordered = np.sort(listed)
     again = np.concatenate([listed[scores.seen[listed]], ordered[1:][ordered[1:] == ordered[:-1]]])
     if len(again):
-        raise DataError(f"{path}: the rows of query {query_index.strings[int(again[0])]!r} are not together "
+        raise DataError(f"{path}: the rows of query {run_ids.filter(position == again[0])[0]!r} are not together "
                         f"(the kNN stage writes each query's rows in one run)")
     scores.seen[listed] = True
     rank = rows["rank"].to_numpy()
@@ -746,8 +750,9 @@ def sample_level(records: pl.DataFrame | pl.LazyFrame, top_l: list[int], label_m
     n = len(scored)
     cutoffs = sorted({l for l in top_l if 0 < l < n} | ({n} if n else set()))
     frames = []
-    # Ties break by id; the rank of string ids sorts faster than the strings, integer ids sort as they are.
-    id_rank = scored["id"] if scored["id"].dtype.is_integer() else scored["id"].rank("ordinal")
+    # Ties break by id; the rank of string ids sorts faster than the strings, integer ids sort as they are (in one
+    # chunk: polars sorts by a secondary key in many chunks some 20× slower).
+    id_rank = scored["id"].rechunk() if scored["id"].dtype.is_integer() else scored["id"].rank("ordinal")
     index = pl.Series(cutoffs, dtype=pl.Int64) - 1
     for order, (_, oracle) in ORDERS.items():
         ranked = scored.select(pl.arg_sort_by(f"{order}_key", id_rank, descending=[True, False])).to_series()
@@ -776,7 +781,9 @@ def compute(target_neighbors: str, reference_neighbors: str, query_annotations: 
     query_ids = read_queries(queries)
     query_index = StringIndex(query_ids, queries, "id", buckets=False)  # looked up once per query
     public = read_public(public_annotations)
-    n_objects, truth = read_truth(query_annotations, query_index, public, queries)
+    n_objects, truth = read_truth(query_annotations, query_ids, query_index, public, queries)
+    # Scoring finds records by their index; the ids (16 bytes or more each) are read again for the tables.
+    del query_ids
     warm_up.join()
     inputs = ScoringInputs(query_index, public, truth)
     neighbor_paths = dict(zip(SIDES, (target_neighbors, reference_neighbors)))
@@ -789,6 +796,7 @@ def compute(target_neighbors: str, reference_neighbors: str, query_annotations: 
                    for side, path in neighbor_paths.items()}
         sides = {side: future.result() for side, future in futures.items()}
     del inputs, query_index, public, truth  # what scoring needed: the tables need only the ids and the counts
+    query_ids = read_queries(queries)
     for side, path in neighbor_paths.items():
         absent = query_ids.filter(~sides[side].seen)
         if len(absent):
@@ -853,6 +861,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    # numba's first compiled call probes for a BLAS by importing scipy.linalg (~0.35 s of a 100k-record run's 4 s).
+    # No kernel here multiplies matrices: in this process the probe finds none.
+    sys.modules.setdefault("scipy.linalg.cython_blas", None)
     main()
     # Python's last garbage collection at exit walks numba's compiler objects: ~0.3 s. Nothing needs it.
     gc.freeze()
