@@ -294,6 +294,11 @@ def test_compute_refuses_duplicate_ids(tmp_path, table, expected):
         metrics.compute(**metric_inputs(tmp_path, **replaced))
 
 
+def test_compute_refuses_query_records_without_annotations(tmp_path):
+    with pytest.raises(DataError, match=r"truth.parquet: no annotation row for 1 query record.*queries.parquet.*\['q3'\]"):
+        metrics.compute(**metric_inputs(tmp_path, truth=TRUTH.filter(pl.col("id") != "q3")))
+
+
 def test_compute_refuses_an_empty_query_set(tmp_path):
     with pytest.raises(DataError, match="queries.parquet: no query records"):
         metrics.compute(**metric_inputs(tmp_path, queries=pl.DataFrame({"id": []}, schema={"id": pl.String})))

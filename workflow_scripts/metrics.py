@@ -344,10 +344,9 @@ def read_public(path: str) -> PublicSet:
     return PublicSet.from_frame(scan_checked(path, {"id": "str", "labels": "list<str>"}).collect(), path)
 
 
-def read_truth(path: str, query_ids: pl.Series, query_index: StringIndex, public: PublicSet,
-               queries_path: str) -> tuple[np.ndarray, LabelSets]:
-    """n_objects and label sets (public label codes) of the query records `query_ids` (indexed by `query_index`), in
-    query-list order.
+def read_truth(path: str, query_index: StringIndex, public: PublicSet, queries_path: str) -> tuple[np.ndarray, LabelSets]:
+    """n_objects and label sets (public label codes) of the query records (of `queries_path`, indexed by
+    `query_index`), in query-list order.
 
     The annotations are read ANNOTATION_BATCH_ROWS rows at a time; only the query records' label codes are kept.
     """
@@ -365,20 +364,22 @@ def read_truth(path: str, query_ids: pl.Series, query_index: StringIndex, public
         sets = label_sets(batch["labels"], batch["id"], public.label_index, path)
         sizes[position] = np.diff(sets.offsets)
         batches.append((position.astype(narrowest(n)), sets))
-    duplicated = query_ids.filter(times_annotated > 1).sort()
+    # The ids are read again only to name records in an error.
+    duplicated = read_queries(queries_path).filter(times_annotated > 1).sort() if times_annotated.max() > 1 else []
     if len(duplicated):
         raise DataError(f"{path}: {len(duplicated)} query record(s) annotated more than once, "
                         f"e.g. {duplicated.head(5).to_list()}")
-    missing = query_ids.filter(times_annotated == 0)
+    missing = read_queries(queries_path).filter(times_annotated == 0) if times_annotated.min() == 0 else []
     if len(missing):
         raise DataError(f"{path}: no annotation row for {len(missing)} query record(s) of {queries_path}, "
                         f"e.g. {missing.head(5).to_list()}")
     # Query-list order by counting: each record's codes go to its CSR row, no sort of all codes.
-    offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+    offsets = np.zeros(n + 1, narrowest(int(sizes.sum(dtype=np.int64))))
+    np.cumsum(sizes, dtype=offsets.dtype, out=offsets[1:])
     codes = np.empty(offsets[-1], public.labels.codes.dtype)
     for position, sets in batches:
         codes[np.repeat(offsets[position] - sets.offsets[:-1], sizes[position]) + np.arange(len(sets.codes))] = sets.codes
-    return n_objects, LabelSets(offsets.astype(narrowest(offsets[-1])), codes)
+    return n_objects, LabelSets(offsets, codes)
 
 
 def check_ranks(path: str, k: int) -> None:
@@ -778,12 +779,11 @@ def compute(target_neighbors: str, reference_neighbors: str, query_annotations: 
     # Numba's first compiled call sets up its compiler (~0.5 s): done on a thread while polars reads the inputs.
     warm_up = Thread(target=lambda: StringIndex(pl.Series(["label"]), "warm-up", "label").positions(pl.Series(["x"])))
     warm_up.start()
-    query_ids = read_queries(queries)
-    query_index = StringIndex(query_ids, queries, "id", buckets=False)  # looked up once per query
+    # Reading and scoring find the records by their index; the ids (16 bytes or more each) are read again for the
+    # tables.
+    query_index = StringIndex(read_queries(queries), queries, "id", buckets=False)  # looked up once per query
     public = read_public(public_annotations)
-    n_objects, truth = read_truth(query_annotations, query_ids, query_index, public, queries)
-    # Scoring finds records by their index; the ids (16 bytes or more each) are read again for the tables.
-    del query_ids
+    n_objects, truth = read_truth(query_annotations, query_index, public, queries)
     warm_up.join()
     inputs = ScoringInputs(query_index, public, truth)
     neighbor_paths = dict(zip(SIDES, (target_neighbors, reference_neighbors)))
