@@ -32,8 +32,10 @@ stage writes them so). The complete queries of a chunk are scored by one compile
 nearest ranks in small per-label arrays, the ``top_n`` cut from a histogram of counts
 and a sorted list of ``top_n`` keys. numba rather than numpy: the numpy version needed
 a dozen passes over (query × label) cells per chunk and was 3–5× slower. Memory follows
-the chunk, not the number of records × k. The bootstrap counts each resample's recall
-keys instead of sorting them (`resample_gaps`), with the very floats `aucg` computes.
+the chunk, not the number of records × k; per record only its index entry, label codes
+and counts are held. The population metrics, on all records and on each bootstrap
+resample, count the recall keys instead of sorting them (`resample_gaps`), with the very
+floats `win_gap` and `aucg` compute.
 """
 
 from __future__ import annotations
