@@ -367,12 +367,12 @@ def read_truth(path: str, query_index: StringIndex, public: PublicSet, queries_p
         sizes[position] = np.diff(sets.offsets)
         batches.append((position.astype(narrowest(n)), sets))
     # The ids are read again only to name records in an error.
-    duplicated = read_queries(queries_path).filter(times_annotated > 1).sort() if times_annotated.max() > 1 else []
-    if len(duplicated):
+    if times_annotated.max() > 1:
+        duplicated = read_queries(queries_path).filter(times_annotated > 1).sort()
         raise DataError(f"{path}: {len(duplicated)} query record(s) annotated more than once, "
                         f"e.g. {duplicated.head(5).to_list()}")
-    missing = read_queries(queries_path).filter(times_annotated == 0) if times_annotated.min() == 0 else []
-    if len(missing):
+    if times_annotated.min() == 0:
+        missing = read_queries(queries_path).filter(times_annotated == 0)
         raise DataError(f"{path}: no annotation row for {len(missing)} query record(s) of {queries_path}, "
                         f"e.g. {missing.head(5).to_list()}")
     # Query-list order by counting: each record's codes go to its CSR row, no sort of all codes.
