@@ -816,7 +816,7 @@ def compute(target_neighbors: str, reference_neighbors: str, query_annotations: 
         populations = []
         for mode, label_mode in enumerate(LABEL_MODES):
             mode_records = records_frame(id_rank, n_objects, sides, mode, order)
-            if label_mode == "top_n":  # before the bootstrap's columns exist: the two never share memory
+            if label_mode == "top_n":  # before this mode's resample inputs exist: the two never share memory
                 samples = sample_level(mode_records, top_l)
             resample_inputs, excluded = ResampleInputs.from_records(mode_records), n_excluded(mode_records)
             del mode_records
