@@ -812,13 +812,13 @@ def compute(target_neighbors: str, reference_neighbors: str, query_annotations: 
     order = query_ids.arg_sort().to_numpy()
     id_rank = pl.Series("id", np.arange(len(order), dtype=narrowest(len(order))))
     schema = contract_table(records_frame(query_ids.gather(order[:1]), n_objects, sides, 0, order[:1]).collect()).schema
+    # The sample-level table first, while no population metrics run beside it: the two never share memory.
+    samples = sample_level(records_frame(id_rank, n_objects, sides, LABEL_MODES.index("top_n"), order), top_l)
     rng = np.random.default_rng(seed)
     with parquet_stream(outputs["records"], schema, "metrics", params) as writer, ThreadPoolExecutor(1) as pool:
         populations = []
         for mode, label_mode in enumerate(LABEL_MODES):
             mode_records = records_frame(id_rank, n_objects, sides, mode, order)
-            if label_mode == "top_n":  # before this mode's resample inputs exist: the two never share memory
-                samples = sample_level(mode_records, top_l)
             resample_inputs, excluded = ResampleInputs.from_records(mode_records), n_excluded(mode_records)
             del mode_records
             # The population metrics (compiled, GIL released) run beside writing the records; one worker keeps the
