@@ -25,7 +25,11 @@ rule metrics:
         n_boot=config["metrics"]["bootstrap"]["n_boot"],
         frac=config["metrics"]["bootstrap"]["frac"],
         seed=config["metrics"]["bootstrap"]["seed"],
-        execution=execution_flags(pass_threads=False, batch_rows=config["metrics"]["batch_rows"]),
+        execution=execution_flags(
+            pass_threads=False,
+            batch_rows=config["metrics"]["batch_rows"],
+            part_records=config["metrics"]["part_records"],
+        ),
     shell:
         "python -m workflow_scripts.metrics --target-neighbors {input.target}"
         " --reference-neighbors {input.reference} --query-annotations {input.query_annotations}"

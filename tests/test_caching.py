@@ -40,7 +40,7 @@ EXECUTION_SETTINGS = {
                               "preload_images": False, "num_workers": 1}},
     "embedding": {"embedding": {"threads": 3, "batch_size": 7, "device": "cpu", "allow_cpu_fallback": True}},
     "knn": {"knn": {"threads": 2, "batch_size": 3, "use_gpu": "never"}},
-    "metrics": {"metrics": {"batch_rows": 17}},
+    "metrics": {"metrics": {"batch_rows": 17, "part_records": 5}},
     "one_model": {"one_model": {"batch_size": 5}},
 }
 

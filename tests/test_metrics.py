@@ -355,3 +355,98 @@ def test_string_index_finds_each_listed_string_and_no_other(listed, looked_up):
     for buckets in (True, False):
         index = metrics.StringIndex(strings, "listed", "id", buckets=buckets)
         assert np.array_equal(index.positions(queries), expected)
+
+
+def recall_frame(rng: np.random.Generator, n: int) -> pl.DataFrame:
+    """Score columns as counts over a few objects give them: many ties among a few dozen distinct values."""
+    fractions = np.unique(np.array([a / b for b in range(1, 9) for a in range(b + 1)]))
+    return pl.DataFrame({"n_objects": 3, **{f"{score}_{side}": rng.choice(fractions, n)
+                                            for score in ("precision", "recall", "f1") for side in ("target", "reference")}})
+
+
+@given(st.integers(65, 5000), st.integers(65, 3000), st.integers(0, 2**32 - 1))
+@settings(max_examples=60, deadline=None)
+def test_resampled_aucg_equals_the_sorting_formula_past_numpys_summation_blocks(n, size, seed):
+    # 2·size terms > 128: numpy's pairwise summation halves them into blocks, which counted_aucg must follow.
+    rng = np.random.default_rng(seed)
+    frame = recall_frame(rng, n)
+    inputs = metrics.ResampleInputs.from_records(frame)
+    resample = rng.integers(0, n, size=(3, size))
+    recalls = {side: frame[f"recall_{side}"].to_numpy() for side in ("target", "reference")}
+    assert np.array_equal(metrics.resampled_metrics(inputs, resample)["AUCG"],
+                          metrics.aucg(recalls["target"][resample], recalls["reference"][resample]))
+
+
+def test_aucg_on_all_of_300k_records_is_the_sorting_formulas_float():
+    frame = recall_frame(np.random.default_rng(5), 300_001)
+    every = metrics.resampled_metrics(metrics.ResampleInputs.from_records(frame), np.arange(300_001)[None])
+    assert every["AUCG"][0] == metrics.aucg(frame["recall_target"].to_numpy(), frame["recall_reference"].to_numpy())
+
+
+@pytest.mark.parametrize("high", [1, 7, 1000, 10**6, 2**32, 3 * 2**32 + 1])
+def test_bootstrap_draws_made_in_pieces_equal_one_draw_of_all(high):
+    # population_rows draws BOOTSTRAP_VALUES at a time, not resample by resample: the same numbers only because
+    # numpy's integers continue one stream across calls.
+    whole = np.random.default_rng(9).integers(0, high, size=(5, 301))
+    rng = np.random.default_rng(9)
+    pieces = np.concatenate([rng.integers(0, high, size=piece) for piece in (1, 2, 300, 7, 1195)])
+    assert np.array_equal(whole.reshape(-1), pieces)
+
+
+@given(st.lists(st.one_of(st.none(), st.sampled_from([-0.0, 0.0, 0.25, -1.5, float("inf"), 1e-40])),
+                min_size=1, max_size=60), st.integers(0, 2**32 - 1))
+@settings(max_examples=200, deadline=None)
+def test_order_key_sorts_as_polars_sorts_the_records(values, seed):
+    record = np.random.default_rng(seed).permutation(len(values))
+    frame = pl.DataFrame({"key": pl.Series(values, dtype=pl.Float32), "record": record})
+    expected = frame.select(pl.arg_sort_by("key", "record", descending=[True, False])).to_series().to_numpy()
+    key = metrics.order_key(frame["key"].to_numpy(), record.astype(np.int64))
+    assert np.array_equal(np.argsort(key, kind="stable"), expected)
+    integers = pl.Series(np.random.default_rng(seed).integers(-3, 4, len(values)), dtype=pl.Int32)
+    expected = frame.with_columns(key=integers).select(
+        pl.arg_sort_by("key", "record", descending=[True, False])).to_series().to_numpy()
+    assert np.array_equal(np.argsort(metrics.order_key(integers.to_numpy(), record.astype(np.int64))), expected)
+
+
+@given(st.integers(1, 400), st.integers(1, 9), st.integers(1, 50), st.integers(0, 2**32 - 1))
+@settings(max_examples=100, deadline=None)
+def test_merged_runs_give_the_running_sums_of_one_sorted_table(n, n_runs, block, seed):
+    rng = np.random.default_rng(seed)
+    table = pl.DataFrame({"key": rng.permutation(n * 3)[:n].astype(np.int64),
+                          **{column: rng.standard_normal(n) * 10.0 ** rng.integers(-6, 6, n)
+                             for column in metrics.GAP_COLUMNS}})
+    run_of = rng.integers(0, n_runs, n)
+    runs = [table.filter(pl.Series(run_of == run)).sort("key") for run in range(n_runs)]
+    cutoffs = np.unique(np.concatenate([rng.integers(1, n + 1, 5), [n]]))
+    merged = metrics.merged_sums([iter([run.slice(first, block) for first in range(0, len(run), block)])
+                                  for run in runs], cutoffs)
+    in_order = table.sort("key").select(metrics.GAP_COLUMNS).to_numpy()
+    assert np.array_equal(merged, np.cumsum(in_order, axis=0)[cutoffs - 1])
+
+
+def test_refusals_count_over_every_part(tmp_path):
+    # Parts of 2 records: the missing annotations and the duplicate ids lie in different parts.
+    queries = pl.DataFrame({"id": ["q1", "q2", "q3", "q4"]})
+    with pytest.raises(DataError, match=r"no annotation row for 2 query record\(s\).*\['q1', 'q4'\]"):
+        metrics.compute(**metric_inputs(tmp_path, truth=TRUTH.filter(pl.col("id").is_in(["q2", "q3"]))),
+                        part_records=2)
+    with pytest.raises(DataError, match=r"queries.parquet: 2 duplicate id\(s\), e.g. \['q1', 'q4'\]"):
+        metrics.compute(**metric_inputs(tmp_path, queries=pl.concat([queries, queries.filter(
+            pl.col("id").is_in(["q4", "q1"]))])), part_records=2)
+
+
+def test_the_spill_folder_is_removed_after_a_run_and_after_a_refusal(tmp_path):
+    spill_dir = tmp_path / "spill"
+    spill_dir.mkdir()
+    metrics.compute(**metric_inputs(tmp_path), part_records=1, spill_dir=str(spill_dir))
+    assert (tmp_path / "out" / "records.parquet").exists() and not list(spill_dir.iterdir())
+    with pytest.raises(DataError):
+        metrics.compute(**metric_inputs(tmp_path, truth=TRUTH.filter(pl.col("id") != "q3")), part_records=1,
+                        spill_dir=str(spill_dir))
+    assert not list(spill_dir.iterdir())
+
+
+def test_compute_refuses_null_labels_naming_the_record(tmp_path):
+    truth = TRUTH.with_columns(labels=pl.when(pl.col("id") == "q2").then(None).otherwise(pl.col("labels")))
+    with pytest.raises(DataError, match=r"truth.parquet: null labels.*\['q2'\]"):
+        metrics.compute(**metric_inputs(tmp_path, truth=truth))

@@ -1,5 +1,5 @@
 """The metric stage at scale against a slow, obviously correct reference written here with Python sets,
-and the batching law: any chunk or batch size gives byte-identical tables."""
+and the batching law: any chunk, batch or part size, in memory or spilled to disk, gives byte-identical tables."""
 
 from collections import Counter
 from pathlib import Path
@@ -25,14 +25,15 @@ def label_lists(rng: np.random.Generator, n: int, max_labels: int, vocabulary: i
     return np.split(names[rng.integers(0, vocabulary, lengths.sum())], np.cumsum(lengths)[:-1])
 
 
-def make_inputs(folder: Path, n_queries: int, seed: int) -> dict[str, str]:
+def make_inputs(folder: Path, n_queries: int, seed: int, id_digits: int = 0) -> dict[str, str]:
     """Public set, query split, annotations and two neighbour files (FILE_RANKS ranks per query, with the rows
-    of other-split queries mixed in, queries in shuffled order, neighbours near each other so labels repeat)."""
+    of other-split queries mixed in, queries in shuffled order, neighbours near each other so labels repeat).
+    Query ids have at least `id_digits` digits."""
     rng = np.random.default_rng(seed)
     n_public = max(200, n_queries // 5)
     public = pl.DataFrame({"id": [f"p{i}" for i in range(n_public)],
                            "labels": label_lists(rng, n_public, 6, 60)}, schema={"id": pl.String, "labels": pl.List(pl.String)})
-    query_ids = [f"q{i}" for i in range(n_queries)]
+    query_ids = [f"q{i:0{id_digits}d}" for i in range(n_queries)]
     others = [f"h{i}" for i in range(n_queries // 20)]
     # Truth labels reach past the public vocabulary (c60..c69): objects no neighbour can predict.
     truth = pl.DataFrame({"id": query_ids + others, "labels": label_lists(rng, n_queries + len(others), 5, 70)},
@@ -116,6 +117,34 @@ def test_many_small_batches_write_the_same_bytes_as_one(tmp_path):
     one = run(paths, tmp_path / "one", batch_rows=10_000_000)
     # Chunks of 29 rows cut most queries' 12 rows apart.
     many = run(paths, tmp_path / "many", batch_rows=29)
+    for table in ("records", "population", "sample_level"):
+        assert (one / f"{table}.parquet").read_bytes() == (many / f"{table}.parquet").read_bytes(), table
+
+
+class CountingSpill(metrics.Spill):
+    """A spill that counts the files it writes."""
+
+    files = 0
+
+    def _write_all(self):
+        CountingSpill.files += len(self._memory)
+        super()._write_all()
+
+
+def test_many_id_parts_spilled_to_disk_write_the_same_bytes_as_one_part_in_memory(tmp_path, monkeypatch):
+    # Ids of 70 bytes: a row group's ids outgrow the Parquet writer's 1 MiB dictionary page, and where the writer
+    # gives up the dictionary must not depend on the parts a row group is made of.
+    paths = make_inputs(tmp_path, 20_000, seed=5, id_digits=69)
+    # Row groups of 17,000 records, which the parts of 997 records below must be cut and joined into.
+    monkeypatch.setattr(metrics, "RECORDS_BATCH_ROWS", 17_000)
+    one = run(paths, tmp_path / "one")
+    # Parts of 997 records (21 id parts), of 89 runs, anything past 64 KiB in files: every shuffle, merge and
+    # bootstrap draw crosses parts and files.
+    monkeypatch.setattr(metrics, "RUN_PART_RUNS", 89)
+    monkeypatch.setattr(metrics, "SPILL_BYTES", 1 << 16)
+    monkeypatch.setattr(metrics, "Spill", CountingSpill)
+    many = run(paths, tmp_path / "many", part_records=997, batch_rows=1_000, spill_dir=str(tmp_path))
+    assert CountingSpill.files > 100, "the spill went to files"
     for table in ("records", "population", "sample_level"):
         assert (one / f"{table}.parquet").read_bytes() == (many / f"{table}.parquet").read_bytes(), table
 
