@@ -94,7 +94,7 @@ BOOTSTRAP_VALUES = 1 << 21
 ANNOTATION_BATCH_ROWS = 1 << 18
 RECORDS_BATCH_ROWS = 1 << 20
 # Rows of all parts' sorted runs that the sample-level merge holds at once.
-MERGE_ROWS = 1 << 21
+MERGE_ROWS = 1 << 20
 
 
 # --- strings as integers ---

@@ -71,7 +71,8 @@ class Spill:
                 self._memory.pop((name, part), None)
                 self._bytes -= sum(table.nbytes for table in tables)
         for path in files:
-            with pa.ipc.open_stream(path) as reader:
+            # Read, not memory-mapped (pyarrow maps a path): a mapped file's pages stay resident while it is open.
+            with pa.OSFile(str(path)) as file, pa.ipc.open_stream(file) as reader:
                 for batch in reader:
                     yield pl.from_arrow(batch)
             if not keep:
