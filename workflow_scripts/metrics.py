@@ -601,10 +601,10 @@ def join_parts(spill: Spill, n_parts: int, run_parts: dict[str, RunParts], schem
             runs[side][at[at >= 0]] = listed["run"].to_numpy()[at >= 0]
         if refusals.found:
             continue  # an error follows: nothing more to prepare
-        # Each query record has exactly one annotation row: its row in id order.
-        in_order = np.empty(len(ids), np.int64)
-        in_order[position[position >= 0]] = np.arange(len(ids))
-        truth = annotated.filter(pl.Series(position >= 0))[in_order]
+        # Each query record has exactly one annotation row: the rows in id order.
+        row_of = np.empty(len(ids), np.int64)
+        row_of[position[position >= 0]] = np.flatnonzero(position >= 0)
+        truth = annotated[row_of]
         spill.append("records", part, pl.DataFrame({"id": ids, "n_objects": truth["n_objects"]}))
         record = np.arange(starts[-1], starts[-1] + len(ids))
         for side in SIDES:
@@ -771,17 +771,22 @@ WIN_GAPS = {"PPG": "precision", "PRG": "recall", "PFG": "f1"}  # win-gap metric:
 POPULATION_METRICS = (*WIN_GAPS, "AUCG")
 
 
+# A record's population inputs in one int64: its three score differences' signs as a base-3 code (5 bits), then
+# each model's recall key (KEY_BITS bits each).
+KEY_BITS = 24
+SIGNS_OF_CODE = np.array([[code // 3 ** m % 3 - 1 for m in range(len(WIN_GAPS))] for code in range(3 ** len(WIN_GAPS))])
+
+
 @numba.njit(nogil=True, cache=True)
-def count_draws(resample, record, signs, key_target, key_reference, win_sums, n_target,
-                n_reference):  # pragma: no cover - compiled
-    """Add draw i (record[i] of resample resample[i]) to its resample's win sums (the signs of the three score
-    differences) and to its counts of recall keys, one per model."""
+def count_draws(resample, record, packed, sign_counts, n_target, n_reference):  # pragma: no cover - compiled
+    """Add draw i (record[i] of resample resample[i]) to its resample's counts of sign codes and, per model, of
+    recall keys; a record's inputs are one int64 of `packed` (one memory read per draw)."""
+    key_mask = (1 << KEY_BITS) - 1
     for i in range(len(record)):
-        b, drawn = resample[i], record[i]
-        for m in range(signs.shape[0]):
-            win_sums[b, m] += signs[m, drawn]
-        n_target[b, key_target[drawn]] += 1
-        n_reference[b, key_reference[drawn]] += 1
+        b, inputs = resample[i], packed[record[i]]
+        sign_counts[b, inputs & 31] += 1
+        n_target[b, (inputs >> 5) & key_mask] += 1
+        n_reference[b, inputs >> (5 + KEY_BITS)] += 1
 
 
 @numba.njit(nogil=True, cache=True)
@@ -885,24 +890,24 @@ def counted_aucg(n_target, n_reference, distinct, size, out):  # pragma: no cove
 
 @dataclass
 class ResampleCounts:
-    """Per resample: the sums of the win gaps' signs and, per model, how many records have each recall key."""
+    """Per resample: how many records have each sign code and, per model, each recall key."""
 
-    win_sums: np.ndarray  # [resamples, 3]
+    sign_counts: np.ndarray  # [resamples, sign codes]
     n_target: np.ndarray  # [resamples, distinct recalls]
     n_reference: np.ndarray
 
     @classmethod
     def zeros(cls, n_resamples: int, n_distinct: int) -> ResampleCounts:
-        return cls(np.zeros((n_resamples, len(WIN_GAPS)), np.int64), *np.zeros((2, n_resamples, n_distinct),
-                                                                               np.int64))
+        return cls(np.zeros((n_resamples, len(SIGNS_OF_CODE)), np.int64), *np.zeros((2, n_resamples, n_distinct),
+                                                                                   np.int64))
 
     def metrics(self, distinct: np.ndarray, size: int) -> dict[str, np.ndarray]:
-        """The population metrics of resamples of `size` records; the win gaps' sums are exact integers, so dividing
-        them equals numpy's mean of the signs."""
-        aucgs = np.empty(len(self.win_sums))
+        """The population metrics of resamples of `size` records; the win gaps' sums of signs are exact integers,
+        so dividing them equals numpy's mean of the signs."""
+        win_sums = self.sign_counts @ SIGNS_OF_CODE
+        aucgs = np.empty(len(win_sums))
         counted_aucg(self.n_target, self.n_reference, distinct, size, aucgs)
-        return {**{metric: self.win_sums[:, column] / size for column, metric in enumerate(WIN_GAPS)},
-                "AUCG": aucgs}
+        return {**{metric: win_sums[:, column] / size for column, metric in enumerate(WIN_GAPS)}, "AUCG": aucgs}
 
 
 def population_columns(mode_records: pl.DataFrame | pl.LazyFrame) -> pl.DataFrame:
@@ -920,22 +925,23 @@ def distinct_recalls(columns: pl.DataFrame) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ResampleInputs:
-    """What the population metrics read of each record with objects: the signs of the three win gaps' differences
-    (int8, [3, records]) and the recalls' keys, their ranks among the distinct recalls (`distinct`, ascending). A few
-    bytes per record instead of six float columns."""
+    """What the population metrics read of each record with objects, packed in one int64 (`count_draws`): the
+    signs of the three win gaps' differences and the recalls' keys, their ranks among the distinct recalls
+    (`distinct`, ascending). Eight bytes per record instead of six float columns."""
 
-    signs: np.ndarray
-    key_target: np.ndarray
-    key_reference: np.ndarray
+    packed: np.ndarray
     distinct: np.ndarray
 
     @classmethod
     def keyed(cls, columns: pl.DataFrame, distinct: np.ndarray) -> ResampleInputs:
         """Of `population_columns`, the recalls keyed among `distinct` (which holds them all)."""
-        key_target, key_reference = (np.searchsorted(distinct, columns[f"recall_{side}"].to_numpy())
-                                     .astype(narrowest(len(distinct))) for side in SIDES)
-        return cls(np.stack([columns[score].to_numpy() for score in WIN_GAPS.values()]), key_target, key_reference,
-                   distinct)
+        if len(distinct) > 1 << KEY_BITS:
+            raise ValueError(f"{len(distinct)} distinct recalls: the population metrics key at most 2^{KEY_BITS}")
+        packed = sum((columns[score].to_numpy().astype(np.int64) + 1) * 3 ** m
+                     for m, score in enumerate(WIN_GAPS.values()))
+        for shift, side in zip((5, 5 + KEY_BITS), SIDES):
+            packed |= np.searchsorted(distinct, columns[f"recall_{side}"].to_numpy()).astype(np.int64) << shift
+        return cls(np.asarray(packed, np.int64), distinct)
 
     @classmethod
     def from_records(cls, mode_records: pl.DataFrame | pl.LazyFrame) -> ResampleInputs:
@@ -944,11 +950,10 @@ class ResampleInputs:
         return cls.keyed(columns, distinct_recalls(columns))
 
     def __len__(self) -> int:
-        return len(self.key_target)
+        return len(self.packed)
 
     def count(self, counts: ResampleCounts, resample: np.ndarray, record: np.ndarray) -> None:
-        count_draws(resample, record, self.signs, self.key_target, self.key_reference, counts.win_sums,
-                    counts.n_target, counts.n_reference)
+        count_draws(resample, record, self.packed, counts.sign_counts, counts.n_target, counts.n_reference)
 
 
 def n_excluded(mode_records: pl.DataFrame | pl.LazyFrame) -> int:
@@ -996,10 +1001,11 @@ def population_rows(spill: Spill, label_mode: str, part_sizes: np.ndarray, disti
     resample_type, record_type = narrowest(max(n_boot, 1)), narrowest(int(part_sizes.max(initial=0)))
     for first in range(0, n_draws, BOOTSTRAP_VALUES):
         drawn = rng.integers(0, n, size=min(BOOTSTRAP_VALUES, n_draws - first))
-        part = np.searchsorted(starts, drawn, side="right") - 1
+        part = np.searchsorted(starts, drawn, side="right") - 1 if len(part_sizes) > 1 else np.zeros(len(drawn), int)
         route(spill, f"draws_{label_mode}", pl.DataFrame({
             "resample": ((first + np.arange(len(drawn))) // size).astype(resample_type),
-            "record": (drawn - starts[part]).astype(record_type)}), part, len(part_sizes))
+            "record": (drawn - starts[part] if len(part_sizes) > 1 else drawn).astype(record_type)}), part,
+              len(part_sizes))
     every, resampled = ResampleCounts.zeros(1, len(distinct)), ResampleCounts.zeros(n_boot, len(distinct))
     columns_schema = {**{score: pl.Int8 for score in WIN_GAPS.values()}, **{f"recall_{side}": pl.Float64
                                                                            for side in SIDES}}
@@ -1144,8 +1150,10 @@ class RowGroups:
 
     def _write(self, n: int) -> None:
         table = pa.concat_tables(self.pending)
+        group = table.slice(0, n)
         # One contiguous group: the writer gives up a column's dictionary at a point that depends on the chunks.
-        self.writer.write_table(table.slice(0, n).combine_chunks())
+        self.writer.write_table(group if all(column.num_chunks == 1 for column in group.columns)
+                                else group.combine_chunks())
         self.pending, self.n_pending = [table.slice(n)] if n < len(table) else [], len(table) - n
 
 
