@@ -674,12 +674,12 @@ class SideScores:
         return cls(np.zeros((2, 2, n_records), narrowest(n_labels)), np.full(n_records, np.nan, np.float32))
 
 
-def scores_frame(ids: pl.Series, n_objects: np.ndarray, scores: SideScores, mode: int, rows: np.ndarray,
+def scores_frame(ids: pl.Series, n_objects: np.ndarray, scores: SideScores, mode: int,
                  suffix: str = "") -> pl.LazyFrame:
-    """n_predicted, n_correct, precision, recall, f1, nn_score of one model and label mode for the records `rows`
-    (positions in `ids`), in that order; `ids` names them."""
-    frame = pl.DataFrame({"n_objects": n_objects[rows], "n_predicted": scores.counts[0, mode, rows],
-                          "n_correct": scores.counts[1, mode, rows], "nn_score": scores.nn_score[rows]},
+    """n_predicted, n_correct, precision, recall, f1, nn_score of one model and label mode for the records `ids`
+    (the order of `n_objects` and `scores`)."""
+    frame = pl.DataFrame({"n_objects": n_objects, "n_predicted": scores.counts[0, mode],
+                          "n_correct": scores.counts[1, mode], "nn_score": scores.nn_score},
                          schema={"n_objects": pl.Int32, "n_predicted": pl.Int32, "n_correct": pl.Int32,
                                  "nn_score": pl.Float32}).lazy().with_columns(pl.col("nn_score").fill_nan(None))
     precision = pl.when(pl.col("n_predicted") > 0).then(pl.col("n_correct") / pl.col("n_predicted")).otherwise(0.0)
@@ -693,11 +693,10 @@ def scores_frame(ids: pl.Series, n_objects: np.ndarray, scores: SideScores, mode
                         **{f"{name}{suffix}": name for name in values})
 
 
-def records_frame(ids: pl.Series, n_objects: np.ndarray, sides: dict[str, SideScores], mode: int,
-                  rows: np.ndarray) -> pl.LazyFrame:
-    """Both models' scores side by side (suffixes _target, _reference) of one label mode's records `rows`; lazy, so
+def records_frame(ids: pl.Series, n_objects: np.ndarray, sides: dict[str, SideScores], mode: int) -> pl.LazyFrame:
+    """Both models' scores side by side (suffixes _target, _reference) of one label mode's records `ids`; lazy, so
     a reader computes only the columns it selects."""
-    target, reference = (scores_frame(ids, n_objects, sides[side], mode, rows, f"_{side}") for side in SIDES)
+    target, reference = (scores_frame(ids, n_objects, sides[side], mode, f"_{side}") for side in SIDES)
     return pl.concat([target, reference.drop("id", "label_mode", "n_objects")], how="horizontal")
 
 
@@ -722,8 +721,7 @@ def record_scores(neighbors: pl.LazyFrame, public_annotations: pl.LazyFrame, tru
     sets = label_sets(truth["labels"], truth["id"], public.label_index, "truth")
     scores = frame_scores(neighbors.collect(), public, truth["id"], sets, k, top_n)
     n_objects = truth["labels"].list.n_unique().to_numpy().astype(np.int32)
-    every = np.arange(len(truth))
-    return pl.concat([scores_frame(truth["id"], n_objects, scores, mode, every) for mode in range(len(LABEL_MODES))])
+    return pl.concat([scores_frame(truth["id"], n_objects, scores, mode) for mode in range(len(LABEL_MODES))])
 
 
 def predicted_labels(neighbors: pl.LazyFrame, public_annotations: pl.LazyFrame, k: int, top_n: int) -> pl.LazyFrame:
@@ -1000,12 +998,14 @@ def population_rows(spill: Spill, label_mode: str, part_sizes: np.ndarray, disti
     n_draws = n_boot * size if n else 0
     resample_type, record_type = narrowest(max(n_boot, 1)), narrowest(int(part_sizes.max(initial=0)))
     for first in range(0, n_draws, BOOTSTRAP_VALUES):
-        drawn = rng.integers(0, n, size=min(BOOTSTRAP_VALUES, n_draws - first))
-        part = np.searchsorted(starts, drawn, side="right") - 1 if len(part_sizes) > 1 else np.zeros(len(drawn), int)
+        record = rng.integers(0, n, size=min(BOOTSTRAP_VALUES, n_draws - first))
+        part = np.zeros(0, np.int64)  # one part: no lookup (route reads no parts), no offset
+        if len(part_sizes) > 1:
+            part = np.searchsorted(starts, record, side="right") - 1
+            record -= starts[part]
         route(spill, f"draws_{label_mode}", pl.DataFrame({
-            "resample": ((first + np.arange(len(drawn))) // size).astype(resample_type),
-            "record": (drawn - starts[part] if len(part_sizes) > 1 else drawn).astype(record_type)}), part,
-              len(part_sizes))
+            "resample": ((first + np.arange(len(record))) // size).astype(resample_type),
+            "record": record.astype(record_type)}), part, len(part_sizes))
     every, resampled = ResampleCounts.zeros(1, len(distinct)), ResampleCounts.zeros(n_boot, len(distinct))
     columns_schema = {**{score: pl.Int8 for score in WIN_GAPS.values()}, **{f"recall_{side}": pl.Float64
                                                                            for side in SIDES}}
@@ -1088,9 +1088,7 @@ def merged_sums(runs: list[Iterator[pl.DataFrame]], cutoffs: np.ndarray) -> np.n
             rest = frame.slice(end) if end < len(frame) else next(run, None)
             if rest is not None:
                 following.append((rest, run))
-        step = pl.concat(taken) if len(taken) > 1 else taken[0]
-        if len(taken) > 1:
-            step = step.sort("key")
+        step = pl.concat(taken).sort("key") if len(taken) > 1 else taken[0]
         running_sums(step.select(GAP_COLUMNS).to_numpy(), sums, state, cutoffs, at_cutoffs)
         heads = following
     return at_cutoffs
@@ -1177,7 +1175,7 @@ def write_tables(spill: Spill, starts: np.ndarray, n_labels: int, schemas: dict[
     """The records table (by label mode, then id), its population metrics and its sample-level table."""
     n_parts = len(starts) - 1
     empty = records_frame(pl.Series("id", [], pl.String), np.zeros(0, np.int32),
-                          {side: SideScores.empty(0, n_labels) for side in SIDES}, 0, np.zeros(0, np.int64))
+                          {side: SideScores.empty(0, n_labels) for side in SIDES}, 0)
     rng = np.random.default_rng(seed)
     block_rows = max(1, MERGE_ROWS // n_parts)  # each part's sorted runs go to the spill in blocks the merge holds
     with parquet_stream(outputs["records"], contract_table(empty.collect()).schema, "metrics", params) as writer, \
@@ -1188,8 +1186,7 @@ def write_tables(spill: Spill, starts: np.ndarray, n_labels: int, schemas: dict[
             part_sizes, distinct, excluded = np.zeros(n_parts, np.int64), [], 0
             for part in tqdm(range(n_parts), desc=f"tables, {label_mode} labels", unit="part", mininterval=2):
                 records, sides = part_scores(spill, part, starts, n_labels, schemas, keep=mode < len(LABEL_MODES) - 1)
-                frame = records_frame(records["id"], records["n_objects"].to_numpy(), sides, mode,
-                                      np.arange(len(records))).collect()
+                frame = records_frame(records["id"], records["n_objects"].to_numpy(), sides, mode).collect()
                 groups.write(contract_table(frame))
                 columns = population_columns(frame)
                 spill.append(f"population_{label_mode}", part, columns)

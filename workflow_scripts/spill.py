@@ -97,7 +97,8 @@ def group_rows(part_of_row: np.ndarray, n_parts: int) -> tuple[np.ndarray, np.nd
 
 
 def route(spill: Spill, name: str, frame: pl.DataFrame, part_of_row: np.ndarray, n_parts: int) -> None:
-    """Append each row of `frame` to its part (`part_of_row`) of `name`, keeping the rows' order within a part."""
+    """Append each row of `frame` to its part (`part_of_row`, not read for one part) of `name`, keeping the rows'
+    order within a part."""
     if n_parts == 1:
         spill.append(name, 0, frame)
         return
