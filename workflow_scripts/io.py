@@ -86,7 +86,7 @@ def contract_table(table: pa.Table | pl.DataFrame) -> pa.Table:
     """An Arrow table with one physical type per contract column, whichever library built it."""
     if isinstance(table, pl.DataFrame):
         table = table.to_arrow()
-    return table.cast(pa.schema([field.with_type(_narrow(field.type)) for field in table.schema],
+    return table.cast(pa.schema([field.with_type(narrow(field.type)) for field in table.schema],
                                 metadata=table.schema.metadata))
 
 
@@ -114,14 +114,14 @@ def parquet_stream(path: str | os.PathLike, schema: pa.Schema, stage: str,
         yield writer
 
 
-def _narrow(data_type: pa.DataType) -> pa.DataType:
+def narrow(data_type: pa.DataType) -> pa.DataType:
     """large_string -> string and large_list -> list, recursively (polars writes the large variants)."""
     if pa.types.is_large_string(data_type):
         return pa.string()
     if pa.types.is_large_list(data_type) or pa.types.is_list(data_type):
-        return pa.list_(_narrow(data_type.value_type))
+        return pa.list_(narrow(data_type.value_type))
     if pa.types.is_fixed_size_list(data_type):
-        return pa.list_(_narrow(data_type.value_type), data_type.list_size)
+        return pa.list_(narrow(data_type.value_type), data_type.list_size)
     return data_type
 
 
