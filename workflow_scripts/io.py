@@ -84,16 +84,21 @@ def _remove(path: Path) -> None:
 
 def contract_table(table: pa.Table | pl.DataFrame) -> pa.Table:
     """An Arrow table with one physical type per contract column, whichever library built it."""
-    if isinstance(table, pl.DataFrame):
-        table = table.to_arrow()
+    table = _arrow(table)
     return table.cast(pa.schema([field.with_type(narrow(field.type)) for field in table.schema],
                                 metadata=table.schema.metadata))
 
 
+def _arrow(table: pa.Table | pl.DataFrame) -> pa.Table:
+    return table.to_arrow() if isinstance(table, pl.DataFrame) else table
+
+
 def write_parquet(
-    table: pa.Table | pl.DataFrame, path: str | os.PathLike, *, stage: str, params: Mapping | None = None
+    table: pa.Table | pl.DataFrame, path: str | os.PathLike, *, stage: str, params: Mapping | None = None,
+    contract=None,
 ) -> None:
-    table = contract_table(table)
+    """Write `table` atomically with provenance; a `workflow_scripts.contracts.Contract` checks and casts it first."""
+    table = contract_table(table) if contract is None else contract.conform(_arrow(table), path)
     metadata = dict(table.schema.metadata or {})
     metadata.update({k.encode(): v.encode() for k, v in provenance(stage, params or {}).items()})
     table = table.replace_schema_metadata(metadata)
