@@ -4,17 +4,19 @@ PYTHON ?= python3
 CORES ?= all
 # torch and torchvision first, pinned, so pip takes the builds this machine (and CI) has on disk.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+# Every direct dependency at its exact version: the same pins as envs/*.yaml (python envs/generate.py).
+PINS ?= envs/pins.txt
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: run test dry-run report figures clean venv
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(PINS)
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV)/bin/python -m pip install --quiet $(TORCH_SPEC)
-	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
+	$(VENV)/bin/python -m pip install --quiet -c $(PINS) --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet -c $(PINS) $(TORCH_SPEC)
+	$(VENV)/bin/python -m pip install --quiet -c $(PINS) -e '.[test]'
 	touch $@
 
 run: venv

@@ -9,21 +9,12 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
-TINY = {
-    "datasets": {
-        "scenes_pool": {"source": "synthetic", "n_records": 300, "seed": 1, "annotator": "ground_truth"},
-        "scenes_public": {"source": "synthetic", "n_records": 150, "seed": 2, "annotator": "ground_truth"},
-    },
-    "splits": {"scenes": {"pool": "scenes_pool", "public": "scenes_public", "n_target": 96,
-                          "n_reference": 96, "n_holdout": 48, "seed": 0}},
-    "training": {"epochs": 2, "batch_size": 32, "warmup_steps": 2},
-    "sweep": {"epochs": [1, 2], "mask_ratio": [0.0]},
-    "knn": {"k": 5},
-    "metrics": {"k": 5, "top_n": 5, "bootstrap": {"n_boot": 10, "frac": 0.5, "seed": 0}},
-}
+# The tiny config (a user can run it too: see its header), merged key by key over config.yaml like any
+# --configfile; tests pass it, or a variant of it, to run_snakemake. POINT and SHORT_POINT: its two points.
+TINY_CONFIG = REPO / ".test" / "config.yaml"
+TINY = yaml.safe_load(TINY_CONFIG.read_text())
 POINT = "n_train~all/epochs~2/temperature~learned/weight_decay~0.1/mask_ratio~0.0/seed~0"
 SHORT_POINT = POINT.replace("epochs~2", "epochs~1")
-
 
 
 def snakemake_env() -> dict:
@@ -35,15 +26,27 @@ def snakemake_env() -> dict:
 
 def run_snakemake(workdir: Path, config: dict | None = None, *args: str, check: bool = True):
     """Run the real workflow in `workdir` with `config` merged over config.yaml."""
-    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
-               "--cores", "2", *args]
+    command = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--cores",
+        "2",
+        *args,
+    ]
     if config is not None:
         config_path = workdir / "test_config.yaml"
         config_path.write_text(yaml.safe_dump(config))
         command += ["--configfile", str(config_path)]
     result = subprocess.run(command, cwd=workdir, env=snakemake_env(), capture_output=True, text=True)
     if check and result.returncode != 0:
-        raise AssertionError(f"snakemake failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
+        raise AssertionError(
+            f"snakemake failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
+        )
     return result
 
 
