@@ -31,6 +31,7 @@ import pyarrow as pa
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from workflow_scripts.contracts import ANNOTATIONS, EMBEDDINGS, NEIGHBORS, SPLIT_IDS  # noqa: E402
 from workflow_scripts.io import embeddings_table, write_parquet  # noqa: E402
 
 N_CLASSES = 48
@@ -38,11 +39,13 @@ N_CLASSES = 48
 
 # Runs a module as `python -m` would and prints its peak RSS at exit. VmHWM belongs to the process's own
 # address space, unlike ru_maxrss, which Linux carries over from the forking parent through exec.
-PEAK_REPORTER = ("import atexit, runpy, sys\n"
-                 "status = lambda: open('/proc/self/status').read().split('VmHWM:')[1].split()[0]\n"
-                 "atexit.register(lambda: print('PEAK_KB', status(), file=sys.__stderr__, flush=True))\n"
-                 "sys.argv = sys.argv[1:]\n"
-                 "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n")
+PEAK_REPORTER = (
+    "import atexit, runpy, sys\n"
+    "status = lambda: open('/proc/self/status').read().split('VmHWM:')[1].split()[0]\n"
+    "atexit.register(lambda: print('PEAK_KB', status(), file=sys.__stderr__, flush=True))\n"
+    "sys.argv = sys.argv[1:]\n"
+    "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n"
+)
 
 
 def run_stage(*args: str) -> tuple[float, float]:
@@ -84,16 +87,38 @@ def bench_embed(root: Path, n_images: int, rows: list) -> None:
 
     from workflow_scripts import models, synthetic
 
-    synthetic.generate("bench", n_images, seed=0, config=synthetic.SyntheticConfig(image_size=64),
-                       out_dir=root / "images")
+    synthetic.generate(
+        "bench", n_images, seed=0, config=synthetic.SyntheticConfig(image_size=64), out_dir=root / "images"
+    )
     model, _, _ = models.create_model("dejavu-vit-tiny", torch.device("cpu"))
     models.save_checkpoint(root / "model.pt", model, "dejavu-vit-tiny", epoch=0)
-    seconds, peak = run_stage("workflow_scripts.embed", "--model", str(root / "model.pt"),
-                              "--records", str(root / "images" / "records.parquet"), "--modality", "image",
-                              "--shard", "0-of-1", "--batch-size", "512", "--threads", "2",
-                              "--out", str(root / "image_shard.parquet"))
-    rows.append(("embed: one image shard job (incl. ~5-10 s start-up)", f"{n_images:,} images", seconds,
-                 n_images / seconds, "images/s", peak))
+    seconds, peak = run_stage(
+        "workflow_scripts.embed",
+        "--model",
+        str(root / "model.pt"),
+        "--records",
+        str(root / "images" / "records.parquet"),
+        "--modality",
+        "image",
+        "--shard",
+        "0-of-1",
+        "--batch-size",
+        "512",
+        "--threads",
+        "2",
+        "--out",
+        str(root / "image_shard.parquet"),
+    )
+    rows.append(
+        (
+            "embed: one image shard job (incl. ~5-10 s start-up)",
+            f"{n_images:,} images",
+            seconds,
+            n_images / seconds,
+            "images/s",
+            peak,
+        )
+    )
 
 
 def main() -> None:
@@ -118,65 +143,152 @@ def main() -> None:
         for shard in range(args.shards):
             start, stop = shard * args.public // args.shards, (shard + 1) * args.public // args.shards
             path = root / f"public_shard{shard}.parquet"
-            write_parquet(embeddings_table(public_ids[start:stop], unit_rows(rng, stop - start, args.dim)), path,
-                          stage="embed")
+            write_parquet(
+                embeddings_table(public_ids[start:stop], unit_rows(rng, stop - start, args.dim)),
+                path,
+                stage="embed",
+                contract=EMBEDDINGS,
+            )
             shard_paths.append(str(path))
-        seconds, peak = run_stage("workflow_scripts.knn", "gather", "--shards", *shard_paths,
-                                  "--out", str(root / "public.parquet"))
-        rows.append(("embed: gather shards -> public.parquet", f"{args.public:,} rows", seconds,
-                     args.public / seconds, "rows/s", peak))
+        seconds, peak = run_stage(
+            "workflow_scripts.knn", "gather", "--shards", *shard_paths, "--out", str(root / "public.parquet")
+        )
+        rows.append(
+            (
+                "embed: gather shards -> public.parquet",
+                f"{args.public:,} rows",
+                seconds,
+                args.public / seconds,
+                "rows/s",
+                peak,
+            )
+        )
 
         query_ids = np.char.add("q", np.arange(args.queries).astype(str))
-        write_parquet(embeddings_table(query_ids, unit_rows(rng, args.queries, args.dim)), root / "captions.parquet",
-                      stage="embed")
+        write_parquet(
+            embeddings_table(query_ids, unit_rows(rng, args.queries, args.dim)),
+            root / "captions.parquet",
+            stage="embed",
+            contract=EMBEDDINGS,
+        )
         neighbour_shards = []
         for shard in range(args.shards):
             out = root / f"neighbors_shard{shard}.parquet"
-            seconds, peak = run_stage("workflow_scripts.knn", "search", "--queries", str(root / "captions.parquet"),
-                                      "--public", str(root / "public.parquet"), "--shard", f"{shard}-of-{args.shards}",
-                                      "--k", str(args.k), "--threads", str(args.threads), "--out", str(out))
-            rows.append((f"knn: search shard {shard}-of-{args.shards}",
-                         f"{args.queries:,} q × {args.public // args.shards:,} p", seconds,
-                         args.queries / seconds, "queries/s", peak))
+            seconds, peak = run_stage(
+                "workflow_scripts.knn",
+                "search",
+                "--queries",
+                str(root / "captions.parquet"),
+                "--public",
+                str(root / "public.parquet"),
+                "--shard",
+                f"{shard}-of-{args.shards}",
+                "--k",
+                str(args.k),
+                "--threads",
+                str(args.threads),
+                "--out",
+                str(out),
+            )
+            rows.append(
+                (
+                    f"knn: search shard {shard}-of-{args.shards}",
+                    f"{args.queries:,} q × {args.public // args.shards:,} p",
+                    seconds,
+                    args.queries / seconds,
+                    "queries/s",
+                    peak,
+                )
+            )
             neighbour_shards.append(str(out))
-        seconds, peak = run_stage("workflow_scripts.knn", "merge", "--shards", *neighbour_shards, "--k", str(args.k),
-                                  "--out", str(root / "A.parquet"))
-        rows.append((f"knn: merge {args.shards} shards", f"{args.queries:,} q × {args.shards * args.k} cand.",
-                     seconds, args.queries / seconds, "queries/s", peak))
+        seconds, peak = run_stage(
+            "workflow_scripts.knn",
+            "merge",
+            "--shards",
+            *neighbour_shards,
+            "--k",
+            str(args.k),
+            "--out",
+            str(root / "A.parquet"),
+        )
+        rows.append(
+            (
+                f"knn: merge {args.shards} shards",
+                f"{args.queries:,} q × {args.shards * args.k} cand.",
+                seconds,
+                args.queries / seconds,
+                "queries/s",
+                peak,
+            )
+        )
 
-        write_parquet(annotations(public_ids, rng), root / "public_annotations.parquet", stage="annotate")
+        write_parquet(
+            annotations(public_ids, rng), root / "public_annotations.parquet", stage="annotate", contract=ANNOTATIONS
+        )
         for n_queries in (args.queries, args.metrics_queries):
             bench_metrics(root, rng, public_ids, n_queries, args.k, rows)
 
-    print(f"|P| = {args.public:,} × {args.dim}-d, {args.shards} shards, k = {args.k}, "
-          f"{os.cpu_count()} CPU cores\n")
+    print(f"|P| = {args.public:,} × {args.dim}-d, {args.shards} shards, k = {args.k}, {os.cpu_count()} CPU cores\n")
     print("| stage | size | seconds | throughput | peak RSS (MiB) |\n|---|---|---|---|---|")
     for stage, size, seconds, rate, unit, peak in rows:
         print(f"| {stage} | {size} | {seconds:.1f} | {rate:,.0f} {unit} | {peak:,.0f} |")
 
 
-def bench_metrics(root: Path, rng: np.random.Generator, public_ids: np.ndarray, n_queries: int, k: int,
-                  rows: list) -> None:
+def bench_metrics(
+    root: Path, rng: np.random.Generator, public_ids: np.ndarray, n_queries: int, k: int, rows: list
+) -> None:
     """Both models' neighbour tables (random public neighbours) for n_queries records, through the metrics CLI."""
     query_ids = np.char.add("q", np.arange(n_queries).astype(str))
     for side in ("A", "B"):
         picks = rng.integers(0, len(public_ids), size=n_queries * k)
-        write_parquet(pa.table({
-            "query_id": pa.array(np.repeat(query_ids, k), pa.string()),
-            "rank": pa.array(np.tile(np.arange(k, dtype=np.int16), n_queries)),
-            "public_id": pa.array(public_ids[picks], pa.string()),
-            "score": pa.array(np.sort(rng.random(n_queries * k, dtype=np.float32))[::-1]),
-        }), root / f"metrics_{side}.parquet", stage="knn")
-    write_parquet(annotations(query_ids, rng), root / "query_annotations.parquet", stage="annotate")
-    write_parquet(pa.table({"id": pa.array(query_ids, pa.string())}), root / "queries.parquet", stage="splits")
-    seconds, peak = run_stage("workflow_scripts.metrics", "--target-neighbors", str(root / "metrics_A.parquet"),
-                              "--reference-neighbors", str(root / "metrics_B.parquet"),
-                              "--query-annotations", str(root / "query_annotations.parquet"),
-                              "--public-annotations", str(root / "public_annotations.parquet"),
-                              "--queries", str(root / "queries.parquet"), "--k", str(k), "--top-n", "10",
-                              "--out-dir", str(root / f"metrics_{n_queries}"))
-    rows.append(("metrics: records, population, sample level", f"{n_queries:,} q × k {k}, |P| annotations",
-                 seconds, n_queries / seconds, "queries/s", peak))
+        write_parquet(
+            pa.table(
+                {
+                    "query_id": pa.array(np.repeat(query_ids, k), pa.string()),
+                    "rank": pa.array(np.tile(np.arange(k, dtype=np.int16), n_queries)),
+                    "public_id": pa.array(public_ids[picks], pa.string()),
+                    "score": pa.array(np.sort(rng.random(n_queries * k, dtype=np.float32))[::-1]),
+                }
+            ),
+            root / f"metrics_{side}.parquet",
+            stage="knn",
+            contract=NEIGHBORS,
+        )
+    write_parquet(
+        annotations(query_ids, rng), root / "query_annotations.parquet", stage="annotate", contract=ANNOTATIONS
+    )
+    write_parquet(
+        pa.table({"id": pa.array(query_ids, pa.string())}), root / "queries.parquet", stage="splits", contract=SPLIT_IDS
+    )
+    seconds, peak = run_stage(
+        "workflow_scripts.metrics",
+        "--target-neighbors",
+        str(root / "metrics_A.parquet"),
+        "--reference-neighbors",
+        str(root / "metrics_B.parquet"),
+        "--query-annotations",
+        str(root / "query_annotations.parquet"),
+        "--public-annotations",
+        str(root / "public_annotations.parquet"),
+        "--queries",
+        str(root / "queries.parquet"),
+        "--k",
+        str(k),
+        "--top-n",
+        "10",
+        "--out-dir",
+        str(root / f"metrics_{n_queries}"),
+    )
+    rows.append(
+        (
+            "metrics: records, population, sample level",
+            f"{n_queries:,} q × k {k}, |P| annotations",
+            seconds,
+            n_queries / seconds,
+            "queries/s",
+            peak,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -13,8 +13,7 @@ import pytest
 import yaml
 
 from conftest import REPO, run_snakemake
-from real_data import (CATEGORIES, add_member, build_coco, build_image_folder, build_shards, jpeg_bytes,
-                       shard_ids)
+from real_data import CATEGORIES, add_member, build_coco, build_image_folder, build_shards, jpeg_bytes, shard_ids
 from workflow_scripts import adapters, annotate, splits
 from workflow_scripts.images import load_rgb, resolve_image_paths
 from workflow_scripts.io import DataError, read_metadata
@@ -30,15 +29,23 @@ def adapt(adapted: adapters.Adapted, out_dir: Path, options=adapters.Validation(
 @pytest.fixture(scope="module")
 def raw(tmp_path_factory):
     root = tmp_path_factory.mktemp("raw")
-    return SimpleNamespace(root=root, coco=build_coco(root / "coco", 14), folder=build_image_folder(root / "inet", 3),
-                           shards=build_shards(root / "laion", 2, 5))
+    return SimpleNamespace(
+        root=root,
+        coco=build_coco(root / "coco", 14),
+        folder=build_image_folder(root / "inet", 3),
+        shards=build_shards(root / "laion", 2, 5),
+    )
 
 
 # --- adapters --------------------------------------------------------------------------------------
 
+
 def test_coco_keeps_every_caption_and_names_instance_categories(raw, tmp_path):
-    out = adapt(adapters.coco("coco", str(raw.coco["captions"]), str(raw.coco["images"]), str(raw.coco["instances"])),
-                tmp_path, POOL)
+    out = adapt(
+        adapters.coco("coco", str(raw.coco["captions"]), str(raw.coco["images"]), str(raw.coco["instances"])),
+        tmp_path,
+        POOL,
+    )
     records, truth = out["records"], out["ground_truth"]
     assert records.columns[:4] == ["id", "image_path", "captions", "image_sha256"]
     assert records.height == 14 and records["id"].n_unique() == 14 and records["id"].str.starts_with("coco-").all()
@@ -54,8 +61,12 @@ def test_coco_keeps_every_caption_and_names_instance_categories(raw, tmp_path):
 
 def test_image_folder_keeps_the_class_as_label_and_reads_a_captions_table(raw, tmp_path):
     captions = tmp_path / "captions.csv"
-    pl.DataFrame({"path": ["cat/cat_0000.JPEG", "cat/cat_0000.JPEG", "dog/dog_0002.JPEG"],
-                  "caption": ["a cat", "a cat again", "a dog"]}).write_csv(captions)
+    pl.DataFrame(
+        {
+            "path": ["cat/cat_0000.JPEG", "cat/cat_0000.JPEG", "dog/dog_0002.JPEG"],
+            "caption": ["a cat", "a cat again", "a dog"],
+        }
+    ).write_csv(captions)
     out = adapt(adapters.image_folder("inet", str(raw.folder), str(captions)), tmp_path / "out")
     records = out["records"]
     assert records.height == 12 and set(records["label"]) == set(CATEGORIES[:4])
@@ -97,8 +108,9 @@ def test_shards_from_a_caption_table(tmp_path):
     (tmp_path / "img").mkdir()
     for index in range(3):
         (tmp_path / "img" / f"{index}.jpg").write_bytes(jpeg_bytes(500 + index))
-    pl.DataFrame({"path": ["img/0.jpg", "img/1.jpg", "img/2.jpg", "img/0.jpg"],
-                  "caption": ["zero", "one", "two", "zero again"]}).write_parquet(tmp_path / "table.parquet")
+    pl.DataFrame(
+        {"path": ["img/0.jpg", "img/1.jpg", "img/2.jpg", "img/0.jpg"], "caption": ["zero", "one", "two", "zero again"]}
+    ).write_parquet(tmp_path / "table.parquet")
     records = adapt(adapters.shards("web", [], str(tmp_path / "table.parquet")), tmp_path / "out", POOL)["records"]
     assert records["id"].to_list() == ["web-img/0.jpg", "web-img/1.jpg", "web-img/2.jpg"]
     assert records["captions"][0].to_list() == ["zero", "zero again"]
@@ -106,7 +118,9 @@ def test_shards_from_a_caption_table(tmp_path):
 
 def test_mix_draws_seeded_parts_and_keeps_their_ground_truth(raw, tmp_path):
     coco_dir, laion_dir = tmp_path / "coco", tmp_path / "laion"
-    adapt(adapters.coco("coco", str(raw.coco["captions"]), str(raw.coco["images"]), str(raw.coco["instances"])), coco_dir)
+    adapt(
+        adapters.coco("coco", str(raw.coco["captions"]), str(raw.coco["images"]), str(raw.coco["instances"])), coco_dir
+    )
     adapt(adapters.shards("laion", [str(p) for p in raw.shards]), laion_dir)
     parts = [("coco", str(coco_dir / "records.parquet"), 6), ("laion", str(laion_dir / "records.parquet"), None)]
     first = adapt(adapters.mix(parts, seed=0), tmp_path / "mix1", POOL)
@@ -124,6 +138,7 @@ def test_mix_draws_seeded_parts_and_keeps_their_ground_truth(raw, tmp_path):
 
 # --- validation ------------------------------------------------------------------------------------
 
+
 def coco_copy(raw, tmp_path) -> dict[str, Path]:
     shutil.copytree(raw.coco["images"].parent, tmp_path / "coco")
     return {key: tmp_path / "coco" / path.relative_to(raw.coco["images"].parent) for key, path in raw.coco.items()}
@@ -134,8 +149,11 @@ def test_corrupt_jpeg_is_an_error_naming_the_record_or_is_skipped_and_reported(r
     corrupt = coco["images"] / "000000001005.jpg"
     corrupt.write_bytes(corrupt.read_bytes()[:40])
     adapted = adapters.coco("coco", str(coco["captions"]), str(coco["images"]), str(coco["instances"]))
-    with pytest.raises(DataError, match=r"(?s)1 invalid record.*record 'coco-1005' \(image .*000000001005\.jpg\): "
-                                        r".*unreadable or corrupt"):
+    with pytest.raises(
+        DataError,
+        match=r"(?s)1 invalid record.*record 'coco-1005' \(image .*000000001005\.jpg\): "
+        r".*unreadable or corrupt",
+    ):
         adapters.validate(adapted.records, adapted.origin, POOL)
     out = adapt(adapted, tmp_path / "out", adapters.Validation(on_invalid="skip", training_pool=True))
     assert out["records"].height == 13 and "coco-1005" not in out["records"]["id"]
@@ -148,8 +166,11 @@ def test_missing_image_file_is_an_error_naming_the_record(raw, tmp_path):
     coco = coco_copy(raw, tmp_path)
     (coco["images"] / "000000001002.jpg").unlink()
     adapted = adapters.coco("coco", str(coco["captions"]), str(coco["images"]))
-    with pytest.raises(DataError, match=r"(?s)captions_train\.json: 1 invalid record.*record 'coco-1002' "
-                                        r"\(image .*000000001002\.jpg\): .*file not found"):
+    with pytest.raises(
+        DataError,
+        match=r"(?s)captions_train\.json: 1 invalid record.*record 'coco-1002' "
+        r"\(image .*000000001002\.jpg\): .*file not found",
+    ):
         adapters.validate(adapted.records, adapted.origin, adapters.Validation())
 
 
@@ -184,9 +205,16 @@ def test_same_image_from_two_sources_in_one_pool_is_refused(raw, tmp_path):
         add_member(tar, "k.txt", b"a web caption")
     adapt(adapters.coco("coco", str(coco["captions"]), str(coco["images"])), tmp_path / "coco_out")
     adapt(adapters.shards("laion", [str(shard)]), tmp_path / "laion_out")
-    mixed = adapters.mix([("coco", str(tmp_path / "coco_out/records.parquet"), None),
-                          ("laion", str(tmp_path / "laion_out/records.parquet"), None)], seed=0)
-    with pytest.raises(DataError, match=r"(?s)record 'laion-00000/k' .*same image \(content hash\) as record 'coco-1001'"):
+    mixed = adapters.mix(
+        [
+            ("coco", str(tmp_path / "coco_out/records.parquet"), None),
+            ("laion", str(tmp_path / "laion_out/records.parquet"), None),
+        ],
+        seed=0,
+    )
+    with pytest.raises(
+        DataError, match=r"(?s)record 'laion-00000/k' .*same image \(content hash\) as record 'coco-1001'"
+    ):
         adapters.validate(mixed.records, mixed.origin, POOL)
 
 
@@ -200,23 +228,46 @@ def test_same_image_in_the_pool_and_the_public_set_through_two_sources_is_refuse
         for index in range(5):
             add_member(tar, f"{index:03d}.jpg", leaked if index == 2 else jpeg_bytes(900 + index))
             add_member(tar, f"{index:03d}.txt", f"web caption {index}".encode())
-    adapt(adapters.coco("coco", str(raw.coco["captions"]), str(raw.coco["images"]), str(raw.coco["instances"])),
-          tmp_path / "coco")
+    adapt(
+        adapters.coco("coco", str(raw.coco["captions"]), str(raw.coco["images"]), str(raw.coco["instances"])),
+        tmp_path / "coco",
+    )
     adapt(adapters.shards("laion", [str(shard)]), tmp_path / "laion")
     pool = tmp_path / "pool"
-    adapt(adapters.mix([("coco", str(tmp_path / "coco/records.parquet"), None),
-                        ("laion", str(tmp_path / "laion/records.parquet"), None)], seed=0), pool, POOL)
+    adapt(
+        adapters.mix(
+            [
+                ("coco", str(tmp_path / "coco/records.parquet"), None),
+                ("laion", str(tmp_path / "laion/records.parquet"), None),
+            ],
+            seed=0,
+        ),
+        pool,
+        POOL,
+    )
     adapt(adapters.image_folder("inet", str(folder)), tmp_path / "public")
     pl.DataFrame({"id": pl.read_parquet(pool / "records.parquet")["id"], "labels": [["cat"]] * 19}).write_parquet(
-        pool / "annotations.parquet")
-    with pytest.raises(splits.OverlapError, match=r"share 1 image\(s\) by content hash: "
-                                                  r"\['(laion-00000/002=inet-dog/dog_0001\.JPEG|inet-dog/dog_0001\.JPEG=laion-00000/002)'\]"):
-        splits.make_splits(str(pool / "records.parquet"), str(pool / "annotations.parquet"),
-                           str(tmp_path / "public/records.parquet"), tmp_path / "splits",
-                           n_target=8, n_reference=8, n_holdout=3, seed=0)
+        pool / "annotations.parquet"
+    )
+    with pytest.raises(
+        splits.OverlapError,
+        match=r"share 1 image\(s\) by content hash: "
+        r"\['(laion-00000/002=inet-dog/dog_0001\.JPEG|inet-dog/dog_0001\.JPEG=laion-00000/002)'\]",
+    ):
+        splits.make_splits(
+            str(pool / "records.parquet"),
+            str(pool / "annotations.parquet"),
+            str(tmp_path / "public/records.parquet"),
+            tmp_path / "splits",
+            n_target=8,
+            n_reference=8,
+            n_holdout=3,
+            seed=0,
+        )
 
 
 # --- annotators ------------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def small_records(tmp_path):
@@ -230,8 +281,19 @@ def test_precomputed_annotations_are_conformed_and_checked(small_records, tmp_pa
     pl.DataFrame({"id": ["d-0", "d-2"], "labels": [["cat", "dog"], []]}).write_parquet(table)
     with pytest.raises(DataError, match=r"(?s)no annotation row for 1 record.*\['d-1'\]"):
         annotate.annotate_precomputed(str(small_records), [str(table)], str(tmp_path / "out.parquet"))
-    annotate.main(["--annotator", "precomputed", "--records", str(small_records), "--annotations", str(table),
-                   "--allow-missing", "--out", str(tmp_path / "out.parquet")])
+    annotate.main(
+        [
+            "--annotator",
+            "precomputed",
+            "--records",
+            str(small_records),
+            "--annotations",
+            str(table),
+            "--allow-missing",
+            "--out",
+            str(tmp_path / "out.parquet"),
+        ]
+    )
     out = pl.read_parquet(tmp_path / "out.parquet")
     assert out["id"].to_list() == ["d-0", "d-1", "d-2"] and out["labels"].to_list() == [["cat", "dog"], [], []]
     assert out["scores"].to_list() == [[1.0, 1.0], [], []] and out.schema["scores"] == pl.List(pl.Float32)
@@ -243,6 +305,7 @@ def test_precomputed_annotations_are_conformed_and_checked(small_records, tmp_pa
 
 
 # --- the real DAG ----------------------------------------------------------------------------------
+
 
 def single_point_config(raw_root: Path, datasets: dict, split: dict) -> dict:
     """Tiny training over config.yaml, every sweep list cut to one value; the split is named `scenes` so it
@@ -267,17 +330,35 @@ def test_real_formats_run_through_the_dag_to_metrics(tmp_path):
     folder = build_image_folder(raw_root / "inet", 10, seed=5)
     laion_annotations = raw_root / "laion_annotations.parquet"
     ids = shard_ids("laion", 2, 20)
-    pl.DataFrame({"id": ids, "labels": [[CATEGORIES[i % 6], CATEGORIES[(i + 1) % 6]] for i in range(len(ids))],
-                  "scores": [[0.9, 0.6]] * len(ids)}, schema={"id": pl.String, "labels": pl.List(pl.String),
-                                                              "scores": pl.List(pl.Float32)}).write_parquet(
-        laion_annotations)
+    pl.DataFrame(
+        {
+            "id": ids,
+            "labels": [[CATEGORIES[i % 6], CATEGORIES[(i + 1) % 6]] for i in range(len(ids))],
+            "scores": [[0.9, 0.6]] * len(ids),
+        },
+        schema={"id": pl.String, "labels": pl.List(pl.String), "scores": pl.List(pl.Float32)},
+    ).write_parquet(laion_annotations)
     datasets = {
-        "coco": {"source": "coco", "captions": str(coco["captions"]), "instances": str(coco["instances"]),
-                 "images": str(coco["images"]), "annotator": "ground_truth"},
-        "laion": {"source": "shards", "shards": [str(raw_root / "laion" / "*.tar")], "annotator": "precomputed",
-                  "annotations": str(laion_annotations)},
-        "pool": {"source": "mix", "parts": [{"dataset": "coco", "n_records": 48}, {"dataset": "laion"}], "seed": 0,
-                 "annotator": "parts", "threads": 2},
+        "coco": {
+            "source": "coco",
+            "captions": str(coco["captions"]),
+            "instances": str(coco["instances"]),
+            "images": str(coco["images"]),
+            "annotator": "ground_truth",
+        },
+        "laion": {
+            "source": "shards",
+            "shards": [str(raw_root / "laion" / "*.tar")],
+            "annotator": "precomputed",
+            "annotations": str(laion_annotations),
+        },
+        "pool": {
+            "source": "mix",
+            "parts": [{"dataset": "coco", "n_records": 48}, {"dataset": "laion"}],
+            "seed": 0,
+            "annotator": "parts",
+            "threads": 2,
+        },
         "inet": {"source": "image_folder", "images": str(folder), "annotator": "ground_truth"},
     }
     split = {"pool": "pool", "public": "inet", "n_target": 32, "n_reference": 32, "n_holdout": 16, "seed": 0}

@@ -52,9 +52,13 @@ def test_generation_is_seeded(tmp_path):
 
 def test_scenes_make_objects_co_occur(tmp_path):
     synthetic.generate("x", 400, seed=3, config=CONFIG, out_dir=tmp_path)
-    joined = pl.read_parquet(tmp_path / "records.parquet").join(pl.read_parquet(tmp_path / "ground_truth.parquet"), on="id")
+    joined = pl.read_parquet(tmp_path / "records.parquet").join(
+        pl.read_parquet(tmp_path / "ground_truth.parquet"), on="id"
+    )
     world = synthetic.SceneWorld(CONFIG)
-    preferred = {synthetic.SCENES[s]: {world.classes[i] for i in world.preferred[s]} for s in range(len(synthetic.SCENES))}
+    preferred = {
+        synthetic.SCENES[s]: {world.classes[i] for i in world.preferred[s]} for s in range(len(synthetic.SCENES))
+    }
     exploded = joined.select("scene", "labels").explode("labels")
     in_preferred = sum(label in preferred[scene] for scene, label in exploded.iter_rows()) / exploded.height
     assert in_preferred > 0.7  # vs 10/48 if objects ignored the scene
@@ -65,27 +69,35 @@ def test_annotate_ground_truth_fills_missing_and_rejects_unknown(scenes, tmp_pat
     truth = pl.read_parquet(scenes / "pool" / "ground_truth.parquet")
     partial = truth.slice(1)  # first record has no row: it must get empty lists
     partial.write_parquet(tmp_path / "gt.parquet")
-    annotate.annotate_ground_truth(str(scenes / "pool" / "records.parquet"), str(tmp_path / "gt.parquet"),
-                                   str(tmp_path / "annotations.parquet"))
+    annotate.annotate_ground_truth(
+        str(scenes / "pool" / "records.parquet"), str(tmp_path / "gt.parquet"), str(tmp_path / "annotations.parquet")
+    )
     out = pl.read_parquet(tmp_path / "annotations.parquet")
     assert out.height == records.height and out["labels"][0].to_list() == []
     assert out.schema["scores"] == pl.List(pl.Float32)
-    pl.concat([truth, pl.DataFrame({"id": ["ghost"], "labels": [["red circle"]],
-                                    "scores": [[1.0]]}, schema=truth.schema)]).write_parquet(tmp_path / "bad.parquet")
+    pl.concat(
+        [truth, pl.DataFrame({"id": ["ghost"], "labels": [["red circle"]], "scores": [[1.0]]}, schema=truth.schema)]
+    ).write_parquet(tmp_path / "bad.parquet")
     with pytest.raises(DataError, match="ghost"):
-        annotate.annotate_ground_truth(str(scenes / "pool" / "records.parquet"), str(tmp_path / "bad.parquet"),
-                                       str(tmp_path / "x.parquet"))
+        annotate.annotate_ground_truth(
+            str(scenes / "pool" / "records.parquet"), str(tmp_path / "bad.parquet"), str(tmp_path / "x.parquet")
+        )
 
 
 def make_splits(scenes, out, pool_dir=None, **sizes):
     pool_dir = pool_dir or scenes / "pool"
     annotations = pool_dir / "annotations.parquet"
     if not annotations.exists():
-        annotate.annotate_ground_truth(str(pool_dir / "records.parquet"),
-                                       str(pool_dir / "ground_truth.parquet"), str(annotations))
-    splits.make_splits(str(pool_dir / "records.parquet"), str(annotations),
-                       str(scenes / "public" / "records.parquet"), out,
-                       **{"n_target": 20, "n_reference": 20, "n_holdout": 10, "seed": 0, **sizes})
+        annotate.annotate_ground_truth(
+            str(pool_dir / "records.parquet"), str(pool_dir / "ground_truth.parquet"), str(annotations)
+        )
+    splits.make_splits(
+        str(pool_dir / "records.parquet"),
+        str(annotations),
+        str(scenes / "public" / "records.parquet"),
+        out,
+        **{"n_target": 20, "n_reference": 20, "n_holdout": 10, "seed": 0, **sizes},
+    )
 
 
 def test_splits_are_disjoint_sized_and_seeded(scenes, tmp_path):
@@ -109,16 +121,19 @@ def test_overlap_with_public_by_content_hash_is_refused(scenes, tmp_path):
     pool_dir = tmp_path / "leaky"
     pool_dir.mkdir()
     records = pl.read_parquet(scenes / "pool" / "records.parquet").with_columns(
-        image_path=str(scenes / "pool") + "/" + pl.col("image_path"))
+        image_path=str(scenes / "pool") + "/" + pl.col("image_path")
+    )
     public = pl.read_parquet(scenes / "public" / "records.parquet")
     leaked_path = pool_dir / "copy.png"
     Image.open(scenes / "public" / public["image_path"][0]).save(leaked_path)
-    leaked = public.head(1).with_columns(id=pl.lit("pool-leaked"), image_path=pl.lit(str(leaked_path)),
-                                         image_sha256=pl.lit(None, pl.String))
+    leaked = public.head(1).with_columns(
+        id=pl.lit("pool-leaked"), image_path=pl.lit(str(leaked_path)), image_sha256=pl.lit(None, pl.String)
+    )
     pool = pl.concat([records.drop("image_sha256"), leaked.drop("image_sha256")])
     pool.write_parquet(pool_dir / "records.parquet")
     pl.DataFrame({"id": pool["id"], "labels": [["red circle"]] * pool.height}).write_parquet(
-        pool_dir / "ground_truth.parquet")
+        pool_dir / "ground_truth.parquet"
+    )
     with pytest.raises(splits.OverlapError, match=r"pool-leaked=public-0000000"):
         make_splits(scenes, tmp_path / "out", pool_dir=pool_dir, n_target=58, n_reference=1, n_holdout=2)
 
@@ -139,10 +154,15 @@ def test_duplicate_images_in_pool_are_refused(tmp_path):
 def test_unhashed_records_are_hashed_and_unreadable_images_named(scenes, tmp_path):
     records = pl.read_parquet(scenes / "pool" / "records.parquet").head(3)
     path = str(scenes / "pool" / "records.parquet")
-    rehashed = splits.with_hashes(records.with_columns(
-        image_sha256=pl.when(pl.col("id") == records["id"][1]).then(None).otherwise(pl.col("image_sha256"))), path)
+    rehashed = splits.with_hashes(
+        records.with_columns(
+            image_sha256=pl.when(pl.col("id") == records["id"][1]).then(None).otherwise(pl.col("image_sha256"))
+        ),
+        path,
+    )
     assert rehashed["image_sha256"].equals(records["image_sha256"])
     broken = records.drop("image_sha256").with_columns(
-        image_path=pl.when(pl.col("id") == records["id"][2]).then(pl.lit("images/gone.png")).otherwise("image_path"))
+        image_path=pl.when(pl.col("id") == records["id"][2]).then(pl.lit("images/gone.png")).otherwise("image_path")
+    )
     with pytest.raises(DataError, match=f"record '{records['id'][2]}'.*not found"):
         splits.with_hashes(broken, path)

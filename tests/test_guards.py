@@ -5,11 +5,17 @@ import polars as pl
 import pytest
 
 from workflow_scripts import knn, splits
+from workflow_scripts.contracts import ANNOTATION_TABLE, EMBEDDINGS, RECORDS
 from workflow_scripts.io import DataError, embeddings_table, write_parquet
 
 
 def write_embeddings(path, prefix: str, matrix: np.ndarray) -> str:
-    write_parquet(embeddings_table([f"{prefix}{i:03d}" for i in range(len(matrix))], matrix), path, stage="test")
+    write_parquet(
+        embeddings_table([f"{prefix}{i:03d}" for i in range(len(matrix))], matrix),
+        path,
+        stage="test",
+        contract=EMBEDDINGS,
+    )
     return str(path)
 
 
@@ -51,13 +57,32 @@ def test_k_larger_than_the_public_set_is_an_error(tmp_path):
 
 def test_an_empty_public_set_stops_at_the_splits_stage(tmp_path):
     records = {"id": pl.String, "image_path": pl.String, "captions": pl.List(pl.String), "image_sha256": pl.String}
-    pool = pl.DataFrame({"id": [f"pool{i}" for i in range(10)], "image_path": [f"{i}.jpg" for i in range(10)],
-                         "captions": [["a cat"]] * 10, "image_sha256": [f"{i:064x}" for i in range(10)]},
-                        schema=records)
-    write_parquet(pool, tmp_path / "pool.parquet", stage="test")
-    write_parquet(pl.DataFrame(schema=records), tmp_path / "public.parquet", stage="test")
-    write_parquet(pool.select("id", labels=pl.lit(["cat"])), tmp_path / "annotations.parquet", stage="test")
+    pool = pl.DataFrame(
+        {
+            "id": [f"pool{i}" for i in range(10)],
+            "image_path": [f"{i}.jpg" for i in range(10)],
+            "captions": [["a cat"]] * 10,
+            "image_sha256": [f"{i:064x}" for i in range(10)],
+        },
+        schema=records,
+    )
+    write_parquet(pool, tmp_path / "pool.parquet", stage="test", contract=RECORDS)
+    write_parquet(pl.DataFrame(schema=records), tmp_path / "public.parquet", stage="test", contract=RECORDS)
+    write_parquet(
+        pool.select("id", labels=pl.lit(["cat"])),
+        tmp_path / "annotations.parquet",
+        stage="test",
+        contract=ANNOTATION_TABLE,
+    )
     with pytest.raises(DataError, match=r"public\.parquet: the public set has no records"):
-        splits.make_splits(str(tmp_path / "pool.parquet"), str(tmp_path / "annotations.parquet"),
-                           str(tmp_path / "public.parquet"), tmp_path / "splits", 4, 4, 2, seed=0)
+        splits.make_splits(
+            str(tmp_path / "pool.parquet"),
+            str(tmp_path / "annotations.parquet"),
+            str(tmp_path / "public.parquet"),
+            tmp_path / "splits",
+            4,
+            4,
+            2,
+            seed=0,
+        )
     assert not (tmp_path / "splits").exists()

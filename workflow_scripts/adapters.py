@@ -38,24 +38,21 @@ import polars as pl
 from tqdm import tqdm
 
 from workflow_scripts.cli import add_dataclass_arguments, dataclass_from_args
+from workflow_scripts.contracts import CAPTION_TABLE, GROUND_TRUTH, RECORDS, VALIDATION
 from workflow_scripts.images import content_hash, load_rgb, resolve_image_paths, tar_member_path
-from workflow_scripts.io import DataError, read_parquet, write_parquet
+from workflow_scripts.io import DataError, write_parquet
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-CANDIDATE_SCHEMA = {"id": pl.String, "image_path": pl.String, "captions": pl.List(pl.String)}
-SHARD_LOCATION_SCHEMA = {"image_offset": pl.Int64, "image_size": pl.Int64}  # see workflow_scripts.images
-GROUND_TRUTH_SCHEMA = {"id": pl.String, "labels": pl.List(pl.String), "scores": pl.List(pl.Float32)}
-VALIDATION_SCHEMA = {"id": pl.String, "image_path": pl.String, "problem": pl.String}
 MAX_LISTED_PROBLEMS = 20
 
 
 @dataclass(frozen=True)
 class Validation:
-    on_invalid: str = "error"     # error: stop at any problem; skip: drop the record and report it
-    training_pool: bool = False   # records need a caption, and no two records may hold one image
-    threads: int = 1              # image decoding threads
+    on_invalid: str = "error"  # error: stop at any problem; skip: drop the record and report it
+    training_pool: bool = False  # records need a caption, and no two records may hold one image
+    threads: int = 1  # image decoding threads
 
     def __post_init__(self):
         if self.on_invalid not in ("error", "skip"):
@@ -65,6 +62,7 @@ class Validation:
 @dataclass
 class Adapted:
     """What a source produces before validation: candidate records and the ground truth it knows."""
+
     records: pl.DataFrame
     ground_truth: pl.DataFrame
     origin: str  # the input files, for messages
@@ -72,11 +70,16 @@ class Adapted:
 
 # --- validation and output, shared by every source -------------------------------------------------
 
+
 def _problems(frame: pl.DataFrame, condition: pl.Expr, problem: pl.Expr | str) -> pl.DataFrame:
     problem = pl.lit(problem) if isinstance(problem, str) else problem
     # The problem is worded before filtering: it may look at other records (the first holder of an image).
-    return (frame.with_columns(problem.alias("problem")).filter(condition)
-            .select(*VALIDATION_SCHEMA).cast(VALIDATION_SCHEMA))
+    return (
+        frame.with_columns(problem.alias("problem"))
+        .filter(condition)
+        .select(VALIDATION.names)
+        .cast(VALIDATION.polars())
+    )
 
 
 def _decode_image(path: str) -> tuple[str | None, str | None]:
@@ -89,8 +92,15 @@ def _decode_image(path: str) -> tuple[str | None, str | None]:
 def hash_images(paths: list[str], threads: int) -> tuple[list[str | None], list[str | None]]:
     """Decode every image once: (content hash or None, error message or None) per image."""
     with ThreadPoolExecutor(max_workers=threads) as pool:  # PIL decodes outside the GIL
-        results = list(tqdm(pool.map(_decode_image, paths, chunksize=64), total=len(paths),
-                            desc="decoding images", unit="img", mininterval=2))
+        results = list(
+            tqdm(
+                pool.map(_decode_image, paths, chunksize=64),
+                total=len(paths),
+                desc="decoding images",
+                unit="img",
+                mininterval=2,
+            )
+        )
     return [h for h, _ in results], [e for _, e in results]
 
 
@@ -111,26 +121,37 @@ def validate(candidates: pl.DataFrame, origin: str, options: Validation) -> tupl
     to_decode = records.filter(pl.col("image_sha256").is_null())
     if len(to_decode):
         hashes, errors = hash_images(to_decode["image_path"].to_list(), options.threads)
-        decoded = to_decode.select("id", new_hash=pl.Series(hashes, dtype=pl.String),
-                                   error=pl.Series(errors, dtype=pl.String))
+        decoded = to_decode.select(
+            "id", new_hash=pl.Series(hashes, dtype=pl.String), error=pl.Series(errors, dtype=pl.String)
+        )
         records = records.join(decoded, on="id", how="left", maintain_order="left").with_columns(
-            image_sha256=pl.coalesce("image_sha256", "new_hash"))
+            image_sha256=pl.coalesce("image_sha256", "new_hash")
+        )
         problems.append(_problems(records, pl.col("error").is_not_null(), pl.col("error")))
         records = records.filter(pl.col("error").is_null()).drop("new_hash", "error")
 
     if options.training_pool:
-        problems.append(_problems(records, pl.col("captions").list.len() == 0, "no caption (a training pool needs one)"))
+        problems.append(
+            _problems(records, pl.col("captions").list.len() == 0, "no caption (a training pool needs one)")
+        )
         records = records.filter(pl.col("captions").list.len() > 0)
         first_holder = pl.col("id").first().over("image_sha256")
-        problems.append(_problems(records, ~pl.col("image_sha256").is_first_distinct(),
-                                  pl.format("same image (content hash) as record '{}'", first_holder)))
+        problems.append(
+            _problems(
+                records,
+                ~pl.col("image_sha256").is_first_distinct(),
+                pl.format("same image (content hash) as record '{}'", first_holder),
+            )
+        )
         records = records.filter(pl.col("image_sha256").is_first_distinct())
 
     problems = pl.concat(problems)
-    records = records.select(*CANDIDATE_SCHEMA, "image_sha256", pl.exclude(*CANDIDATE_SCHEMA, "image_sha256"))
+    records = records.select(*RECORDS.names, "image_sha256", pl.exclude(*RECORDS.names, "image_sha256"))
     if len(problems) and options.on_invalid == "error":
-        listed = "\n  ".join(f"record {row['id']!r} (image {row['image_path']}): {row['problem']}"
-                             for row in problems.head(MAX_LISTED_PROBLEMS).iter_rows(named=True))
+        listed = "\n  ".join(
+            f"record {row['id']!r} (image {row['image_path']}): {row['problem']}"
+            for row in problems.head(MAX_LISTED_PROBLEMS).iter_rows(named=True)
+        )
         raise DataError(f"{origin}: {len(problems)} invalid record(s) (set on_invalid: skip to drop them):\n  {listed}")
     if len(problems):
         log.warning("%s: skipped %d invalid record(s), listed in validation.parquet", origin, len(problems))
@@ -142,19 +163,24 @@ def write_dataset(adapted: Adapted, out_dir: str | Path, options: Validation, pa
     ground_truth = records.select("id").join(adapted.ground_truth, on="id", how="left", maintain_order="left")
     params = {**params, **options.__dict__}
     out_dir = Path(out_dir)
-    write_parquet(problems, out_dir / "validation.parquet", stage="datasets", params=params)
-    write_parquet(ground_truth.drop_nulls("labels").cast(GROUND_TRUTH_SCHEMA), out_dir / "ground_truth.parquet",
-                  stage="datasets", params=params)
-    write_parquet(records, out_dir / "records.parquet", stage="datasets", params=params)
+    write_parquet(problems, out_dir / "validation.parquet", stage="datasets", params=params, contract=VALIDATION)
+    write_parquet(
+        ground_truth.drop_nulls("labels"),
+        out_dir / "ground_truth.parquet",
+        stage="datasets",
+        params=params,
+        contract=GROUND_TRUTH,
+    )
+    write_parquet(records, out_dir / "records.parquet", stage="datasets", params=params, contract=RECORDS)
     log.info("%s: %d records written to %s (%d skipped)", adapted.origin, len(records), out_dir, len(problems))
 
 
 def _with_unit_scores(labels: pl.DataFrame) -> pl.DataFrame:
-    return labels.with_columns(scores=pl.col("labels").list.eval(pl.lit(1.0, pl.Float32))).cast(GROUND_TRUTH_SCHEMA)
+    return labels.with_columns(scores=pl.col("labels").list.eval(pl.lit(1.0, pl.Float32))).cast(GROUND_TRUTH.polars())
 
 
 def _no_ground_truth() -> pl.DataFrame:
-    return pl.DataFrame(schema=GROUND_TRUTH_SCHEMA)
+    return GROUND_TRUTH.empty()
 
 
 def _absolute(path: str | os.PathLike) -> str:
@@ -164,19 +190,22 @@ def _absolute(path: str | os.PathLike) -> str:
 def read_caption_table(path: str | os.PathLike) -> pl.DataFrame:
     """A Parquet or CSV table of (path, caption) rows -> (path, captions list) in first-seen order."""
     path = Path(path)
-    required = {"path": "str", "caption": "str"}
     if path.suffix.lower() == ".csv":
         try:
-            table = pl.read_csv(path, columns=list(required), schema_overrides={"path": pl.String, "caption": pl.String})
+            table = pl.read_csv(path, columns=CAPTION_TABLE.names, schema_overrides=CAPTION_TABLE.polars())
         except (pl.exceptions.PolarsError, OSError) as error:
             raise DataError(f"{path}: not a readable CSV table with columns path, caption ({error})") from error
     else:
-        table = read_parquet(path, required)
-    return (table.filter(pl.col("caption").is_not_null())
-            .group_by("path", maintain_order=True).agg(captions=pl.col("caption").cast(pl.String)))
+        table = CAPTION_TABLE.read(path)
+    return (
+        table.filter(pl.col("caption").is_not_null())
+        .group_by("path", maintain_order=True)
+        .agg(captions=pl.col("caption").cast(pl.String))
+    )
 
 
 # --- sources ---------------------------------------------------------------------------------------
+
 
 def _read_json(path: str | os.PathLike) -> dict:
     try:
@@ -192,51 +221,75 @@ def _json_columns(rows: list[dict], fields: dict[str, pl.DataType], path, what: 
     try:
         return pl.DataFrame({name: [row[name] for row in rows] for name in fields}, schema=fields)
     except (KeyError, TypeError) as error:
-        raise DataError(f"{path}: every entry of {what!r} needs the fields {list(fields)} ({error!r} missing)") from error
+        raise DataError(
+            f"{path}: every entry of {what!r} needs the fields {list(fields)} ({error!r} missing)"
+        ) from error
 
 
 def coco(dataset: str, captions_path: str, images_dir: str, instances_path: str | None = None) -> Adapted:
     captions_json = _read_json(captions_path)
-    images = _json_columns(captions_json.get("images", []), {"id": pl.Int64, "file_name": pl.String},
-                           captions_path, "images")
-    captions = (_json_columns(captions_json.get("annotations", []),
-                              {"id": pl.Int64, "image_id": pl.Int64, "caption": pl.String}, captions_path, "annotations")
-                .sort("id").group_by("image_id", maintain_order=True).agg(captions=pl.col("caption").str.strip_chars()))
+    images = _json_columns(
+        captions_json.get("images", []), {"id": pl.Int64, "file_name": pl.String}, captions_path, "images"
+    )
+    captions = (
+        _json_columns(
+            captions_json.get("annotations", []),
+            {"id": pl.Int64, "image_id": pl.Int64, "caption": pl.String},
+            captions_path,
+            "annotations",
+        )
+        .sort("id")
+        .group_by("image_id", maintain_order=True)
+        .agg(captions=pl.col("caption").str.strip_chars())
+    )
     image_root = _absolute(images_dir) + os.sep
-    records = (images.join(captions, left_on="id", right_on="image_id", how="left", maintain_order="left")
-               .select(id=pl.format("{}-{}", pl.lit(dataset), pl.col("id")),
-                       image_path=pl.lit(image_root) + pl.col("file_name"),
-                       captions=pl.col("captions").fill_null(pl.lit([], pl.List(pl.String))),
-                       coco_id=pl.col("id")))
+    records = images.join(captions, left_on="id", right_on="image_id", how="left", maintain_order="left").select(
+        id=pl.format("{}-{}", pl.lit(dataset), pl.col("id")),
+        image_path=pl.lit(image_root) + pl.col("file_name"),
+        captions=pl.col("captions").fill_null(pl.lit([], pl.List(pl.String))),
+        coco_id=pl.col("id"),
+    )
     ground_truth = _no_ground_truth()
     origin = str(captions_path)
     if instances_path:
         instances_json = _read_json(instances_path)
-        categories = _json_columns(instances_json.get("categories", []), {"id": pl.Int64, "name": pl.String},
-                                   instances_path, "categories")
-        instances = _json_columns(instances_json.get("annotations", []),
-                                  {"id": pl.Int64, "image_id": pl.Int64, "category_id": pl.Int64},
-                                  instances_path, "annotations")
+        categories = _json_columns(
+            instances_json.get("categories", []), {"id": pl.Int64, "name": pl.String}, instances_path, "categories"
+        )
+        instances = _json_columns(
+            instances_json.get("annotations", []),
+            {"id": pl.Int64, "image_id": pl.Int64, "category_id": pl.Int64},
+            instances_path,
+            "annotations",
+        )
         named = instances.join(categories.rename({"id": "category_id"}), on="category_id", how="left")
         unknown = named.filter(pl.col("name").is_null())
         if len(unknown):
-            raise DataError(f"{instances_path}: annotation(s) {unknown['id'].head(5).to_list()} name unknown "
-                            f"category id(s) {unknown['category_id'].unique().head(5).to_list()}")
+            raise DataError(
+                f"{instances_path}: annotation(s) {unknown['id'].head(5).to_list()} name unknown "
+                f"category id(s) {unknown['category_id'].unique().head(5).to_list()}"
+            )
         labels = named.group_by("image_id").agg(labels=pl.col("name").unique().sort())
         ground_truth = _with_unit_scores(
-            records.select("id", "coco_id").join(labels, left_on="coco_id", right_on="image_id", how="left")
-            .select("id", labels=pl.col("labels").fill_null(pl.lit([], pl.List(pl.String)))))
+            records.select("id", "coco_id")
+            .join(labels, left_on="coco_id", right_on="image_id", how="left")
+            .select("id", labels=pl.col("labels").fill_null(pl.lit([], pl.List(pl.String))))
+        )
         origin = f"{captions_path} + {instances_path}"
-    return Adapted(records.cast(CANDIDATE_SCHEMA | {"coco_id": pl.Int64}), ground_truth, origin)
+    return Adapted(records.cast(RECORDS.polars([*RECORDS.names, "coco_id"])), ground_truth, origin)
 
 
 def image_folder(dataset: str, root: str, captions_path: str | None = None) -> Adapted:
     root_path = Path(root)
     if not root_path.is_dir():
         raise DataError(f"{root}: image folder does not exist")
-    relative = sorted(f"{entry.name}/{image.name}"
-                      for entry in os.scandir(root_path) if entry.is_dir()
-                      for image in os.scandir(entry.path) if Path(image.name).suffix.lower() in IMAGE_SUFFIXES)
+    relative = sorted(
+        f"{entry.name}/{image.name}"
+        for entry in os.scandir(root_path)
+        if entry.is_dir()
+        for image in os.scandir(entry.path)
+        if Path(image.name).suffix.lower() in IMAGE_SUFFIXES
+    )
     if not relative:
         raise DataError(f"{root}: no images in CLASS/IMAGE sub-folders (suffixes {', '.join(IMAGE_SUFFIXES)})")
     root_prefix = _absolute(root_path) + os.sep
@@ -248,19 +301,22 @@ def image_folder(dataset: str, root: str, captions_path: str | None = None) -> A
     )
     origin = str(root)
     if captions_path:
-        captions = read_caption_table(captions_path).with_columns(
-            relative=pl.col("path").str.strip_prefix(root_prefix))
+        captions = read_caption_table(captions_path).with_columns(relative=pl.col("path").str.strip_prefix(root_prefix))
         unmatched = captions.join(records, on="relative", how="anti")["path"]
         if len(unmatched):
-            raise DataError(f"{captions_path}: {len(unmatched)} caption row path(s) name no image under {root}, "
-                            f"e.g. {unmatched.head(5).to_list()}")
-        records = records.join(captions.select("relative", "captions"), on="relative", how="left", maintain_order="left")
+            raise DataError(
+                f"{captions_path}: {len(unmatched)} caption row path(s) name no image under {root}, "
+                f"e.g. {unmatched.head(5).to_list()}"
+            )
+        records = records.join(
+            captions.select("relative", "captions"), on="relative", how="left", maintain_order="left"
+        )
         origin = f"{root} + {captions_path}"
     else:
         records = records.with_columns(captions=pl.lit(None, pl.List(pl.String)))
     records = records.with_columns(pl.col("captions").fill_null(pl.lit([], pl.List(pl.String))))
     ground_truth = _with_unit_scores(records.select("id", labels=pl.concat_list("label")))
-    return Adapted(records.select("id", "image_path", "captions", "label").cast(CANDIDATE_SCHEMA), ground_truth, origin)
+    return Adapted(records.select("id", "image_path", "captions", "label").cast(RECORDS.polars()), ground_truth, origin)
 
 
 def _shard_members(shard: str) -> tuple[list[tuple[str, str, int, int]], dict[str, str]]:
@@ -296,23 +352,38 @@ def shards(dataset: str, shard_paths: list[str], table_path: str | None = None) 
         images, captions = _shard_members(shard)
         archive = _absolute(shard)
         shard_name = Path(shard).name.removesuffix(".tar")
-        frames.append(pl.DataFrame({
-            "id": [f"{dataset}-{shard_name}/{key}" for key, *_ in images],
-            "image_path": [tar_member_path(archive, name) for _, name, *_ in images],
-            "captions": [[captions[key]] if captions.get(key) else [] for key, *_ in images],
-            "image_offset": [offset for *_, offset, _ in images],
-            "image_size": [size for *_, size in images],
-        }, schema=CANDIDATE_SCHEMA | SHARD_LOCATION_SCHEMA))
+        frames.append(
+            pl.DataFrame(
+                {
+                    "id": [f"{dataset}-{shard_name}/{key}" for key, *_ in images],
+                    "image_path": [tar_member_path(archive, name) for _, name, *_ in images],
+                    "captions": [[captions[key]] if captions.get(key) else [] for key, *_ in images],
+                    "image_offset": [offset for *_, offset, _ in images],
+                    "image_size": [size for *_, size in images],
+                },
+                schema=RECORDS.polars([*RECORDS.names, "image_offset", "image_size"]),
+            )
+        )  # see workflow_scripts.images
     if table_path:
         table_root = _absolute(Path(table_path).parent) + os.sep
-        frames.append(read_caption_table(table_path).select(
-            id=pl.lit(f"{dataset}-") + pl.col("path"),
-            image_path=pl.when(pl.col("path").str.starts_with(os.sep)).then(pl.col("path"))
-            .otherwise(pl.lit(table_root) + pl.col("path")),
-            captions="captions",
-        ).cast(CANDIDATE_SCHEMA))
-    origin = ", ".join([*(str(s) for s in shard_paths[:3]), *(["..."] if len(shard_paths) > 3 else []),
-                        *([str(table_path)] if table_path else [])])
+        frames.append(
+            read_caption_table(table_path)
+            .select(
+                id=pl.lit(f"{dataset}-") + pl.col("path"),
+                image_path=pl.when(pl.col("path").str.starts_with(os.sep))
+                .then(pl.col("path"))
+                .otherwise(pl.lit(table_root) + pl.col("path")),
+                captions="captions",
+            )
+            .cast(RECORDS.polars())
+        )
+    origin = ", ".join(
+        [
+            *(str(s) for s in shard_paths[:3]),
+            *(["..."] if len(shard_paths) > 3 else []),
+            *([str(table_path)] if table_path else []),
+        ]
+    )
     return Adapted(pl.concat(frames, how="diagonal"), _no_ground_truth(), origin)
 
 
@@ -320,9 +391,10 @@ def mix(parts: list[tuple[str, str, int | None]], seed: int) -> Adapted:
     """parts: (dataset name, its records.parquet, records to draw or None for all)."""
     records, ground_truths = [], []
     for index, (name, records_path, n_records) in enumerate(parts):
-        part = read_parquet(records_path, {"id": "str", "image_path": "str", "captions": "list<str>"})
-        part = part.with_columns(resolve_image_paths(part, records_path).alias("image_path"),
-                                 source_dataset=pl.lit(name))
+        part = RECORDS.read(records_path, extra=True)
+        part = part.with_columns(
+            resolve_image_paths(part, records_path).alias("image_path"), source_dataset=pl.lit(name)
+        )
         if n_records is not None:
             if n_records > len(part):
                 raise DataError(f"{records_path}: mix asks for {n_records} records of {name!r}, which has {len(part)}")
@@ -330,15 +402,14 @@ def mix(parts: list[tuple[str, str, int | None]], seed: int) -> Adapted:
         records.append(part)
         ground_truth_path = Path(records_path).with_name("ground_truth.parquet")
         if ground_truth_path.exists():  # every adapter writes one; a hand-made part may not
-            ground_truths.append(read_parquet(ground_truth_path, {"id": "str", "labels": "list<str>",
-                                                                  "scores": "list<float32>"})
-                                 .select("id", "labels", "scores").cast(GROUND_TRUTH_SCHEMA))
+            ground_truths.append(GROUND_TRUTH.read(ground_truth_path))
     ground_truth = pl.concat(ground_truths) if ground_truths else _no_ground_truth()
     origin = "mix of " + ", ".join(path for _, path, _ in parts)
     return Adapted(pl.concat(records, how="diagonal_relaxed"), ground_truth, origin)
 
 
 # --- command line ----------------------------------------------------------------------------------
+
 
 def _parse_part(text: str) -> tuple[str, str, int | None]:
     name, records_path, *count = text.split("=", 2)
@@ -363,8 +434,13 @@ def main(argv: list[str] | None = None) -> None:
     shards_parser.add_argument("--shards", nargs="*", default=[], help=".tar shards of KEY.jpg + KEY.txt members")
     shards_parser.add_argument("--table", help="Parquet/CSV with path (relative to the table), caption")
     mix_parser = sources.add_parser("mix", parents=[common], help="records of other data sets in one pool")
-    mix_parser.add_argument("--parts", nargs="+", required=True, type=_parse_part,
-                            help="NAME=RECORDS_PARQUET[=N] (N records drawn with the seed; all if omitted)")
+    mix_parser.add_argument(
+        "--parts",
+        nargs="+",
+        required=True,
+        type=_parse_part,
+        help="NAME=RECORDS_PARQUET[=N] (N records drawn with the seed; all if omitted)",
+    )
     mix_parser.add_argument("--seed", type=int, required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -378,8 +454,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         adapted = mix(args.parts, args.seed)
     options = dataclass_from_args(Validation, args)
-    params = {key: value for key, value in vars(args).items()
-              if key != "out_dir" and key not in options.__dict__}
+    params = {key: value for key, value in vars(args).items() if key != "out_dir" and key not in options.__dict__}
     write_dataset(adapted, args.out_dir, options, params)
 
 

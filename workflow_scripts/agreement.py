@@ -20,13 +20,17 @@ import argparse
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import polars as pl  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import polars as pl
 
-from workflow_scripts.cli import keyed_files  # noqa: E402
-from workflow_scripts.figures import save_figure  # noqa: E402
-from workflow_scripts.io import DataError, read_parquet, write_parquet  # noqa: E402
+from workflow_scripts.cli import keyed_files
+from workflow_scripts.contracts import AGREEMENT, AGREEMENT_POPULATION, METRIC_RECORDS, POPULATION
+from workflow_scripts.figures import save_figure
+from workflow_scripts.io import DataError, write_parquet
+
+FLAG_COLUMNS = ["id", "label_mode", "n_objects", "n_correct_target", "n_correct_reference"]  # of a records table
+GAP_COLUMNS = ["label_mode", "metric", "value", "std"]  # of a population table
 
 
 def memorization_flags(records: dict[str, pl.DataFrame], label_mode: str = "top_n") -> pl.DataFrame:
@@ -34,7 +38,8 @@ def memorization_flags(records: dict[str, pl.DataFrame], label_mode: str = "top_
     flags = None
     for test, table in records.items():
         column = table.filter((pl.col("label_mode") == label_mode) & (pl.col("n_objects") > 0)).select(
-            "id", (pl.col("n_correct_target") > pl.col("n_correct_reference")).alias(test))
+            "id", (pl.col("n_correct_target") > pl.col("n_correct_reference")).alias(test)
+        )
         flags = column if flags is None else flags.join(column, on="id", how="inner")
     if flags is None or flags.is_empty():
         raise DataError(f"no record is scored by all of the tests {list(records)}")
@@ -49,10 +54,20 @@ def pairwise_agreement(flags: pl.DataFrame) -> pl.DataFrame:
     flagged = matrix.sum(axis=0)
     either = flagged[:, None] + flagged[None, :] - both
     n = len(matrix)
-    rows = [{"test_a": a, "test_b": b, "n_records": n, "agreement": (both[i, j] + neither[i, j]) / n,
-             "jaccard": both[i, j] / either[i, j] if either[i, j] else float("nan"),
-             "n_both_flagged": int(both[i, j]), "n_flagged_a": int(flagged[i]), "n_flagged_b": int(flagged[j])}
-            for i, a in enumerate(tests) for j, b in enumerate(tests)]
+    rows = [
+        {
+            "test_a": a,
+            "test_b": b,
+            "n_records": n,
+            "agreement": (both[i, j] + neither[i, j]) / n,
+            "jaccard": both[i, j] / either[i, j] if either[i, j] else float("nan"),
+            "n_both_flagged": int(both[i, j]),
+            "n_flagged_a": int(flagged[i]),
+            "n_flagged_b": int(flagged[j]),
+        }
+        for i, a in enumerate(tests)
+        for j, b in enumerate(tests)
+    ]
     return pl.DataFrame(rows)
 
 
@@ -63,14 +78,24 @@ def side_by_side(populations: dict[str, dict[str, pl.DataFrame]], label_mode: st
     """Per test and metric: target and holdout value ± std, and the net gap (target − holdout)."""
     frames = []
     for test, by_queries in populations.items():
-        sides = [by_queries[queries].filter(pl.col("label_mode") == label_mode).select(
-            "metric", pl.col("value").alias(f"{queries}_value"), pl.col("std").alias(f"{queries}_std"))
-            for queries in QUERIES]
-        frames.append(sides[0].join(sides[1], on="metric").with_columns(
-            pl.lit(test).alias("test"),
-            net_value=pl.col("target_value") - pl.col("holdout_value"),
-            net_std=(pl.col("target_std") ** 2 + pl.col("holdout_std") ** 2).sqrt()))
-    return pl.concat(frames).select("test", "metric", pl.lit(label_mode).alias("label_mode"), pl.exclude("test", "metric"))
+        sides = [
+            by_queries[queries]
+            .filter(pl.col("label_mode") == label_mode)
+            .select("metric", pl.col("value").alias(f"{queries}_value"), pl.col("std").alias(f"{queries}_std"))
+            for queries in QUERIES
+        ]
+        frames.append(
+            sides[0]
+            .join(sides[1], on="metric")
+            .with_columns(
+                pl.lit(test).alias("test"),
+                net_value=pl.col("target_value") - pl.col("holdout_value"),
+                net_std=(pl.col("target_std") ** 2 + pl.col("holdout_std") ** 2).sqrt(),
+            )
+        )
+    return pl.concat(frames).select(
+        "test", "metric", pl.lit(label_mode).alias("label_mode"), pl.exclude("test", "metric")
+    )
 
 
 def heatmap(agreement: pl.DataFrame) -> plt.Figure:
@@ -82,42 +107,70 @@ def heatmap(agreement: pl.DataFrame) -> plt.Figure:
     axis.set_yticks(range(len(tests)), tests)
     for i in range(len(tests)):
         for j in range(len(tests)):
-            axis.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center",
-                      color="white" if values[i, j] < 0.6 else "black")
+            axis.text(
+                j, i, f"{values[i, j]:.2f}", ha="center", va="center", color="white" if values[i, j] < 0.6 else "black"
+            )
     figure.colorbar(image, ax=axis, label="share of records flagged alike")
     axis.set_title("Sample-level agreement between memorization tests")
     figure.tight_layout()
     return figure
 
 
-def compare(records: dict[str, str], populations: dict[str, dict[str, str]], out_agreement: str,
-            out_population: str, out_heatmap: list[str]) -> None:
+def compare(
+    records: dict[str, str],
+    populations: dict[str, dict[str, str]],
+    out_agreement: str,
+    out_population: str,
+    out_heatmap: list[str],
+) -> None:
     """Per test (same keys in both): `records` its target records table, `populations` its population table per
     query set (target, holdout). Writes the agreement and side-by-side tables and the heatmap's files."""
-    agreement = pairwise_agreement(memorization_flags({test: read_parquet(path) for test, path in records.items()}))
-    population = side_by_side({test: {queries: read_parquet(path) for queries, path in by_queries.items()}
-                               for test, by_queries in populations.items()})
+    agreement = pairwise_agreement(
+        memorization_flags({test: METRIC_RECORDS.read(path, FLAG_COLUMNS) for test, path in records.items()})
+    )
+    population = side_by_side(
+        {
+            test: {queries: POPULATION.read(path, GAP_COLUMNS) for queries, path in by_queries.items()}
+            for test, by_queries in populations.items()
+        }
+    )
     params = {"records": records, "populations": populations}
-    write_parquet(agreement, out_agreement, stage="agreement", params=params)
-    write_parquet(population, out_population, stage="agreement", params=params)
+    write_parquet(agreement, out_agreement, stage="agreement", params=params, contract=AGREEMENT)
+    write_parquet(population, out_population, stage="agreement", params=params, contract=AGREEMENT_POPULATION)
     save_figure(heatmap(agreement), out_heatmap)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--records", action="append", required=True, metavar="TEST=FILE",
-                        help="a test's records table on the target records (repeatable, at least two tests)")
+    parser.add_argument(
+        "--records",
+        action="append",
+        required=True,
+        metavar="TEST=FILE",
+        help="a test's records table on the target records (repeatable, at least two tests)",
+    )
     for queries in QUERIES:
-        parser.add_argument(f"--{queries}-population", action="append", required=True, metavar="TEST=FILE",
-                            help=f"a test's population table on the {queries} records (repeatable)")
+        parser.add_argument(
+            f"--{queries}-population",
+            action="append",
+            required=True,
+            metavar="TEST=FILE",
+            help=f"a test's population table on the {queries} records (repeatable)",
+        )
     parser.add_argument("--out-agreement", required=True, help="pairwise agreement Parquet")
     parser.add_argument("--out-population", required=True, help="side-by-side population Parquet")
-    parser.add_argument("--out-heatmap", nargs="+", required=True, metavar="FILE",
-                        help="the heatmap's files, each in the format its suffix names (.png, .svg)")
+    parser.add_argument(
+        "--out-heatmap",
+        nargs="+",
+        required=True,
+        metavar="FILE",
+        help="the heatmap's files, each in the format its suffix names (.png, .svg)",
+    )
     args = parser.parse_args(argv)
     records = keyed_files(args.records, "records")
-    by_queries = {queries: keyed_files(getattr(args, f"{queries}_population"), f"{queries}-population")
-                  for queries in QUERIES}
+    by_queries = {
+        queries: keyed_files(getattr(args, f"{queries}_population"), f"{queries}-population") for queries in QUERIES
+    }
     if len(records) < 2:
         parser.error("give at least two tests")
     if any(files.keys() != records.keys() for files in by_queries.values()):

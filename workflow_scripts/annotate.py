@@ -21,29 +21,31 @@ import logging
 
 import polars as pl
 
-from workflow_scripts.io import DataError, check_unique_ids, read_parquet, write_parquet
+from workflow_scripts.contracts import ANNOTATION_TABLE, ANNOTATIONS, RECORDS
+from workflow_scripts.io import DataError, check_unique_ids, write_parquet
 
 log = logging.getLogger(__name__)
 
-ANNOTATION_SCHEMA = {"id": pl.String, "labels": pl.List(pl.String), "scores": pl.List(pl.Float32)}
 
-
-def conform_annotations(records: pl.DataFrame, annotations: pl.DataFrame, annotations_path: str,
-                        records_path: str) -> pl.DataFrame:
+def conform_annotations(
+    records: pl.DataFrame, annotations: pl.DataFrame, annotations_path: str, records_path: str
+) -> pl.DataFrame:
     """Validate annotations against records and return one row per record, in record order."""
     check_unique_ids(annotations["id"], annotations_path)
     if "scores" not in annotations.columns:
         annotations = annotations.with_columns(scores=pl.col("labels").list.eval(pl.lit(1.0, pl.Float32)))
-    annotations = annotations.select("id", "labels", "scores").cast(ANNOTATION_SCHEMA)
+    annotations = annotations.select(ANNOTATIONS.names).cast(ANNOTATIONS.polars())
     unknown = annotations.join(records, on="id", how="anti")["id"]
     if len(unknown):
-        raise DataError(f"{annotations_path}: {len(unknown)} annotation row(s) for ids not in {records_path}, "
-                        f"e.g. {unknown.head(5).to_list()}")
-    mismatched = annotations.filter(
-        pl.col("labels").list.len() != pl.col("scores").list.len())["id"]
+        raise DataError(
+            f"{annotations_path}: {len(unknown)} annotation row(s) for ids not in {records_path}, "
+            f"e.g. {unknown.head(5).to_list()}"
+        )
+    mismatched = annotations.filter(pl.col("labels").list.len() != pl.col("scores").list.len())["id"]
     if len(mismatched):
-        raise DataError(f"{annotations_path}: labels and scores differ in length for record(s) "
-                        f"{mismatched.head(5).to_list()}")
+        raise DataError(
+            f"{annotations_path}: labels and scores differ in length for record(s) {mismatched.head(5).to_list()}"
+        )
     null_labels = annotations.filter(pl.col("labels").list.eval(pl.element().is_null()).list.any())["id"]
     if len(null_labels):
         raise DataError(f"{annotations_path}: null label(s) in record(s) {null_labels.head(5).to_list()}")
@@ -57,44 +59,66 @@ def conform_annotations(records: pl.DataFrame, annotations: pl.DataFrame, annota
     )
 
 
-def check_complete(records: pl.DataFrame, annotations: pl.DataFrame, annotations_path: str,
-                   records_path: str) -> None:
+def check_complete(records: pl.DataFrame, annotations: pl.DataFrame, annotations_path: str, records_path: str) -> None:
     missing = records.join(annotations, on="id", how="anti")["id"]
     if len(missing):
-        raise DataError(f"{annotations_path}: no annotation row for {len(missing)} record(s) of {records_path}, "
-                        f"e.g. {missing.head(5).to_list()}")
+        raise DataError(
+            f"{annotations_path}: no annotation row for {len(missing)} record(s) of {records_path}, "
+            f"e.g. {missing.head(5).to_list()}"
+        )
 
 
-def _read_annotation_table(path: str) -> pl.DataFrame:
-    table = read_parquet(path, {"id": "str", "labels": "list<str>"})
+def read_annotation_table(path: str) -> pl.DataFrame:
+    """A table of id, labels[, scores] (the annotation table contract) as the annotations contract's columns."""
+    table = ANNOTATION_TABLE.read(path, extra=True)
     if "scores" not in table.columns:  # a label list without confidences: every label is certain
         table = table.with_columns(scores=pl.col("labels").list.eval(pl.lit(1.0, pl.Float32)))
-    return table.select("id", "labels", "scores").cast(ANNOTATION_SCHEMA)
+    return table.select(ANNOTATIONS.names).cast(ANNOTATIONS.polars())
 
 
-def annotate_precomputed(records_path: str, annotation_paths: list[str], out_path: str,
-                         allow_missing: bool = False, drop_unknown: bool = False) -> None:
-    records = read_parquet(records_path, {"id": "str"})
+def annotate_precomputed(
+    records_path: str,
+    annotation_paths: list[str],
+    out_path: str,
+    allow_missing: bool = False,
+    drop_unknown: bool = False,
+) -> None:
+    records = RECORDS.read(records_path, ["id"])
     check_unique_ids(records["id"], records_path)
-    annotations = pl.concat([_read_annotation_table(path) for path in annotation_paths])
+    annotations = pl.concat([read_annotation_table(path) for path in annotation_paths])
     source = " + ".join(annotation_paths)
     if drop_unknown:
         annotations = annotations.join(records.select("id"), on="id", how="semi")
     if not allow_missing:
         check_complete(records, annotations, source, records_path)
     conformed = conform_annotations(records, annotations, source, records_path)
-    write_parquet(conformed, out_path, stage="annotate",
-                  params={"annotator": "precomputed", "records": records_path, "sources": annotation_paths,
-                          "allow_missing": allow_missing, "drop_unknown": drop_unknown})
+    write_parquet(
+        conformed,
+        out_path,
+        stage="annotate",
+        contract=ANNOTATIONS,
+        params={
+            "annotator": "precomputed",
+            "records": records_path,
+            "sources": annotation_paths,
+            "allow_missing": allow_missing,
+            "drop_unknown": drop_unknown,
+        },
+    )
 
 
 def annotate_ground_truth(records_path: str, ground_truth_path: str, out_path: str) -> None:
-    records = read_parquet(records_path, {"id": "str"})
+    records = RECORDS.read(records_path, ["id"])
     check_unique_ids(records["id"], records_path)
-    ground_truth = read_parquet(ground_truth_path, {"id": "str", "labels": "list<str>"})
+    ground_truth = read_annotation_table(ground_truth_path)
     annotations = conform_annotations(records, ground_truth, ground_truth_path, records_path)
-    write_parquet(annotations, out_path, stage="annotate",
-                  params={"annotator": "ground_truth", "records": records_path, "source": ground_truth_path})
+    write_parquet(
+        annotations,
+        out_path,
+        stage="annotate",
+        contract=ANNOTATIONS,
+        params={"annotator": "ground_truth", "records": records_path, "source": ground_truth_path},
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -103,10 +127,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--records", required=True)
     parser.add_argument("--ground-truth", help="ground_truth: Parquet with id, labels[, scores] from the adapter")
     parser.add_argument("--annotations", nargs="+", help="precomputed: Parquet table(s) with id, labels[, scores]")
-    parser.add_argument("--allow-missing", action="store_true",
-                        help="precomputed: records without a row get empty lists instead of an error")
-    parser.add_argument("--drop-unknown", action="store_true",
-                        help="precomputed: rows for ids not in the records are dropped instead of an error")
+    parser.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help="precomputed: records without a row get empty lists instead of an error",
+    )
+    parser.add_argument(
+        "--drop-unknown",
+        action="store_true",
+        help="precomputed: rows for ids not in the records are dropped instead of an error",
+    )
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

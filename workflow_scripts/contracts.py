@@ -12,6 +12,7 @@ docs/DESIGN.md §4 lists these tables for users; tests/test_contracts.py keeps t
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ class Contract:
     """A Parquet table's required columns (in order) and optional columns, with their Arrow types."""
 
     name: str
-    path: str  # where the workflow writes it, in the grammar of docs/DESIGN.md §3
+    path: str | None  # where the workflow writes it, in the grammar of docs/DESIGN.md §3; None: a user's input
     columns: tuple[pa.Field, ...]
     optional: tuple[pa.Field, ...] = field(default=())
 
@@ -46,20 +47,31 @@ class Contract:
     def declared(self, name: str) -> pa.Field | None:
         return next((column for column in (*self.columns, *self.optional) if column.name == name), None)
 
-    def conform(self, table: pa.Table, path: str | os.PathLike) -> pa.Table:
+    def polars(self, columns: list[str] | None = None) -> dict[str, pl.DataType]:
+        """{name: polars type} of `columns` (default: the required ones), for building frames in memory."""
+        return {name: _polars_type(self.declared(name).type) for name in (self.names if columns is None else columns)}
+
+    def empty(self) -> pl.DataFrame:
+        return pl.DataFrame(schema=self.polars())
+
+    def conform(self, table: pa.Table | pl.DataFrame, path: str | os.PathLike) -> pa.Table:
         """`table` with every declared column cast to its declared type; DataError naming `path` otherwise."""
+        table = table.to_arrow() if isinstance(table, pl.DataFrame) else table
         missing = [name for name in self.names if name not in table.column_names]
         if missing:
             raise DataError(f"{path}: the {self.name} table lacks column(s) {missing}; has {table.column_names}")
-        wrong = [f"'{found.name}' is {found.type}, not {self.declared(found.name).type}" for found in table.schema
-                 if self.declared(found.name) is not None
-                 and not _compatible(self.declared(found.name).type, _polars_type(found.type))]
+        wrong = [
+            f"'{found.name}' is {found.type}, not {self.declared(found.name).type}"
+            for found in table.schema
+            if self.declared(found.name) is not None
+            and not _compatible(self.declared(found.name).type, _polars_type(found.type))
+        ]
         if wrong:
             raise DataError(f"{path}: {self.name} column(s) of the wrong type: {'; '.join(wrong)}")
         fields = [found.with_type(self._write_type(found)) for found in table.schema]
         try:
             return table.cast(pa.schema(fields, metadata=table.schema.metadata))
-        except pa.ArrowInvalid as error:  # a value out of the declared type's range
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:  # a value out of the declared type's range
             raise DataError(f"{path}: a {self.name} value does not fit its declared type: {error}") from error
 
     def _write_type(self, found: pa.Field) -> pa.DataType:
@@ -71,22 +83,52 @@ class Contract:
             return pa.list_(column.type.value_type, found.type.list_size)
         return column.type
 
-    def scan(self, path: str | os.PathLike, columns: list[str] | None = None) -> pl.LazyFrame:
-        """A lazy view of `columns` (default: the required ones) of the file at `path`, their types checked."""
-        wanted = self.names if columns is None else columns
+    def check(self, path: str | os.PathLike, columns: list[str] | None = None, *, extra: bool = False) -> list[str]:
+        """The columns a reader gets: `columns` (default: the required ones), then with `extra` the file's others.
+
+        DataError naming `path` for a missing file or column, or a declared column of an incompatible type
+        (with `extra`, the declared optional columns present in the file are checked too).
+        """
+        wanted = self.names if columns is None else list(columns)
         schema = _file_schema(path)
         missing = [name for name in wanted if name not in schema]
         if missing:
-            raise DataError(f"{path}: not a {self.name} table: missing column(s) {missing}; "
-                            f"found {schema.names()}")
-        wrong = [f"'{name}' is {schema[name]}, not {self.declared(name).type}" for name in wanted
-                 if self.declared(name) is not None and not _compatible(self.declared(name).type, schema[name])]
+            raise DataError(f"{path}: not a {self.name} table: missing column(s) {missing}; found {schema.names()}")
+        if extra:
+            wanted += [name for name in schema.names() if name not in wanted]
+        wrong = [
+            f"'{name}' is {schema[name]}, not {self.declared(name).type}"
+            for name in wanted
+            if self.declared(name) is not None and not _compatible(self.declared(name).type, schema[name])
+        ]
         if wrong:
             raise DataError(f"{path}: {self.name} column(s) of the wrong type: {'; '.join(wrong)}")
-        return pl.scan_parquet(path).select(wanted)
+        return wanted
 
-    def read(self, path: str | os.PathLike, columns: list[str] | None = None) -> pl.DataFrame:
-        return self.scan(path, columns).collect()
+    def scan(self, path: str | os.PathLike, columns: list[str] | None = None, *, extra: bool = False) -> pl.LazyFrame:
+        """A lazy view of `columns` (default: the required ones; with `extra` all the file's, those first) of the
+        file at `path`, their types checked (`check`) and cast to the declared ones (a fixed-size list keeps its
+        width): a reader sees one type per column whichever library wrote the file."""
+        wanted = self.check(path, columns, extra=extra)
+        casts = {
+            name: _polars_type(self.declared(name).type)
+            for name in wanted
+            if self.declared(name) is not None and not pa.types.is_fixed_size_list(self.declared(name).type)
+        }
+        return pl.scan_parquet(path).select(wanted).cast(casts)
+
+    def read(self, path: str | os.PathLike, columns: list[str] | None = None, *, extra: bool = False) -> pl.DataFrame:
+        """`scan(...)` collected; a value that does not fit its declared type is a DataError naming `path`."""
+        frame = self.scan(path, columns, extra=extra)
+        try:
+            return frame.collect()
+        except pl.exceptions.PolarsError as error:  # e.g. an int64 value out of an int16 column's range
+            raise DataError(f"{path}: a {self.name} value does not fit its declared type ({error})") from error
+
+
+def all_contracts() -> list[Contract]:
+    """Every contract declared in this module, in declaration order."""
+    return [value for value in globals().values() if isinstance(value, Contract)]
 
 
 def _file_schema(path: str | os.PathLike) -> pl.Schema:
@@ -99,7 +141,9 @@ def _file_schema(path: str | os.PathLike) -> pl.Schema:
 
 
 def _compatible(declared: pa.DataType, found: pl.DataType) -> bool:
-    """Whether a column polars reads as `found` holds values of the declared Arrow type."""
+    """Whether a column polars reads as `found` holds values of the declared Arrow type (all-null columns do)."""
+    if found == pl.Null:
+        return True
     if pa.types.is_integer(declared):
         return found.is_integer()
     if pa.types.is_floating(declared):
@@ -113,6 +157,7 @@ def _compatible(declared: pa.DataType, found: pl.DataType) -> bool:
     return _polars_type(declared) == found
 
 
+@functools.cache
 def _polars_type(data_type: pa.DataType) -> pl.DataType:
     return pl.from_arrow(pa.table({"c": pa.array([], data_type)}))["c"].dtype
 
@@ -121,23 +166,191 @@ def _fields(*pairs: tuple[str, pa.DataType]) -> tuple[pa.Field, ...]:
     return tuple(pa.field(name, data_type) for name, data_type in pairs)
 
 
-RECORDS = Contract("records", "data/{dataset}/records.parquet",
-                   _fields(("id", pa.string()), ("image_path", pa.string()), ("captions", STRINGS)),
-                   _fields(("image_sha256", pa.string()), ("scene", pa.string()), ("coco_id", pa.int64()),
-                           ("label", pa.string()), ("source_dataset", pa.string()),
-                           ("dominant_object", pa.string()), ("image_offset", pa.int64()),
-                           ("image_size", pa.int64())))
-GROUND_TRUTH = Contract("ground_truth", "data/{dataset}/ground_truth.parquet",
-                        _fields(("id", pa.string()), ("labels", STRINGS), ("scores", FLOATS)))
-VALIDATION = Contract("validation", "data/{dataset}/validation.parquet",
-                      _fields(("id", pa.string()), ("image_path", pa.string()), ("problem", pa.string())))
-ANNOTATIONS = Contract("annotations", "data/{dataset}/annotations.parquet",
-                       _fields(("id", pa.string()), ("labels", STRINGS), ("scores", FLOATS)))
-DETIC_VOCABULARY = Contract("detic vocabulary", "detic/vocabularies/{name}-{hash}.parquet",
-                            _fields(("class_name", pa.string()), ("embedding", EMBEDDING)))
+RECORDS = Contract(
+    "records",
+    "data/{dataset}/records.parquet",
+    _fields(("id", pa.string()), ("image_path", pa.string()), ("captions", STRINGS)),
+    _fields(
+        ("image_sha256", pa.string()),
+        ("scene", pa.string()),
+        ("coco_id", pa.int64()),
+        ("label", pa.string()),
+        ("source_dataset", pa.string()),
+        ("dominant_object", pa.string()),
+        ("image_offset", pa.int64()),
+        ("image_size", pa.int64()),
+    ),
+)
+GROUND_TRUTH = Contract(
+    "ground_truth",
+    "data/{dataset}/ground_truth.parquet",
+    _fields(("id", pa.string()), ("labels", STRINGS), ("scores", FLOATS)),
+)
+VALIDATION = Contract(
+    "validation",
+    "data/{dataset}/validation.parquet",
+    _fields(("id", pa.string()), ("image_path", pa.string()), ("problem", pa.string())),
+)
+ANNOTATIONS = Contract(
+    "annotations",
+    "data/{dataset}/annotations.parquet",
+    _fields(("id", pa.string()), ("labels", STRINGS), ("scores", FLOATS)),
+)
+DETIC_VOCABULARY = Contract(
+    "detic vocabulary",
+    "detic/vocabularies/{name}-{hash}.parquet",
+    _fields(("class_name", pa.string()), ("embedding", EMBEDDING)),
+)
 SPLIT_IDS = Contract("split ids", "splits/{split}/{A,B,holdout}.parquet", _fields(("id", pa.string())))
-EMBEDDINGS = Contract("embeddings", "embeddings/{split}/{point}/{side}/{public,captions,public_captions}.parquet",
-                      _fields(("id", pa.string()), ("embedding", EMBEDDING)))
-NEIGHBORS = Contract("neighbors", "neighbors/{split}/{point}/{side}.parquet",
-                     _fields(("query_id", pa.string()), ("rank", pa.int16()), ("public_id", pa.string()),
-                             ("score", pa.float32())))
+EMBEDDINGS = Contract(
+    "embeddings",
+    "embeddings/{split}/{point}/{side}/{public,captions,public_captions}.parquet",
+    _fields(("id", pa.string()), ("embedding", EMBEDDING)),
+)
+NEIGHBORS = Contract(
+    "neighbors",
+    "neighbors/{split}/{point}/{side}.parquet",
+    _fields(("query_id", pa.string()), ("rank", pa.int16()), ("public_id", pa.string()), ("score", pa.float32())),
+)
+UTILITY = Contract(
+    "utility",
+    "utility/{split}/{point}/{side}.parquet",
+    _fields(
+        ("task", pa.string()),
+        ("metric", pa.string()),
+        ("accuracy", pa.float64()),
+        ("chance", pa.float64()),
+        ("n_classes", pa.int64()),
+        ("n_eval", pa.int64()),
+    ),
+)
+AGREEMENT = Contract(
+    "agreement",
+    "agreement/{split}/{point}/agreement.parquet",
+    _fields(
+        ("test_a", pa.string()),
+        ("test_b", pa.string()),
+        ("n_records", pa.int64()),
+        ("agreement", pa.float64()),
+        ("jaccard", pa.float64()),
+        ("n_both_flagged", pa.int64()),
+        ("n_flagged_a", pa.int64()),
+        ("n_flagged_b", pa.int64()),
+    ),
+)
+AGREEMENT_POPULATION = Contract(
+    "agreement population",
+    "agreement/{split}/{point}/population.parquet",
+    _fields(
+        ("test", pa.string()),
+        ("metric", pa.string()),
+        ("label_mode", pa.string()),
+        *(
+            (f"{queries}_{statistic}", pa.float64())
+            for queries in ("target", "holdout", "net")
+            for statistic in ("value", "std")
+        ),
+    ),
+)
+SUMMARY_METRICS = ("PPG", "PRG", "AUCG")  # the population metrics a sweep summary carries
+# One row per parameter point; the utility columns `{A,B}_{task}_{metric}` follow these, as the tasks configured.
+SUMMARY = Contract(
+    "summary",
+    "summary/{split}.parquet",
+    _fields(
+        ("split", pa.string()),
+        ("point", pa.string()),
+        ("n_train", pa.int64()),
+        ("epochs", pa.int64()),
+        ("temperature", pa.float64()),
+        ("weight_decay", pa.float64()),
+        ("mask_ratio", pa.float64()),
+        ("seed", pa.int64()),
+        *(
+            (f"{prefix}{metric}_{statistic}", pa.float64())
+            for prefix in ("", "holdout_")
+            for metric in SUMMARY_METRICS
+            for statistic in ("value", "mean", "std")
+        ),
+        *((f"{metric}_net", pa.float64()) for metric in SUMMARY_METRICS),
+    ),
+)
+
+# Tables a user hands the workflow (path None: they live wherever the config names them).
+CAPTION_TABLE = Contract("caption table", None, _fields(("path", pa.string()), ("caption", pa.string())))
+ANNOTATION_TABLE = Contract(
+    "annotation table", None, _fields(("id", pa.string()), ("labels", STRINGS)), _fields(("scores", FLOATS))
+)  # no scores: every label is certain
+
+# The training stage's logs: one row per epoch, and one every log_every_steps optimizer steps.
+TRAIN_LOG = Contract(
+    "train log",
+    "models/{split}/{point}/{side}/run/train_log.parquet",
+    _fields(
+        ("epoch", pa.int64()),
+        ("loss", pa.float64()),
+        ("lr", pa.float64()),
+        ("logit_scale", pa.float64()),
+        ("seconds", pa.float64()),
+    ),
+)
+TRAIN_STEPS = Contract(
+    "train steps",
+    "models/{split}/{point}/{side}/run/train_steps.parquet",
+    _fields(
+        ("step", pa.int64()),
+        ("epoch", pa.int64()),
+        ("loss", pa.float64()),
+        ("lr", pa.float64()),
+        ("logit_scale", pa.float64()),
+        ("seconds", pa.float64()),
+    ),
+)
+METRICS_PATH = "metrics/{split}/{point}[/one_model~{mode}]/{queries}"
+_SCORES = (
+    ("n_predicted", pa.int32()),
+    ("n_correct", pa.int32()),
+    ("precision", pa.float64()),
+    ("recall", pa.float64()),
+    ("f1", pa.float64()),
+    ("nn_score", pa.float32()),
+)
+METRIC_RECORDS = Contract(
+    "metric records",
+    f"{METRICS_PATH}/records.parquet",
+    _fields(
+        ("id", pa.string()),
+        ("label_mode", pa.string()),
+        ("n_objects", pa.int32()),
+        *[(f"{name}_{side}", data_type) for side in ("target", "reference") for name, data_type in _SCORES],
+    ),
+)
+POPULATION = Contract(
+    "population",
+    f"{METRICS_PATH}/population.parquet",
+    _fields(
+        ("label_mode", pa.string()),
+        ("metric", pa.string()),
+        ("value", pa.float64()),
+        ("mean", pa.float64()),
+        ("std", pa.float64()),
+        ("n_boot", pa.int64()),
+        ("frac", pa.float64()),
+        ("n_records", pa.int64()),
+        ("n_excluded", pa.int64()),
+        ("k", pa.int32()),
+        ("top_n", pa.int32()),
+    ),
+)
+SAMPLE_LEVEL = Contract(
+    "sample level",
+    f"{METRICS_PATH}/sample_level.parquet",
+    _fields(
+        ("order", pa.string()),
+        ("oracle", pa.bool_()),
+        ("top_l", pa.int64()),
+        ("precision_gap", pa.float64()),
+        ("recall_gap", pa.float64()),
+        ("f1_gap", pa.float64()),
+    ),
+)

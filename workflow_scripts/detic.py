@@ -25,9 +25,10 @@ import json
 import logging
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -35,10 +36,17 @@ import pyarrow.parquet as pq
 from PIL import ImageOps
 from tqdm import tqdm
 
-from workflow_scripts.annotate import ANNOTATION_SCHEMA, check_complete, conform_annotations
+from workflow_scripts.annotate import check_complete, conform_annotations
+from workflow_scripts.contracts import ANNOTATIONS, DETIC_VOCABULARY, RECORDS
 from workflow_scripts.images import load_rgb, resolve_image_paths
-from workflow_scripts.io import (DataError, check_unique_ids, embeddings_from_table, embeddings_table, params_hash,
-                                 read_parquet, write_parquet)
+from workflow_scripts.io import (
+    DataError,
+    check_unique_ids,
+    embeddings_from_table,
+    embeddings_table,
+    params_hash,
+    write_parquet,
+)
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +141,7 @@ def load_clip(weights: str):
     """OpenAI's CLIP from its own weights file (ViT-B-32.pt), built as OpenAI builds it: QuickGELU, fp16-stored
     weights run in fp32. Nothing is downloaded: `weights` must be a local file."""
     if not Path(weights).is_file():
-        raise DataError(f"{weights}: CLIP weights file does not exist (OpenAI's ViT-B-32.pt; README \"Real data\")")
+        raise DataError(f'{weights}: CLIP weights file does not exist (OpenAI\'s ViT-B-32.pt; README "Real data")')
     import open_clip
 
     # load_openai_model infers the architecture from the state dict and uses QuickGELU; create_model("ViT-B-32",
@@ -149,7 +157,7 @@ def embed_class_names(model, names: list[str], prompt: str) -> np.ndarray:
     parts = []
     with torch.no_grad():
         for start in tqdm(range(0, len(names), TEXT_BATCH), desc="CLIP text", unit="batch", mininterval=5):
-            tokens = open_clip.tokenize([prompt.format(name) for name in names[start:start + TEXT_BATCH]])
+            tokens = open_clip.tokenize([prompt.format(name) for name in names[start : start + TEXT_BATCH]])
             parts.append(model.encode_text(tokens, normalize=True).float().numpy())
     return np.concatenate(parts)
 
@@ -158,9 +166,20 @@ def write_class_embeddings(vocabulary: str, detic_repo: str, clip_weights: str, 
     names = read_vocabulary(vocabulary, detic_repo)
     embeddings = embed_class_names(load_clip(clip_weights), names, prompt)
     table = embeddings_table(names, embeddings).rename_columns(["class_name", "embedding"])
-    write_parquet(table, out_path, stage="annotate", params={
-        "annotator": "detic", "vocabulary": vocabulary, "source": str(vocabulary_source(vocabulary, detic_repo)),
-        "prompt": prompt, "clip_weights": clip_weights, "n_classes": len(names)})
+    write_parquet(
+        table,
+        out_path,
+        stage="annotate",
+        contract=DETIC_VOCABULARY,
+        params={
+            "annotator": "detic",
+            "vocabulary": vocabulary,
+            "source": str(vocabulary_source(vocabulary, detic_repo)),
+            "prompt": prompt,
+            "clip_weights": clip_weights,
+            "n_classes": len(names),
+        },
+    )
     log.info("%s: %d class embeddings of dimension %d", out_path, *embeddings.shape)
 
 
@@ -168,9 +187,7 @@ def read_class_embeddings(path: str) -> tuple[list[str], np.ndarray]:
     """(class names, [classes, dim] float32 embeddings) written by `write_class_embeddings`."""
     if not Path(path).is_file():
         raise DataError(f"{path}: class embeddings file does not exist (the detic_vocabulary rule writes it)")
-    table = pq.read_table(path)
-    if table.column_names != ["class_name", "embedding"]:
-        raise DataError(f"{path}: expected columns class_name, embedding; found {table.column_names}")
+    table = pq.read_table(path, columns=DETIC_VOCABULARY.check(path))
     names, embeddings = embeddings_from_table(table.rename_columns(["id", "embedding"]), path)
     return names.to_pylist(), embeddings
 
@@ -199,7 +216,9 @@ def instances_to_annotation(instances, class_names: list[str], threshold: float)
     classes = _as_numpy(instances.pred_classes).astype(np.int64)
     scores = _as_numpy(instances.scores).astype(np.float32)
     if classes.size and (classes.min() < 0 or classes.max() >= len(class_names)):
-        raise DataError(f"predicted class index {int(classes.max())} outside the vocabulary of {len(class_names)} names")
+        raise DataError(
+            f"predicted class index {int(classes.max())} outside the vocabulary of {len(class_names)} names"
+        )
     best: dict[str, float] = {}
     for class_index, score in zip(classes, scores):
         if score >= threshold:
@@ -237,18 +256,29 @@ class ModelInputs:
         return self.ids[index], {"image": tensor, "height": height, "width": width}
 
 
-def detect(records_path: str, chunk: int, n_chunks: int, detector: Detector, class_names: list[str],
-           threshold: float, out_path: str, batch_size: int = 8, workers: int = 4) -> None:
+def detect(
+    records_path: str,
+    chunk: int,
+    n_chunks: int,
+    detector: Detector,
+    class_names: list[str],
+    threshold: float,
+    out_path: str,
+    batch_size: int = 8,
+    workers: int = 4,
+) -> None:
     """Run `detector` on one chunk of the records, `batch_size` images per forward pass."""
     import torch
     from torch.utils.data import DataLoader
 
-    records = read_parquet(records_path, {"id": "str", "image_path": "str"})
+    records = RECORDS.read(records_path, ["id", "image_path"])
     check_unique_ids(records["id"], records_path)
-    records = chunk_of(records.with_columns(resolve_image_paths(records, records_path).alias("image_path")),
-                       chunk, n_chunks)
-    dataset = ModelInputs(records["id"].to_list(), records["image_path"].to_list(), detector.resize,
-                          detector.input_format)
+    records = chunk_of(
+        records.with_columns(resolve_image_paths(records, records_path).alias("image_path")), chunk, n_chunks
+    )
+    dataset = ModelInputs(
+        records["id"].to_list(), records["image_path"].to_list(), detector.resize, detector.input_format
+    )
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=list)
     ids, labels, scores = [], [], []
     with tqdm(total=len(dataset), desc=f"detic chunk {chunk}/{n_chunks}", unit="img", mininterval=5) as progress:
@@ -262,25 +292,41 @@ def detect(records_path: str, chunk: int, n_chunks: int, detector: Detector, cla
                 labels.append(image_labels)
                 scores.append(image_scores)
             progress.update(len(batch))
-    table = pl.DataFrame({"id": ids, "labels": labels, "scores": scores}, schema=ANNOTATION_SCHEMA)
-    write_parquet(table, out_path, stage="annotate", params={
-        "annotator": "detic", "records": records_path, "chunk": chunk, "n_chunks": n_chunks,
-        "threshold": threshold, "vocabulary_size": len(class_names)})
+    table = pl.DataFrame({"id": ids, "labels": labels, "scores": scores}, schema=ANNOTATIONS.polars())
+    write_parquet(
+        table,
+        out_path,
+        stage="annotate",
+        contract=ANNOTATIONS,
+        params={
+            "annotator": "detic",
+            "records": records_path,
+            "chunk": chunk,
+            "n_chunks": n_chunks,
+            "threshold": threshold,
+            "vocabulary_size": len(class_names),
+        },
+    )
 
 
 def merge(records_path: str, chunk_paths: list[str], out_path: str) -> None:
-    records = read_parquet(records_path, {"id": "str"})
-    chunks = pl.concat([read_parquet(path, {"id": "str", "labels": "list<str>", "scores": "list<float32>"})
-                        .select(list(ANNOTATION_SCHEMA)).cast(ANNOTATION_SCHEMA) for path in chunk_paths])
+    records = RECORDS.read(records_path, ["id"])
+    chunks = pl.concat([ANNOTATIONS.read(path) for path in chunk_paths])
     source = f"{len(chunk_paths)} Detic chunk(s) ({chunk_paths[0]} ...)"
     check_complete(records, chunks, source, records_path)
     annotations = conform_annotations(records, chunks, source, records_path)
-    write_parquet(annotations, out_path, stage="annotate",
-                  params={"annotator": "detic", "records": records_path, "chunks": chunk_paths})
+    write_parquet(
+        annotations,
+        out_path,
+        stage="annotate",
+        contract=ANNOTATIONS,
+        params={"annotator": "detic", "records": records_path, "chunks": chunk_paths},
+    )
 
 
-def build_predictor(detic_repo: str, config_file: str, weights: str, class_embeddings: np.ndarray, threshold: float,
-                    device: str) -> Detector:
+def build_predictor(
+    detic_repo: str, config_file: str, weights: str, class_embeddings: np.ndarray, threshold: float, device: str
+) -> Detector:
     """Detic with `class_embeddings` ([classes, dim]) as its classifier, configured as Detic's demo configures it
     (masks off), loaded as detectron2's DefaultPredictor loads it."""
     try:
@@ -293,10 +339,11 @@ def build_predictor(detic_repo: str, config_file: str, weights: str, class_embed
         raise MissingDependencyError(INSTALL_HINT.format(python=sys.executable, error=error)) from error
     repo = Path(detic_repo).resolve()
     if not (repo / "detic").is_dir():
-        raise MissingDependencyError(INSTALL_HINT.format(python=sys.executable,
-                                                         error=f"{repo} is not a Detic checkout"))
+        raise MissingDependencyError(
+            INSTALL_HINT.format(python=sys.executable, error=f"{repo} is not a Detic checkout")
+        )
     if not Path(weights).is_file():
-        raise DataError(f"{weights}: Detic weights file does not exist (README \"Real data\" says where to get it)")
+        raise DataError(f'{weights}: Detic weights file does not exist (README "Real data" says where to get it)')
     sys.path[:0] = [str(repo), str(repo / "third_party" / "CenterNet2")]
     from centernet.config import add_centernet_config
     from detic.config import add_detic_config
@@ -329,9 +376,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     vocabulary_parser = commands.add_parser("vocabulary", help="class names -> their CLIP text embeddings")
-    vocabulary_parser.add_argument("--vocabulary", required=True,
-                                   help=f"{' or '.join(BUILTIN_VOCABULARIES)} (from the Detic clone) or a text file, "
-                                        "one class name per line")
+    vocabulary_parser.add_argument(
+        "--vocabulary",
+        required=True,
+        help=f"{' or '.join(BUILTIN_VOCABULARIES)} (from the Detic clone) or a text file, one class name per line",
+    )
     vocabulary_parser.add_argument("--detic-repo", required=True, help="Detic git checkout")
     vocabulary_parser.add_argument("--clip-weights", required=True, help="OpenAI CLIP ViT-B/32 weights file")
     vocabulary_parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="'{}' stands for the class name")
@@ -365,12 +414,22 @@ def main(argv: list[str] | None = None) -> None:
         return
     class_names, class_embeddings = read_class_embeddings(args.class_embeddings)
     try:
-        detector = build_predictor(args.detic_repo, args.config_file, args.weights, class_embeddings,
-                                   args.score_threshold, args.device)
+        detector = build_predictor(
+            args.detic_repo, args.config_file, args.weights, class_embeddings, args.score_threshold, args.device
+        )
     except MissingDependencyError as error:
         sys.exit(f"error: {error}")
-    detect(args.records, args.chunk, args.n_chunks, detector, class_names, args.score_threshold, args.out,
-           args.batch_size, args.workers)
+    detect(
+        args.records,
+        args.chunk,
+        args.n_chunks,
+        detector,
+        class_names,
+        args.score_threshold,
+        args.out,
+        args.batch_size,
+        args.workers,
+    )
 
 
 if __name__ == "__main__":

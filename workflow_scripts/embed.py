@@ -20,17 +20,16 @@ import logging
 
 import numpy as np
 import polars as pl
-import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
+from workflow_scripts.contracts import EMBEDDINGS, RECORDS, SPLIT_IDS
 from workflow_scripts.images import load_rgb, resolve_image_paths
-from workflow_scripts.io import DataError, embeddings_table, read_parquet, write_parquet
+from workflow_scripts.io import DataError, embeddings_table, write_parquet
 from workflow_scripts.knn import shard_range
 from workflow_scripts.models import load_checkpoint, select_device
 
 log = logging.getLogger(__name__)
-RECORD_COLUMNS = {"id": "str", "image_path": "str", "captions": "list<str>"}
 
 
 def select_records(records_path: str, id_paths: list[str], shard: str | None = None) -> pl.DataFrame:
@@ -38,16 +37,14 @@ def select_records(records_path: str, id_paths: list[str], shard: str | None = N
     if shard is not None:
         if id_paths:
             raise ValueError("--shard splits a whole record set; it cannot be combined with --ids")
-        missing = [name for name in RECORD_COLUMNS if name not in pq.read_schema(records_path).names]
-        if missing:
-            raise DataError(f"{records_path}: missing column(s) {missing}")
+        records = RECORDS.scan(records_path)
         start, stop = shard_range(records_path, shard)
         # Only the shard's rows are read: the job's memory follows the shard, not the record set.
-        return pl.scan_parquet(records_path).slice(start, stop - start).select(list(RECORD_COLUMNS)).collect()
-    records = read_parquet(records_path, RECORD_COLUMNS)
+        return records.slice(start, stop - start).collect()
+    records = RECORDS.read(records_path)
     if not id_paths:
         return records
-    wanted = pl.concat([read_parquet(path, {"id": "str"}).select("id") for path in id_paths])
+    wanted = pl.concat([SPLIT_IDS.read(path) for path in id_paths])
     selected = wanted.join(records, on="id", how="left", maintain_order="left")
     missing = selected.filter(pl.col("image_path").is_null())["id"]
     if len(missing):
@@ -55,16 +52,22 @@ def select_records(records_path: str, id_paths: list[str], shard: str | None = N
     return selected
 
 
-def select_captions(records: pl.DataFrame, records_path: str, caption_index: int,
-                    skip_uncaptioned: bool) -> pl.DataFrame:
+def select_captions(
+    records: pl.DataFrame, records_path: str, caption_index: int, skip_uncaptioned: bool
+) -> pl.DataFrame:
     """Records with their `caption` #caption_index; records lacking it are an error, or left out (logged)."""
     records = records.with_columns(caption=pl.col("captions").list.get(caption_index, null_on_oob=True))
     missing = records.filter(pl.col("caption").is_null())["id"]
     if len(missing) and not skip_uncaptioned:
         raise DataError(f"{records_path}: record(s) without caption #{caption_index}: {missing.head(5).to_list()}")
     if len(missing):
-        log.info("%s: %d record(s) without caption #%d left out, e.g. %s", records_path, len(missing),
-                 caption_index, missing.head(3).to_list())
+        log.info(
+            "%s: %d record(s) without caption #%d left out, e.g. %s",
+            records_path,
+            len(missing),
+            caption_index,
+            missing.head(3).to_list(),
+        )
     return records.filter(pl.col("caption").is_not_null())
 
 
@@ -73,16 +76,27 @@ def embed_batches(encode, items: list, prepare, batch_size: int, device: torch.d
     """Run `encode(prepare(batch))` over items in batches; return L2-normalised float32 rows."""
     chunks = []
     for start in tqdm(range(0, len(items), batch_size), desc=desc, unit="batch", mininterval=2):
-        features = encode(prepare(items[start:start + batch_size]).to(device))
+        features = encode(prepare(items[start : start + batch_size]).to(device))
         chunks.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu().numpy())
     if not chunks:
         return np.zeros((0, 0), dtype=np.float32)
     return np.concatenate(chunks).astype(np.float32, copy=False)
 
 
-def embed(model_path: str, records_path: str, id_paths: list[str], modality: str, out_path: str,
-          batch_size: int = 512, caption_index: int = 0, device: str = "auto", threads: int = 1,
-          shard: str | None = None, allow_cpu_fallback: bool = False, skip_uncaptioned: bool = False) -> None:
+def embed(
+    model_path: str,
+    records_path: str,
+    id_paths: list[str],
+    modality: str,
+    out_path: str,
+    batch_size: int = 512,
+    caption_index: int = 0,
+    device: str = "auto",
+    threads: int = 1,
+    shard: str | None = None,
+    allow_cpu_fallback: bool = False,
+    skip_uncaptioned: bool = False,
+) -> None:
     torch.set_num_threads(threads)
     torch_device = select_device(device, allow_cpu_fallback)
     log.info("embedding on %s", torch_device)
@@ -106,9 +120,15 @@ def embed(model_path: str, records_path: str, id_paths: list[str], modality: str
     else:
         raise ValueError(f"modality must be 'image' or 'text', not {modality!r}")
     embeddings = embed_batches(encode, items, prepare, batch_size, torch_device, f"embedding {modality}s")
-    params = {"model": model_path, "model_epoch": checkpoint.get("epoch"), "records": records_path,
-              "modality": modality, "caption_index": caption_index, "shard": shard}
-    write_parquet(embeddings_table(ids, embeddings), out_path, stage="embed", params=params)
+    params = {
+        "model": model_path,
+        "model_epoch": checkpoint.get("epoch"),
+        "records": records_path,
+        "modality": modality,
+        "caption_index": caption_index,
+        "shard": shard,
+    }
+    write_parquet(embeddings_table(ids, embeddings), out_path, stage="embed", params=params, contract=EMBEDDINGS)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -122,15 +142,34 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--caption-index", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    parser.add_argument("--allow-cpu-fallback", type=lambda text: text.lower() in ("1", "true", "yes"),
-                        default=False, help="true: --device cuda without a GPU runs on the CPU instead of failing")
+    parser.add_argument(
+        "--allow-cpu-fallback",
+        type=lambda text: text.lower() in ("1", "true", "yes"),
+        default=False,
+        help="true: --device cuda without a GPU runs on the CPU instead of failing",
+    )
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--skip-uncaptioned", action="store_true",
-                        help="text: leave out records without the caption instead of failing (public sets)")
+    parser.add_argument(
+        "--skip-uncaptioned",
+        action="store_true",
+        help="text: leave out records without the caption instead of failing (public sets)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    embed(args.model, args.records, args.ids, args.modality, args.out, args.batch_size, args.caption_index,
-          args.device, args.threads, args.shard, args.allow_cpu_fallback, args.skip_uncaptioned)
+    embed(
+        args.model,
+        args.records,
+        args.ids,
+        args.modality,
+        args.out,
+        args.batch_size,
+        args.caption_index,
+        args.device,
+        args.threads,
+        args.shard,
+        args.allow_cpu_fallback,
+        args.skip_uncaptioned,
+    )
 
 
 if __name__ == "__main__":

@@ -21,16 +21,26 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import polars as pl  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import polars as pl
 
-from workflow_scripts.cli import keyed_files  # noqa: E402
-from workflow_scripts.images import load_rgb, resolve_image_paths  # noqa: E402
-from workflow_scripts.io import atomic_path, read_parquet  # noqa: E402
+from workflow_scripts.cli import keyed_files
+from workflow_scripts.contracts import (
+    ANNOTATIONS,
+    METRIC_RECORDS,
+    NEIGHBORS,
+    RECORDS,
+    SAMPLE_LEVEL,
+    SUMMARY,
+)
+from workflow_scripts.images import load_rgb, resolve_image_paths
+from workflow_scripts.io import atomic_path
 
-MODEL_STYLES = {"target": ("f_A (target, trained on A)", "tab:red"),
-                "reference": ("f_B (reference, trained on B)", "tab:blue")}
+MODEL_STYLES = {
+    "target": ("f_A (target, trained on A)", "tab:red"),
+    "reference": ("f_B (reference, trained on B)", "tab:blue"),
+}
 QUERY_TITLES = {"target": "target records (in A)", "holdout": "holdout records (control)"}
 
 
@@ -49,10 +59,19 @@ def recall_cdf_figure(records_by_queries: dict[str, pl.DataFrame], label_mode: s
         for side, (label, colour) in MODEL_STYLES.items():
             recall = np.sort(scored[f"recall_{side}"].to_numpy())
             cdf = np.arange(1, len(recall) + 1) / max(len(recall), 1)
-            axis.step(np.concatenate([[0], recall, [1]]), np.concatenate([[0], cdf, [1]]), where="post",
-                      label=f"{label}, mean {recall.mean():.3f}" if len(recall) else label, color=colour)
-        axis.set(title=f"{QUERY_TITLES.get(queries, queries)} (n={len(scored)})", xlabel="object recall",
-                 xlim=(0, 1), ylim=(0, 1.02))
+            axis.step(
+                np.concatenate([[0], recall, [1]]),
+                np.concatenate([[0], cdf, [1]]),
+                where="post",
+                label=f"{label}, mean {recall.mean():.3f}" if len(recall) else label,
+                color=colour,
+            )
+        axis.set(
+            title=f"{QUERY_TITLES.get(queries, queries)} (n={len(scored)})",
+            xlabel="object recall",
+            xlim=(0, 1),
+            ylim=(0, 1.02),
+        )
         axis.grid(alpha=0.3)
         axis.legend(loc="upper left", fontsize=8)
     np.atleast_1d(axes)[0].set_ylabel("fraction of records")
@@ -72,8 +91,14 @@ def gap_vs_top_l_figure(sample_level_by_queries: dict[str, pl.DataFrame]) -> plt
                 if not len(rows):
                     continue
                 suffix = " (oracle)" if rows["oracle"][0] else ""
-                axis.plot(rows["top_l"], rows[metric], style, marker=".", color=colours.get(queries, "k"),
-                          label=f"{queries}, order: {order}{suffix}")
+                axis.plot(
+                    rows["top_l"],
+                    rows[metric],
+                    style,
+                    marker=".",
+                    color=colours.get(queries, "k"),
+                    label=f"{queries}, order: {order}{suffix}",
+                )
         axis.axhline(0, color="k", linewidth=0.8)
         axis.set(xscale="log", xlabel="top-L records", ylabel=f"mean {metric.replace('_', ' ')} (f_A − f_B)")
         axis.grid(alpha=0.3)
@@ -82,11 +107,14 @@ def gap_vs_top_l_figure(sample_level_by_queries: dict[str, pl.DataFrame]) -> plt
     return figure
 
 
-def make_point_figures(records: dict[str, str], sample_level: dict[str, str], recall_cdf_paths: list[str],
-                       gap_vs_top_l_paths: list[str]) -> None:
+def make_point_figures(
+    records: dict[str, str], sample_level: dict[str, str], recall_cdf_paths: list[str], gap_vs_top_l_paths: list[str]
+) -> None:
     """`records`, `sample_level`: a metrics table per query set (target, holdout); the figures go to the paths."""
-    save_figure(recall_cdf_figure({q: read_parquet(path) for q, path in records.items()}), recall_cdf_paths)
-    save_figure(gap_vs_top_l_figure({q: read_parquet(path) for q, path in sample_level.items()}), gap_vs_top_l_paths)
+    save_figure(recall_cdf_figure({q: METRIC_RECORDS.read(path) for q, path in records.items()}), recall_cdf_paths)
+    save_figure(
+        gap_vs_top_l_figure({q: SAMPLE_LEVEL.read(path) for q, path in sample_level.items()}), gap_vs_top_l_paths
+    )
 
 
 SWEEP_GAPS = ("PPG", "PRG", "AUCG")
@@ -97,24 +125,48 @@ def sweep_figure(summary: pl.DataFrame, parameter: str, utility_columns: list[st
 
     Colour says the metric; line style and marker say the values of the other swept parameters.
     """
-    varying = [c for c in ("n_train", "epochs", "temperature", "weight_decay", "mask_ratio", "seed")
-               if c != parameter and summary[c].n_unique() > 1]
+    varying = [
+        c
+        for c in ("n_train", "epochs", "temperature", "weight_decay", "mask_ratio", "seed")
+        if c != parameter and summary[c].n_unique() > 1
+    ]
     figure, (gaps_axis, net_axis, utility_axis) = plt.subplots(1, 3, figsize=(16, 4.5))
-    groups = summary.sort(parameter).group_by(varying, maintain_order=True) if varying \
-        else [((), summary.sort(parameter))]
+    groups = (
+        summary.sort(parameter).group_by(varying, maintain_order=True) if varying else [((), summary.sort(parameter))]
+    )
     gap_colours = dict(zip(SWEEP_GAPS, ("tab:red", "tab:blue", "tab:green")))
     utility_colours = dict(zip(utility_columns, plt.get_cmap("tab10").colors))
     for (key, rows), style, marker in zip(groups, ("-", "--", ":", "-."), "osD^v"):
         group = ", ".join(f"{name}={value}" for name, value in zip(varying, key))
         x = rows[parameter].fill_null(-1).to_numpy()
         for metric, colour in gap_colours.items():
-            gaps_axis.errorbar(x, rows[f"{metric}_mean"], yerr=rows[f"{metric}_std"], linestyle=style, marker=marker,
-                               capsize=3, color=colour, label=f"{metric} {group}".strip())
-            net_axis.plot(x, rows[f"{metric}_net"], linestyle=style, marker=marker, color=colour,
-                          label=f"{metric} {group}".strip())
+            gaps_axis.errorbar(
+                x,
+                rows[f"{metric}_mean"],
+                yerr=rows[f"{metric}_std"],
+                linestyle=style,
+                marker=marker,
+                capsize=3,
+                color=colour,
+                label=f"{metric} {group}".strip(),
+            )
+            net_axis.plot(
+                x,
+                rows[f"{metric}_net"],
+                linestyle=style,
+                marker=marker,
+                color=colour,
+                label=f"{metric} {group}".strip(),
+            )
         for column, colour in utility_colours.items():
-            utility_axis.plot(x, rows[column], linestyle=style, marker=marker, color=colour,
-                              label=f"{column.removeprefix('A_')} {group}".strip())
+            utility_axis.plot(
+                x,
+                rows[column],
+                linestyle=style,
+                marker=marker,
+                color=colour,
+                label=f"{column.removeprefix('A_')} {group}".strip(),
+            )
     label = "temperature (−1: learned)" if parameter == "temperature" else parameter
     gaps_axis.set(xlabel=label, ylabel="gap (f_A − f_B)", title="target records: mean ± bootstrap std")
     net_axis.set(xlabel=label, ylabel="target gap − holdout gap", title="net of the holdout control")
@@ -130,7 +182,7 @@ def sweep_figure(summary: pl.DataFrame, parameter: str, utility_columns: list[st
 
 def make_sweep_figures(summary_path: str | Path, figures: dict[str, list[str]]) -> None:
     """`figures`: per swept parameter, the paths of its figure."""
-    summary = read_parquet(summary_path)
+    summary = SUMMARY.read(summary_path, extra=True)
     utility_columns = [c for c in summary.columns if c.startswith("A_")]
     for parameter, paths in figures.items():
         save_figure(sweep_figure(summary, parameter, utility_columns), paths)
@@ -143,36 +195,73 @@ def _labelled_image(axis, image, title: str, labels: list[str], truth: set[str])
     axis.set_title(title, fontsize=7)
     for line, label in enumerate(sorted(labels)):
         colour = "green" if label in truth else "red"
-        axis.text(0.02, -0.08 - 0.09 * line, ("✓ " if label in truth else "✗ ") + label, color=colour,
-                  fontsize=6, transform=axis.transAxes, va="top")
+        axis.text(
+            0.02,
+            -0.08 - 0.09 * line,
+            ("✓ " if label in truth else "✗ ") + label,
+            color=colour,
+            fontsize=6,
+            transform=axis.transAxes,
+            va="top",
+        )
 
 
-def qualitative_figure(records: pl.DataFrame, query_records: pl.DataFrame, query_annotations: pl.DataFrame,
-                       public_records: pl.DataFrame, public_annotations: pl.DataFrame,
-                       neighbors: dict[str, pl.DataFrame], n_examples: int = 3, n_neighbors: int = 5) -> plt.Figure:
+def qualitative_figure(
+    records: pl.DataFrame,
+    query_records: pl.DataFrame,
+    query_annotations: pl.DataFrame,
+    public_records: pl.DataFrame,
+    public_annotations: pl.DataFrame,
+    neighbors: dict[str, pl.DataFrame],
+    n_examples: int = 3,
+    n_neighbors: int = 5,
+) -> plt.Figure:
     """Records where f_A beats f_B most (top_n mode), their top public neighbours under both models."""
-    chosen = records.filter(pl.col("label_mode") == "top_n") \
-        .with_columns(gap=pl.col("n_correct_target") - pl.col("n_correct_reference")) \
-        .sort(["gap", "id"], descending=[True, False]).head(n_examples)["id"].to_list()
+    chosen = (
+        records.filter(pl.col("label_mode") == "top_n")
+        .with_columns(gap=pl.col("n_correct_target") - pl.col("n_correct_reference"))
+        .sort(["gap", "id"], descending=[True, False])
+        .head(n_examples)["id"]
+        .to_list()
+    )
     public = public_records.join(public_annotations.select("id", "labels"), on="id")
     queries = query_records.join(query_annotations.select("id", "labels"), on="id")
-    figure, axes = plt.subplots(2 * len(chosen), n_neighbors + 1, figsize=(1.7 * (n_neighbors + 1), 4.8 * len(chosen)),
-                                squeeze=False)
+    figure, axes = plt.subplots(
+        2 * len(chosen), n_neighbors + 1, figsize=(1.7 * (n_neighbors + 1), 4.8 * len(chosen)), squeeze=False
+    )
     for example, record_id in enumerate(chosen):
         query = queries.filter(pl.col("id") == record_id).row(0, named=True)
         truth = set(query["labels"])
         for row_offset, (side, name) in enumerate((("A", "f_A"), ("B", "f_B"))):
             row = 2 * example + row_offset
             caption = "\n".join(textwrap.wrap(query["captions"][0] if query["captions"] else "", 28))
-            _labelled_image(axes[row, 0], load_rgb(query["image_path"], record_id), f"{record_id}\n{caption}",
-                            query["labels"], truth)
-            nearest = neighbors[side].filter(pl.col("query_id") == record_id).sort("rank").head(n_neighbors) \
+            _labelled_image(
+                axes[row, 0],
+                load_rgb(query["image_path"], record_id),
+                f"{record_id}\n{caption}",
+                query["labels"],
+                truth,
+            )
+            nearest = (
+                neighbors[side]
+                .filter(pl.col("query_id") == record_id)
+                .sort("rank")
+                .head(n_neighbors)
                 .join(public, left_on="public_id", right_on="id", how="left", maintain_order="left")
+            )
             for column, neighbour in enumerate(nearest.iter_rows(named=True), start=1):
-                _labelled_image(axes[row, column], load_rgb(neighbour["image_path"], neighbour["public_id"]),
-                                f"{name} #{neighbour['rank'] + 1} ({neighbour['score']:.2f})", neighbour["labels"], truth)
-    figure.suptitle("Target images (left) and their nearest public images under f_A (upper) and f_B (lower) rows;\n"
-                    "green: object really in the target image, red: not", fontsize=9)
+                _labelled_image(
+                    axes[row, column],
+                    load_rgb(neighbour["image_path"], neighbour["public_id"]),
+                    f"{name} #{neighbour['rank'] + 1} ({neighbour['score']:.2f})",
+                    neighbour["labels"],
+                    truth,
+                )
+    figure.suptitle(
+        "Target images (left) and their nearest public images under f_A (upper) and f_B (lower) rows;\n"
+        "green: object really in the target image, red: not",
+        fontsize=9,
+    )
     figure.subplots_adjust(hspace=1.5)
     return figure
 
@@ -182,36 +271,72 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     point = commands.add_parser("point", help="recall CDFs and sample-level gaps of one parameter point")
     for table in ("records", "sample-level"):
-        point.add_argument(f"--{table}", action="append", required=True, metavar="QUERIES=FILE",
-                           help=f"{table} metrics table per query set, e.g. target=FILE (repeatable)")
+        point.add_argument(
+            f"--{table}",
+            action="append",
+            required=True,
+            metavar="QUERIES=FILE",
+            help=f"{table} metrics table per query set, e.g. target=FILE (repeatable)",
+        )
     for figure in ("recall-cdf", "gap-vs-top-l"):
-        point.add_argument(f"--{figure}", nargs="+", required=True, metavar="FILE",
-                           help="the figure's files, each in the format its suffix names (.png, .svg)")
+        point.add_argument(
+            f"--{figure}",
+            nargs="+",
+            required=True,
+            metavar="FILE",
+            help="the figure's files, each in the format its suffix names (.png, .svg)",
+        )
     sweep = commands.add_parser("sweep", help="gaps and utility against swept parameters")
     sweep.add_argument("--summary", required=True, help="summary Parquet of a split")
-    sweep.add_argument("--figure", action="append", required=True, metavar="PARAMETER=FILE",
-                       help="a file of a swept parameter's figure, in the format its suffix names (repeatable)")
+    sweep.add_argument(
+        "--figure",
+        action="append",
+        required=True,
+        metavar="PARAMETER=FILE",
+        help="a file of a swept parameter's figure, in the format its suffix names (repeatable)",
+    )
     qualitative = commands.add_parser("qualitative", help="target images and their neighbours (paper Fig. 1)")
-    for name in ("metrics-records", "query-records", "query-annotations", "public-records", "public-annotations",
-                 "target-neighbors", "reference-neighbors"):
+    for name in (
+        "metrics-records",
+        "query-records",
+        "query-annotations",
+        "public-records",
+        "public-annotations",
+        "target-neighbors",
+        "reference-neighbors",
+    ):
         qualitative.add_argument(f"--{name}", required=True)
-    qualitative.add_argument("--out", nargs="+", required=True, metavar="FILE",
-                             help="the figure's files, each in the format its suffix names (.png, .svg)")
+    qualitative.add_argument(
+        "--out",
+        nargs="+",
+        required=True,
+        metavar="FILE",
+        help="the figure's files, each in the format its suffix names (.png, .svg)",
+    )
     args = parser.parse_args(argv)
     if args.command == "point":
-        make_point_figures(keyed_files(args.records, "records"), keyed_files(args.sample_level, "sample-level"),
-                           args.recall_cdf, args.gap_vs_top_l)
+        make_point_figures(
+            keyed_files(args.records, "records"),
+            keyed_files(args.sample_level, "sample-level"),
+            args.recall_cdf,
+            args.gap_vs_top_l,
+        )
     elif args.command == "sweep":
         make_sweep_figures(args.summary, keyed_files(args.figure, "figure", repeatable=True))
     else:
+
         def with_paths(path):
-            frame = read_parquet(path)
+            frame = RECORDS.read(path, extra=True)
             return frame.with_columns(image_path=resolve_image_paths(frame, path))
 
         figure = qualitative_figure(
-            read_parquet(args.metrics_records), with_paths(args.query_records), read_parquet(args.query_annotations),
-            with_paths(args.public_records), read_parquet(args.public_annotations),
-            {"A": read_parquet(args.target_neighbors), "B": read_parquet(args.reference_neighbors)})
+            METRIC_RECORDS.read(args.metrics_records),
+            with_paths(args.query_records),
+            ANNOTATIONS.read(args.query_annotations),
+            with_paths(args.public_records),
+            ANNOTATIONS.read(args.public_annotations),
+            {"A": NEIGHBORS.read(args.target_neighbors), "B": NEIGHBORS.read(args.reference_neighbors)},
+        )
         save_figure(figure, args.out)
 
 

@@ -13,9 +13,9 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator, Mapping
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Iterator, Mapping
 
 import numpy as np
 import polars as pl
@@ -23,7 +23,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 METADATA_PREFIX = "dejavu:"
-_VERSIONED_PACKAGES = ("dejavu-workflow", "torch", "open-clip-torch", "faiss-cpu", "faiss-gpu", "polars", "pyarrow", "numpy")
+_VERSIONED_PACKAGES = (
+    "dejavu-workflow",
+    "torch",
+    "open-clip-torch",
+    "faiss-cpu",
+    "faiss-gpu",
+    "polars",
+    "pyarrow",
+    "numpy",
+)
 
 
 class DataError(ValueError):
@@ -82,23 +91,20 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def contract_table(table: pa.Table | pl.DataFrame) -> pa.Table:
-    """An Arrow table with one physical type per contract column, whichever library built it."""
-    table = _arrow(table)
-    return table.cast(pa.schema([field.with_type(narrow(field.type)) for field in table.schema],
-                                metadata=table.schema.metadata))
-
-
 def _arrow(table: pa.Table | pl.DataFrame) -> pa.Table:
     return table.to_arrow() if isinstance(table, pl.DataFrame) else table
 
 
 def write_parquet(
-    table: pa.Table | pl.DataFrame, path: str | os.PathLike, *, stage: str, params: Mapping | None = None,
-    contract=None,
+    table: pa.Table | pl.DataFrame,
+    path: str | os.PathLike,
+    *,
+    contract,
+    stage: str,
+    params: Mapping | None = None,
 ) -> None:
-    """Write `table` atomically with provenance; a `workflow_scripts.contracts.Contract` checks and casts it first."""
-    table = contract_table(table) if contract is None else contract.conform(_arrow(table), path)
+    """Write `table` atomically with provenance, conformed to its `workflow_scripts.contracts.Contract` first."""
+    table = contract.conform(_arrow(table), path)
     metadata = dict(table.schema.metadata or {})
     metadata.update({k.encode(): v.encode() for k, v in provenance(stage, params or {}).items()})
     table = table.replace_schema_metadata(metadata)
@@ -107,14 +113,17 @@ def write_parquet(
 
 
 @contextlib.contextmanager
-def parquet_stream(path: str | os.PathLike, schema: pa.Schema, stage: str,
-                   params: Mapping) -> Iterator[pq.ParquetWriter]:
+def parquet_stream(
+    path: str | os.PathLike, schema: pa.Schema, stage: str, params: Mapping
+) -> Iterator[pq.ParquetWriter]:
     """A ParquetWriter to a temporary name, renamed into place on success, with the provenance metadata.
 
     Memory stays bounded by what the caller writes at once, not by the file.
     """
-    metadata = {**(schema.metadata or {}), **{key.encode(): value.encode()
-                                                for key, value in provenance(stage, params).items()}}
+    metadata = {
+        **(schema.metadata or {}),
+        **{key.encode(): value.encode() for key, value in provenance(stage, params).items()},
+    }
     with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema.with_metadata(metadata)) as writer:
         yield writer
 
@@ -133,26 +142,6 @@ def narrow(data_type: pa.DataType) -> pa.DataType:
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     raw = pq.read_schema(path).metadata or {}
     return {k.decode(): v.decode() for k, v in raw.items() if k.decode().startswith(METADATA_PREFIX)}
-
-
-def read_parquet(path: str | os.PathLike, required: Mapping[str, str] | None = None) -> pl.DataFrame:
-    """Read a Parquet table, checking that `required` columns exist.
-
-    `required` maps column names to a short description of the expected type
-    used in the error message.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: file does not exist")
-    try:
-        frame = pl.read_parquet(path)
-    except Exception as error:  # pyarrow/polars raise many types for corrupt files
-        raise DataError(f"{path}: not a readable Parquet file ({error})") from error
-    missing = [name for name in (required or {}) if name not in frame.columns]
-    if missing:
-        expected = ", ".join(f"{name}: {required[name]}" for name in missing)
-        raise DataError(f"{path}: missing column(s) {expected}; found {frame.columns}")
-    return frame
 
 
 def check_unique_ids(ids: pl.Series, path: str | os.PathLike, column: str = "id") -> None:

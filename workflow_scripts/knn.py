@@ -42,6 +42,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from workflow_scripts.contracts import EMBEDDINGS, NEIGHBORS
 from workflow_scripts.io import DataError, embeddings_from_table, parquet_stream, read_metadata
 
 log = logging.getLogger(__name__)
@@ -54,11 +55,10 @@ GPU_MAX_K = 2048
 ROW_GROUP_ROWS = 16384
 # Canonical rescoring works through this many float64 values (query row × dimension) at a time (32 MiB).
 RESCORE_CHUNK_VALUES = 1 << 22
-NEIGHBORS_SCHEMA = pa.schema([("query_id", pa.string()), ("rank", pa.int16()), ("public_id", pa.string()),
-                              ("score", pa.float32())])
 
 
 # --- shards and streamed Parquet ---
+
 
 def parse_shard(spec: str) -> tuple[int, int]:
     """'I-of-N' -> (I, N), 0 <= I < N."""
@@ -73,8 +73,9 @@ def shard_range(path: str, spec: str) -> tuple[int, int]:
     shard, n_shards = parse_shard(spec)
     n_rows = pq.ParquetFile(path).metadata.num_rows
     if n_shards > n_rows:
-        raise DataError(f"{path}: {n_rows} row(s) cannot be split into {n_shards} shards; "
-                        f"lower embedding.public_shards")
+        raise DataError(
+            f"{path}: {n_rows} row(s) cannot be split into {n_shards} shards; lower embedding.public_shards"
+        )
     return shard * n_rows // n_shards, (shard + 1) * n_rows // n_shards
 
 
@@ -98,12 +99,15 @@ def read_embedding_rows(path: str, start: int, stop: int) -> tuple[pa.StringArra
     ids, matrix = embeddings_from_table(read_rows(path, start, stop, ["id", "embedding"]), path)
     bad = np.flatnonzero(~np.isfinite(matrix).all(axis=1))
     if len(bad):
-        raise DataError(f"{path}: {len(bad)} embedding(s) with a non-finite (inf or NaN) component, the first at "
-                        f"row {start + int(bad[0])} (id {ids[int(bad[0])].as_py()!r}); re-embed with a sound model")
+        raise DataError(
+            f"{path}: {len(bad)} embedding(s) with a non-finite (inf or NaN) component, the first at "
+            f"row {start + int(bad[0])} (id {ids[int(bad[0])].as_py()!r}); re-embed with a sound model"
+        )
     return ids, matrix
 
 
 # --- the search ---
+
 
 def build_index(public_embeddings: np.ndarray, use_gpu: str = "auto"):
     """An exact inner-product index over `public_embeddings`, on the GPU(s) if asked and possible."""
@@ -115,8 +119,10 @@ def build_index(public_embeddings: np.ndarray, use_gpu: str = "auto"):
     elif gpus == 0:
         why = "no GPU visible" if gpu_build else "this faiss build has no GPU support (faiss-cpu is installed)"
         if use_gpu == "always":
-            raise RuntimeError(f"faiss GPU search requested (use_gpu=always) but faiss sees no GPU: {why} "
-                               "(use envs/dejavu-gpu.yaml, which installs faiss-gpu, and check CUDA_VISIBLE_DEVICES)")
+            raise RuntimeError(
+                f"faiss GPU search requested (use_gpu=always) but faiss sees no GPU: {why} "
+                "(use envs/dejavu-gpu.yaml, which installs faiss-gpu, and check CUDA_VISIBLE_DEVICES)"
+            )
         log.info("faiss: %s, searching on the CPU", why)
     else:
         index = faiss.index_cpu_to_all_gpus(index)
@@ -125,8 +131,9 @@ def build_index(public_embeddings: np.ndarray, use_gpu: str = "auto"):
     return index, gpus > 0 and use_gpu != "never"
 
 
-def canonical_scores(queries: np.ndarray, public: np.ndarray, query_rows: np.ndarray,
-                     public_rows: np.ndarray) -> np.ndarray:
+def canonical_scores(
+    queries: np.ndarray, public: np.ndarray, query_rows: np.ndarray, public_rows: np.ndarray
+) -> np.ndarray:
     """float32(Σ_d q·p summed in float64) for each (query row, public row) pair.
 
     Every product of two float32 values is exact in float64 and the row sum has
@@ -149,16 +156,17 @@ def top_k(candidates: pl.DataFrame, k: int, tie_break: str = "public_id") -> pl.
     order), `score` and the tie-break column. The one ordering of every
     neighbour list: inside a shard and across shards alike.
     """
-    return (candidates.sort(["query_pos", "score", tie_break], descending=[False, True, False])
-            .with_columns(rank=pl.int_range(pl.len()).over("query_pos").cast(pl.Int16))
-            .filter(pl.col("rank") < k))
+    return (
+        candidates.sort(["query_pos", "score", tie_break], descending=[False, True, False])
+        .with_columns(rank=pl.int_range(pl.len()).over("query_pos").cast(pl.Int16))
+        .filter(pl.col("rank") < k)
+    )
 
 
 class ShardIndex:
     """Exact top-k search among one shard of public embeddings (the whole of P is one shard)."""
 
-    def __init__(self, public_embeddings: np.ndarray, public_ids: pa.StringArray | None = None,
-                 use_gpu: str = "auto"):
+    def __init__(self, public_embeddings: np.ndarray, public_ids: pa.StringArray | None = None, use_gpu: str = "auto"):
         self.public = np.ascontiguousarray(public_embeddings, dtype=np.float32)
         # Without ids (plain arrays) the row number breaks ties: the same order for ids sorted like the rows.
         self.public_ids = None if public_ids is None else pl.Series("public_id", public_ids)
@@ -174,8 +182,10 @@ class ShardIndex:
         k = min(k, n_public)
         fetch = min(k + CANDIDATE_MARGIN, n_public)
         if self.on_gpu and fetch > GPU_MAX_K:
-            raise ValueError(f"faiss on the GPU returns at most {GPU_MAX_K} neighbours; k = {k} is too large "
-                             f"(k + {CANDIDATE_MARGIN} candidates are fetched); use knn.use_gpu: never")
+            raise ValueError(
+                f"faiss on the GPU returns at most {GPU_MAX_K} neighbours; k = {k} is too large "
+                f"(k + {CANDIDATE_MARGIN} candidates are fetched); use knn.use_gpu: never"
+            )
         faiss_scores, rows = self.index.search(queries, fetch)
         query_rows = np.repeat(np.arange(len(queries)), fetch)
         best = self._rank(queries, query_rows, rows.reshape(-1), k)
@@ -183,20 +193,28 @@ class ShardIndex:
             return best
         # An unseen row x has faiss score <= the last candidate's, and |faiss - canonical| <= error; it can only
         # enter the top k if last + error >= k-th canonical score. Such queries are searched exhaustively.
-        error = (queries.shape[1] + 2) * 2.0 ** -23 * np.linalg.norm(queries, axis=1) * self.max_norm
+        error = (queries.shape[1] + 2) * 2.0**-23 * np.linalg.norm(queries, axis=1) * self.max_norm
         kth = best.filter(pl.col("rank") == k - 1).sort("query_pos")["score"].to_numpy()
         unsure = np.flatnonzero(faiss_scores[:, -1] + error >= kth)
         if not len(unsure):
             return best
         log.info("%d of %d queries tie at the candidate boundary: exhaustive search", len(unsure), len(queries))
         query_rows, public_rows = self._exhaustive_candidates(queries[unsure], kth[unsure] - error[unsure])
-        return pl.concat([best.filter(~pl.col("query_pos").is_in(pl.Series(unsure).implode())),
-                          self._rank(queries, unsure[query_rows], public_rows, k)]).sort("query_pos", "rank")
+        return pl.concat(
+            [
+                best.filter(~pl.col("query_pos").is_in(pl.Series(unsure).implode())),
+                self._rank(queries, unsure[query_rows], public_rows, k),
+            ]
+        ).sort("query_pos", "rank")
 
     def _rank(self, queries: np.ndarray, query_rows: np.ndarray, public_rows: np.ndarray, k: int) -> pl.DataFrame:
-        candidates = pl.DataFrame({
-            "query_pos": query_rows.astype(np.int64), "public_row": public_rows.astype(np.int64),
-            "score": canonical_scores(queries, self.public, query_rows, public_rows)})
+        candidates = pl.DataFrame(
+            {
+                "query_pos": query_rows.astype(np.int64),
+                "public_row": public_rows.astype(np.int64),
+                "score": canonical_scores(queries, self.public, query_rows, public_rows),
+            }
+        )
         if self.public_ids is None:
             return top_k(candidates, k, tie_break="public_row")
         candidates = candidates.with_columns(public_id=self.public_ids.gather(candidates["public_row"]))
@@ -207,13 +225,19 @@ class ShardIndex:
         step = max(1, RESCORE_CHUNK_VALUES // max(1, len(queries)))
         found = []
         for start in range(0, len(self.public), step):
-            query_rows, public_rows = np.nonzero(queries @ self.public[start:start + step].T >= thresholds[:, None])
+            query_rows, public_rows = np.nonzero(queries @ self.public[start : start + step].T >= thresholds[:, None])
             found.append((query_rows, public_rows + start))
         return np.concatenate([q for q, _ in found]), np.concatenate([p for _, p in found])
 
 
-def search(query_embeddings: np.ndarray, public_embeddings: np.ndarray, k: int, batch_size: int = ROW_GROUP_ROWS,
-           use_gpu: str = "auto", public_ids: pa.StringArray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def search(
+    query_embeddings: np.ndarray,
+    public_embeddings: np.ndarray,
+    k: int,
+    batch_size: int = ROW_GROUP_ROWS,
+    use_gpu: str = "auto",
+    public_ids: pa.StringArray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Return (scores [n, k], public row indices [n, k]) of in-memory arrays, rank 0 nearest."""
     if query_embeddings.shape[1] != public_embeddings.shape[1]:
         raise DataError(f"query dimension {query_embeddings.shape[1]} != public dimension {public_embeddings.shape[1]}")
@@ -222,21 +246,28 @@ def search(query_embeddings: np.ndarray, public_embeddings: np.ndarray, k: int, 
     scores = np.empty((len(query_embeddings), k), dtype=np.float32)
     rows = np.empty((len(query_embeddings), k), dtype=np.int64)
     for start in tqdm(range(0, len(query_embeddings), batch_size), desc="kNN search", unit="batch", mininterval=2):
-        best = index.search(query_embeddings[start:start + batch_size], k)
-        scores[start:start + batch_size] = best["score"].to_numpy().reshape(-1, k)
-        rows[start:start + batch_size] = best["public_row"].to_numpy().reshape(-1, k)
+        best = index.search(query_embeddings[start : start + batch_size], k)
+        scores[start : start + batch_size] = best["score"].to_numpy().reshape(-1, k)
+        rows[start : start + batch_size] = best["public_row"].to_numpy().reshape(-1, k)
     return scores, rows
 
 
 def gather_embeddings(shard_paths: list[str], out_path: str) -> None:
     """Stream embeddings files, in the given (shard) order, into one; memory holds one row group."""
+    for path in shard_paths:
+        EMBEDDINGS.check(path)
     schema = pq.read_schema(shard_paths[0]).remove_metadata()
     for path in shard_paths[1:]:
         if not pq.read_schema(path).remove_metadata().equals(schema):
-            raise DataError(f"{path}: schema {pq.read_schema(path).remove_metadata()} differs from {shard_paths[0]}'s "
-                            f"{schema} (the shards of one public set come from one model)")
-    params = {**json.loads(read_metadata(shard_paths[0]).get("dejavu:params", "{}")), "shard": None,
-              "shards": shard_paths}
+            raise DataError(
+                f"{path}: schema {pq.read_schema(path).remove_metadata()} differs from {shard_paths[0]}'s "
+                f"{schema} (the shards of one public set come from one model)"
+            )
+    params = {
+        **json.loads(read_metadata(shard_paths[0]).get("dejavu:params", "{}")),
+        "shard": None,
+        "shards": shard_paths,
+    }
     with parquet_stream(out_path, schema, "embed", params) as writer:
         for path in tqdm(shard_paths, desc="gathering shards", unit="shard", mininterval=2):
             file = pq.ParquetFile(path)
@@ -246,44 +277,70 @@ def gather_embeddings(shard_paths: list[str], out_path: str) -> None:
 
 # --- the stage: one job per shard, one merge ---
 
-def search_shard(queries_path: str, public_path: str, out_path: str, k: int, shard: str = "0-of-1",
-                 batch_size: int = ROW_GROUP_ROWS, use_gpu: str = "auto") -> None:
+
+def search_shard(
+    queries_path: str,
+    public_path: str,
+    out_path: str,
+    k: int,
+    shard: str = "0-of-1",
+    batch_size: int = ROW_GROUP_ROWS,
+    use_gpu: str = "auto",
+) -> None:
     """Write the top-k public neighbours, within one shard of P, of every query: k rows per query, query order.
 
     With the single shard '0-of-1' this is the whole search and the output the final neighbours table.
     """
+    EMBEDDINGS.check(public_path)
+    EMBEDDINGS.check(queries_path)
     n_public = pq.ParquetFile(public_path).metadata.num_rows
     if k > n_public:
-        raise DataError(f"{public_path}: knn.k = {k} neighbours asked for, but the public set has only {n_public} "
-                        f"embedding(s); lower knn.k (and metrics.k) to at most {n_public}")
+        raise DataError(
+            f"{public_path}: knn.k = {k} neighbours asked for, but the public set has only {n_public} "
+            f"embedding(s); lower knn.k (and metrics.k) to at most {n_public}"
+        )
     start, stop = shard_range(public_path, shard)
     public_ids, public_embeddings = read_embedding_rows(public_path, start, stop)
     index = ShardIndex(public_embeddings, public_ids, use_gpu)
     k = min(k, stop - start)
     n_queries = pq.ParquetFile(queries_path).metadata.num_rows
     # The merge reads `k` and `n_queries` back to address each query batch of this file.
-    params = {"queries": queries_path, "public": public_path, "shard": shard, "public_rows": [start, stop],
-              "k": k, "n_queries": n_queries}
-    with parquet_stream(out_path, NEIGHBORS_SCHEMA, "knn", params) as writer:
+    params = {
+        "queries": queries_path,
+        "public": public_path,
+        "shard": shard,
+        "public_rows": [start, stop],
+        "k": k,
+        "n_queries": n_queries,
+    }
+    with parquet_stream(out_path, NEIGHBORS.schema, "knn", params) as writer:
         for first in tqdm(range(0, n_queries, batch_size), desc=f"kNN shard {shard}", unit="batch", mininterval=2):
             query_ids, queries = read_embedding_rows(queries_path, first, min(first + batch_size, n_queries))
             best = index.search(queries, k)
-            writer.write_table(pa.table({
-                "query_id": query_ids.take(best["query_pos"].to_arrow()),
-                "rank": best["rank"].to_arrow(),
-                "public_id": public_ids.take(best["public_row"].to_arrow()),
-                "score": best["score"].to_arrow(),
-            }, schema=NEIGHBORS_SCHEMA))
+            writer.write_table(
+                pa.table(
+                    {
+                        "query_id": query_ids.take(best["query_pos"].to_arrow()),
+                        "rank": best["rank"].to_arrow(),
+                        "public_id": public_ids.take(best["public_row"].to_arrow()),
+                        "score": best["score"].to_arrow(),
+                    },
+                    schema=NEIGHBORS.schema,
+                )
+            )
 
 
-def knn(queries_path: str, public_path: str, out_path: str, k: int, batch_size: int = ROW_GROUP_ROWS,
-        use_gpu: str = "auto") -> None:
+def knn(
+    queries_path: str, public_path: str, out_path: str, k: int, batch_size: int = ROW_GROUP_ROWS, use_gpu: str = "auto"
+) -> None:
     """Unsharded search: the neighbours table of all queries among all of P."""
     search_shard(queries_path, public_path, out_path, k, "0-of-1", batch_size, use_gpu)
 
 
 def merge(shard_paths: list[str], out_path: str, k: int, batch_size: int = ROW_GROUP_ROWS) -> None:
     """Merge per-shard top-k lists (written by `search_shard`) into the global top-k, query batch by batch."""
+    for path in shard_paths:
+        NEIGHBORS.check(path)
     layouts = [json.loads(read_metadata(path).get("dejavu:params", "{}")) for path in shard_paths]
     for path, layout in zip(shard_paths, layouts):
         if "k" not in layout or "n_queries" not in layout:
@@ -293,21 +350,26 @@ def merge(shard_paths: list[str], out_path: str, k: int, batch_size: int = ROW_G
     if differing:
         raise DataError(f"{differing[0]}: {len(differing)} shard file(s) list another query set than {shard_paths[0]}")
     params = {"shards": shard_paths, "k": k}
-    with parquet_stream(out_path, NEIGHBORS_SCHEMA, "knn", params) as writer:
+    with parquet_stream(out_path, NEIGHBORS.schema, "knn", params) as writer:
         for first in tqdm(range(0, n_queries, batch_size), desc="merging shards", unit="batch", mininterval=2):
             last = min(first + batch_size, n_queries)
-            candidates = pl.concat([
-                pl.from_arrow(read_rows(path, first * layout["k"], last * layout["k"], NEIGHBORS_SCHEMA.names))
-                .with_columns(query_pos=pl.int_range(first * layout["k"], last * layout["k"]) // layout["k"])
-                for path, layout in zip(shard_paths, layouts)
-            ])
-            mismatched = candidates.group_by("query_pos").agg(pl.col("query_id").n_unique()) \
-                .filter(pl.col("query_id") > 1)
+            candidates = pl.concat(
+                [
+                    pl.from_arrow(
+                        read_rows(path, first * layout["k"], last * layout["k"], NEIGHBORS.schema.names)
+                    ).with_columns(query_pos=pl.int_range(first * layout["k"], last * layout["k"]) // layout["k"])
+                    for path, layout in zip(shard_paths, layouts)
+                ]
+            )
+            mismatched = (
+                candidates.group_by("query_pos").agg(pl.col("query_id").n_unique()).filter(pl.col("query_id") > 1)
+            )
             if len(mismatched):
-                raise DataError(f"shard files {shard_paths}: query order differs at query position "
-                                f"{mismatched['query_pos'].min()}")
+                raise DataError(
+                    f"shard files {shard_paths}: query order differs at query position {mismatched['query_pos'].min()}"
+                )
             best = top_k(candidates, k)
-            writer.write_table(best.select(NEIGHBORS_SCHEMA.names).to_arrow().cast(NEIGHBORS_SCHEMA))
+            writer.write_table(best.select(NEIGHBORS.schema.names).to_arrow().cast(NEIGHBORS.schema))
 
 
 def main(argv: list[str] | None = None) -> None:

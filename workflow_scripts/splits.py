@@ -16,8 +16,9 @@ from pathlib import Path
 import polars as pl
 
 from workflow_scripts.adapters import hash_images
+from workflow_scripts.contracts import ANNOTATIONS, RECORDS, SPLIT_IDS
 from workflow_scripts.images import resolve_image_paths
-from workflow_scripts.io import DataError, check_unique_ids, read_parquet, write_parquet
+from workflow_scripts.io import DataError, check_unique_ids, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +39,15 @@ def with_hashes(records: pl.DataFrame, records_path: str) -> pl.DataFrame:
     hashes, errors = hash_images(resolve_image_paths(unhashed, records_path).to_list(), threads=1)
     failed = [(record_id, error) for record_id, error in zip(unhashed["id"], errors) if error is not None]
     if failed:
-        raise DataError(f"{records_path}: {len(failed)} image(s) cannot be read, e.g. record {failed[0][0]!r}: "
-                        f"{failed[0][1]}")
+        raise DataError(
+            f"{records_path}: {len(failed)} image(s) cannot be read, e.g. record {failed[0][0]!r}: {failed[0][1]}"
+        )
     computed = unhashed.select("id", computed=pl.Series(hashes, dtype=pl.String))
-    return records.join(computed, on="id", how="left", maintain_order="left") \
-        .with_columns(image_sha256=pl.coalesce("image_sha256", "computed")).drop("computed")
+    return (
+        records.join(computed, on="id", how="left", maintain_order="left")
+        .with_columns(image_sha256=pl.coalesce("image_sha256", "computed"))
+        .drop("computed")
+    )
 
 
 def check_disjoint(sets: dict[str, pl.DataFrame]) -> None:
@@ -52,8 +57,11 @@ def check_disjoint(sets: dict[str, pl.DataFrame]) -> None:
         shared_ids = a.join(b, on="id", how="inner")["id"].sort()
         if len(shared_ids):
             problems.append(f"{name_a} and {name_b} share {len(shared_ids)} id(s): {shared_ids.head(10).to_list()}")
-        shared_images = a.join(b, on="image_sha256", how="inner", suffix="_other") \
-            .filter(pl.col("id") != pl.col("id_other")).sort("id")
+        shared_images = (
+            a.join(b, on="image_sha256", how="inner", suffix="_other")
+            .filter(pl.col("id") != pl.col("id_other"))
+            .sort("id")
+        )
         if len(shared_images):
             pairs = [f"{x}={y}" for x, y in shared_images.select("id", "id_other").head(10).iter_rows()]
             problems.append(f"{name_a} and {name_b} share {len(shared_images)} image(s) by content hash: {pairs}")
@@ -65,8 +73,10 @@ def check_no_duplicate_images(records: pl.DataFrame, path: str) -> None:
     duplicated = records.filter(pl.col("image_sha256").is_duplicated()).sort("image_sha256", "id")
     if len(duplicated):
         groups = duplicated.group_by("image_sha256", maintain_order=True).agg("id")["id"].head(5).to_list()
-        raise OverlapError(f"{path}: {len(duplicated)} records share an image with another record "
-                           f"(same content hash), e.g. {groups}; deduplicate the pool first")
+        raise OverlapError(
+            f"{path}: {len(duplicated)} records share an image with another record "
+            f"(same content hash), e.g. {groups}; deduplicate the pool first"
+        )
 
 
 def sample_splits(pool: pl.DataFrame, sizes: dict[str, int], seed: int) -> dict[str, pl.DataFrame]:
@@ -82,15 +92,24 @@ def sample_splits(pool: pl.DataFrame, sizes: dict[str, int], seed: int) -> dict[
     return sides
 
 
-def make_splits(pool_records: str, pool_annotations: str, public_records: str, out_dir: str | Path,
-                n_target: int, n_reference: int, n_holdout: int, seed: int) -> None:
-    required = {"id": "str", "image_path": "str", "captions": "list<str>"}
-    pool = read_parquet(pool_records, required)
-    public = read_parquet(public_records, required)
-    annotated = read_parquet(pool_annotations, {"id": "str", "labels": "list<str>"}).select("id")
+def make_splits(
+    pool_records: str,
+    pool_annotations: str,
+    public_records: str,
+    out_dir: str | Path,
+    n_target: int,
+    n_reference: int,
+    n_holdout: int,
+    seed: int,
+) -> None:
+    pool = RECORDS.read(pool_records, extra=True)
+    public = RECORDS.read(public_records, extra=True)
+    annotated = ANNOTATIONS.read(pool_annotations, ["id", "labels"]).select("id")
     if not len(public):
-        raise DataError(f"{public_records}: the public set has no records; every query would have no neighbour. "
-                        "Check the public data set's source (its images and captions) in the config")
+        raise DataError(
+            f"{public_records}: the public set has no records; every query would have no neighbour. "
+            "Check the public data set's source (its images and captions) in the config"
+        )
     check_unique_ids(pool["id"], pool_records)
     check_unique_ids(public["id"], public_records)
     pool = with_hashes(pool, pool_records)
@@ -99,22 +118,40 @@ def make_splits(pool_records: str, pool_annotations: str, public_records: str, o
 
     eligible = pool.filter(pl.col("captions").list.len() > 0).join(annotated, on="id", how="semi")
     log.info("pool %s: %d records, %d eligible (captioned and annotated)", pool_records, len(pool), len(eligible))
-    sides = sample_splits(eligible.select("id", "image_sha256"),
-                          {"target": n_target, "reference": n_reference, "holdout": n_holdout}, seed)
-    check_disjoint({**{SIDE_FILES[s]: frame for s, frame in sides.items()},
-                    "public": public.select("id", "image_sha256")})
-    params = {"pool": pool_records, "public": public_records, "n_target": n_target,
-              "n_reference": n_reference, "n_holdout": n_holdout, "seed": seed}
+    sides = sample_splits(
+        eligible.select("id", "image_sha256"),
+        {"target": n_target, "reference": n_reference, "holdout": n_holdout},
+        seed,
+    )
+    check_disjoint(
+        {**{SIDE_FILES[s]: frame for s, frame in sides.items()}, "public": public.select("id", "image_sha256")}
+    )
+    params = {
+        "pool": pool_records,
+        "public": public_records,
+        "n_target": n_target,
+        "n_reference": n_reference,
+        "n_holdout": n_holdout,
+        "seed": seed,
+    }
     for side, frame in sides.items():
-        write_parquet(frame.select("id"), Path(out_dir) / f"{SIDE_FILES[side]}.parquet", stage="splits", params=params)
+        write_parquet(
+            frame.select("id"),
+            Path(out_dir) / f"{SIDE_FILES[side]}.parquet",
+            stage="splits",
+            params=params,
+            contract=SPLIT_IDS,
+        )
 
 
 def subset_side(split_path: str, n: int, out_path: str) -> None:
     """Write the first n ids of a side: smaller training sets nest inside larger ones."""
-    side = read_parquet(split_path, {"id": "str"}).select("id")
+    side = SPLIT_IDS.read(split_path)
     if n > len(side):
         raise DataError(f"{split_path}: n_train={n} exceeds the {len(side)} ids of this side")
-    write_parquet(side.head(n), out_path, stage="splits", params={"split": split_path, "n_train": n})
+    write_parquet(
+        side.head(n), out_path, stage="splits", params={"split": split_path, "n_train": n}, contract=SPLIT_IDS
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -138,8 +175,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "subset":
         subset_side(args.split, args.n, args.out)
     else:
-        make_splits(args.pool_records, args.pool_annotations, args.public_records, args.out_dir,
-                    args.n_target, args.n_reference, args.n_holdout, args.seed)
+        make_splits(
+            args.pool_records,
+            args.pool_annotations,
+            args.public_records,
+            args.out_dir,
+            args.n_target,
+            args.n_reference,
+            args.n_holdout,
+            args.seed,
+        )
 
 
 if __name__ == "__main__":

@@ -15,41 +15,56 @@ import argparse
 import polars as pl
 
 from workflow_scripts.cli import keyed_files
-from workflow_scripts.io import atomic_path, read_parquet, write_parquet
+from workflow_scripts.contracts import POPULATION, SUMMARY, SUMMARY_METRICS, UTILITY
+from workflow_scripts.io import atomic_path, write_parquet
 from workflow_scripts.paramspace import POINT_KEYS, parse_segment
 
-SUMMARY_METRICS = ("PPG", "PRG", "AUCG")
+GAP_COLUMNS = ["label_mode", "metric", "value", "mean", "std"]  # of a population table
 QUERIES = ("target", "holdout")
 SIDES = ("A", "B")
 
 
 def point_frame(points: list[str]) -> pl.DataFrame:
     rows = [{"point": segment, **parse_segment(segment)} for segment in points]
-    return pl.DataFrame(rows, schema={"point": pl.String, "n_train": pl.Int64, "epochs": pl.Int64,
-                                      "temperature": pl.Float64, "weight_decay": pl.Float64,
-                                      "mask_ratio": pl.Float64, "seed": pl.Int64})
+    return pl.DataFrame(rows, schema=SUMMARY.polars(["point", *POINT_KEYS]))
 
 
 def gap_columns(populations: dict[str, dict[str, str]], label_mode: str = "all") -> pl.DataFrame:
-    frames = [read_parquet(path)
-              .with_columns(point=pl.lit(point), prefix=pl.lit("" if queries == "target" else "holdout_"))
-              for queries, by_point in populations.items() for point, path in by_point.items()]
+    frames = [
+        POPULATION.read(path, GAP_COLUMNS).with_columns(
+            point=pl.lit(point), prefix=pl.lit("" if queries == "target" else "holdout_")
+        )
+        for queries, by_point in populations.items()
+        for point, path in by_point.items()
+    ]
     long = pl.concat(frames).filter((pl.col("label_mode") == label_mode) & pl.col("metric").is_in(SUMMARY_METRICS))
-    long = long.unpivot(["value", "mean", "std"], index=["point", "prefix", "metric"], variable_name="statistic",
-                        value_name="number") \
-        .with_columns(column=pl.col("prefix") + pl.col("metric") + "_" + pl.col("statistic"))
-    ordered = [f"{prefix}{metric}_{statistic}" for prefix in ("", "holdout_") for metric in SUMMARY_METRICS
-               for statistic in ("value", "mean", "std")]
+    long = long.unpivot(
+        ["value", "mean", "std"], index=["point", "prefix", "metric"], variable_name="statistic", value_name="number"
+    ).with_columns(column=pl.col("prefix") + pl.col("metric") + "_" + pl.col("statistic"))
+    ordered = [
+        f"{prefix}{metric}_{statistic}"
+        for prefix in ("", "holdout_")
+        for metric in SUMMARY_METRICS
+        for statistic in ("value", "mean", "std")
+    ]
     wide = long.pivot("column", index="point", values="number").select("point", *ordered)
     # The net gap: what the target records show beyond what f_A and f_B differ by on unseen records.
-    return wide.with_columns([(pl.col(f"{metric}_value") - pl.col(f"holdout_{metric}_value")).alias(f"{metric}_net")
-                              for metric in SUMMARY_METRICS])
+    return wide.with_columns(
+        [
+            (pl.col(f"{metric}_value") - pl.col(f"holdout_{metric}_value")).alias(f"{metric}_net")
+            for metric in SUMMARY_METRICS
+        ]
+    )
 
 
 def utility_columns(utilities: dict[str, dict[str, str]]) -> pl.DataFrame:
-    frames = [read_parquet(path)
-              .with_columns(point=pl.lit(point), column=pl.lit(f"{side}_") + pl.col("task") + "_" + pl.col("metric"))
-              for side, by_point in utilities.items() for point, path in by_point.items()]
+    frames = [
+        UTILITY.read(path, ["task", "metric", "accuracy"]).with_columns(
+            point=pl.lit(point), column=pl.lit(f"{side}_") + pl.col("task") + "_" + pl.col("metric")
+        )
+        for side, by_point in utilities.items()
+        for point, path in by_point.items()
+    ]
     return pl.concat(frames).pivot("column", index="point", values="accuracy")
 
 
@@ -59,29 +74,52 @@ def summarise(split: str, populations: dict[str, dict[str, str]], utilities: dic
     points = list(populations["target"])
     if any(set(by_point) != set(points) for by_point in [*populations.values(), *utilities.values()]):
         raise ValueError("summary: every population and utility table set must cover the same points")
-    table = point_frame(points).join(gap_columns(populations), on="point", how="left") \
+    table = (
+        point_frame(points)
+        .join(gap_columns(populations), on="point", how="left")
         .join(utility_columns(utilities), on="point", how="left")
-    return table.with_columns(split=pl.lit(split)).select("split", "point", *POINT_KEYS, pl.exclude(
-        "split", "point", *POINT_KEYS)).sort(list(POINT_KEYS), nulls_last=False)
+    )
+    return (
+        table.with_columns(split=pl.lit(split))
+        .select("split", "point", *POINT_KEYS, pl.exclude("split", "point", *POINT_KEYS))
+        .sort(list(POINT_KEYS), nulls_last=False)
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--split", required=True)
     for queries in QUERIES:
-        parser.add_argument(f"--{queries}-population", action="append", required=True, metavar="POINT=FILE",
-                            help=f"a parameter point's population table on the {queries} records (repeatable)")
+        parser.add_argument(
+            f"--{queries}-population",
+            action="append",
+            required=True,
+            metavar="POINT=FILE",
+            help=f"a parameter point's population table on the {queries} records (repeatable)",
+        )
     for side in SIDES:
-        parser.add_argument(f"--utility-{side}", action="append", required=True, metavar="POINT=FILE",
-                            help=f"a parameter point's utility table of side {side} (repeatable)")
+        parser.add_argument(
+            f"--utility-{side}",
+            action="append",
+            required=True,
+            metavar="POINT=FILE",
+            help=f"a parameter point's utility table of side {side} (repeatable)",
+        )
     parser.add_argument("--out", required=True, help="summary Parquet")
     parser.add_argument("--out-csv", required=True, help="its CSV copy")
     args = parser.parse_args(argv)
-    populations = {queries: keyed_files(getattr(args, f"{queries}_population"), f"{queries}-population")
-                   for queries in QUERIES}
+    populations = {
+        queries: keyed_files(getattr(args, f"{queries}_population"), f"{queries}-population") for queries in QUERIES
+    }
     utilities = {side: keyed_files(getattr(args, f"utility_{side}"), f"utility-{side}") for side in SIDES}
     table = summarise(args.split, populations, utilities)
-    write_parquet(table, args.out, stage="summary", params={"split": args.split, "points": list(populations["target"])})
+    write_parquet(
+        table,
+        args.out,
+        stage="summary",
+        contract=SUMMARY,
+        params={"split": args.split, "points": list(populations["target"])},
+    )
     with atomic_path(args.out_csv) as tmp:
         table.write_csv(tmp, float_precision=4)
 

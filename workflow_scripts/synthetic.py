@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-import pyarrow as pa
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from workflow_scripts.cli import add_dataclass_arguments, dataclass_from_args
+from workflow_scripts.contracts import GROUND_TRUTH, RECORDS
 from workflow_scripts.images import content_hash
 from workflow_scripts.io import atomic_path, write_parquet
 
@@ -42,13 +42,40 @@ COLOURS = {
 }
 SCENES = ("kitchen", "garden", "office", "beach", "street", "bedroom", "forest", "harbour")
 ADJECTIVES = (
-    "cozy", "bright", "dim", "busy", "quiet", "old", "modern", "small", "large", "messy",
-    "tidy", "sunny", "rainy", "colourful", "plain", "crowded",
+    "cozy",
+    "bright",
+    "dim",
+    "busy",
+    "quiet",
+    "old",
+    "modern",
+    "small",
+    "large",
+    "messy",
+    "tidy",
+    "sunny",
+    "rainy",
+    "colourful",
+    "plain",
+    "crowded",
 )
 DETAILS = (
-    "at noon", "in winter", "at dusk", "seen from above", "in the morning", "on a weekend",
-    "after the rain", "late at night", "in summer", "from a distance", "up close", "on a cloudy day",
-    "during a party", "before dinner", "in spring", "under warm light",
+    "at noon",
+    "in winter",
+    "at dusk",
+    "seen from above",
+    "in the morning",
+    "on a weekend",
+    "after the rain",
+    "late at night",
+    "in summer",
+    "from a distance",
+    "up close",
+    "on a cloudy day",
+    "during a party",
+    "before dinner",
+    "in spring",
+    "under warm light",
 )
 TEMPLATES = (
     "a {adj} {scene} with {objects}",
@@ -186,9 +213,7 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
         raise ValueError(f"unknown shape {shape!r}")
 
 
-def generate(
-    dataset: str, n_records: int, seed: int, config: SyntheticConfig, out_dir: str | Path
-) -> None:
+def generate(dataset: str, n_records: int, seed: int, config: SyntheticConfig, out_dir: str | Path) -> None:
     """Write `records.parquet`, `ground_truth.parquet` and `images/` under out_dir."""
     out_dir = Path(out_dir)
     world = SceneWorld(config)
@@ -211,18 +236,23 @@ def generate(
             labels.append(sorted(world.classes[i] for i in objects))
     params = {"dataset": dataset, "n_records": n_records, "seed": seed, **config.__dict__}
     records = pl.DataFrame(
-        {"id": ids, "image_path": paths, "captions": captions, "image_sha256": hashes, "scene": scenes,
-         "dominant_object": dominants},
-        schema={"id": pl.String, "image_path": pl.String, "captions": pl.List(pl.String),
-                "image_sha256": pl.String, "scene": pl.String, "dominant_object": pl.String},
+        {
+            "id": ids,
+            "image_path": paths,
+            "captions": captions,
+            "image_sha256": hashes,
+            "scene": scenes,
+            "dominant_object": dominants,
+        },
+        schema=RECORDS.polars([*RECORDS.names, "image_sha256", "scene", "dominant_object"]),
     )
-    ground_truth = pa.table({
-        "id": pa.array(ids, pa.string()),
-        "labels": pa.array(labels, pa.list_(pa.string())),
-        "scores": pa.array([[1.0] * len(row) for row in labels], pa.list_(pa.float32())),
-    })
-    write_parquet(ground_truth, out_dir / "ground_truth.parquet", stage="datasets", params=params)
-    write_parquet(records, out_dir / "records.parquet", stage="datasets", params=params)
+    ground_truth = pl.DataFrame(
+        {"id": ids, "labels": labels, "scores": [[1.0] * len(row) for row in labels]}, schema=GROUND_TRUTH.polars()
+    )
+    write_parquet(
+        ground_truth, out_dir / "ground_truth.parquet", stage="datasets", params=params, contract=GROUND_TRUTH
+    )
+    write_parquet(records, out_dir / "records.parquet", stage="datasets", params=params, contract=RECORDS)
 
 
 def main(argv: list[str] | None = None) -> None:

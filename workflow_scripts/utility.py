@@ -29,8 +29,9 @@ import torch
 from open_clip import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES, build_zero_shot_classifier
 from tqdm import tqdm
 
+from workflow_scripts.contracts import RECORDS, UTILITY
 from workflow_scripts.images import load_rgb, resolve_image_paths
-from workflow_scripts.io import DataError, read_parquet, write_parquet
+from workflow_scripts.io import DataError, write_parquet
 from workflow_scripts.models import load_checkpoint, select_device
 
 log = logging.getLogger(__name__)
@@ -38,8 +39,9 @@ WNID = r"^n[0-9]{8}$"
 
 
 @torch.no_grad()
-def image_features(model, preprocess, paths: list[str], ids: list[str], batch_size: int,
-                   device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+def image_features(
+    model, preprocess, paths: list[str], ids: list[str], batch_size: int, device: torch.device
+) -> tuple[np.ndarray, np.ndarray]:
     """(projected, backbone) image features; the backbone is the visual tower with its projection removed."""
     visual = model.visual
     projection = getattr(visual, "proj", None)
@@ -47,8 +49,12 @@ def image_features(model, preprocess, paths: list[str], ids: list[str], batch_si
         raise ValueError(f"{type(visual).__name__} exposes no `proj`: the BB probe needs an open_clip ViT-style tower")
     projected, backbone = [], []
     for start in tqdm(range(0, len(paths), batch_size), desc="utility features", unit="batch", mininterval=2):
-        images = torch.stack([preprocess(load_rgb(p, i)) for p, i in
-                              zip(paths[start:start + batch_size], ids[start:start + batch_size])]).to(device)
+        images = torch.stack(
+            [
+                preprocess(load_rgb(p, i))
+                for p, i in zip(paths[start : start + batch_size], ids[start : start + batch_size])
+            ]
+        ).to(device)
         visual.proj = None  # temporarily: the tower then returns its pooled backbone features
         try:
             pooled = visual(images)
@@ -62,39 +68,58 @@ def image_features(model, preprocess, paths: list[str], ids: list[str], batch_si
 def probe_split(n: int, fraction: float, seed: int) -> np.ndarray:
     """Boolean mask of the probe's training rows: a seeded `fraction` of n."""
     mask = np.zeros(n, dtype=bool)
-    mask[np.random.default_rng(seed).permutation(n)[: int(round(fraction * n))]] = True
+    mask[np.random.default_rng(seed).permutation(n)[: round(fraction * n)]] = True
     return mask
 
 
-def fit_logistic_regression(features: torch.Tensor, labels: torch.Tensor, n_classes: int, max_iter: int,
-                            c: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_logistic_regression(
+    features: torch.Tensor, labels: torch.Tensor, n_classes: int, max_iter: int, c: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(weight, bias) minimising sum of cross-entropies + ‖weight‖² / (2c), scikit-learn's LogisticRegression
     objective; full-batch L-BFGS from zeros, so the result does not depend on a seed."""
     weight = torch.zeros(features.shape[1], n_classes, device=features.device, requires_grad=True)
     bias = torch.zeros(n_classes, device=features.device, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weight, bias], lr=1, max_iter=max_iter, tolerance_grad=1e-6,
-                                  tolerance_change=1e-9, history_size=10, line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS(
+        [weight, bias],
+        lr=1,
+        max_iter=max_iter,
+        tolerance_grad=1e-6,
+        tolerance_change=1e-9,
+        history_size=10,
+        line_search_fn="strong_wolfe",
+    )
     n = len(labels)
 
     def closure():
         optimizer.zero_grad()
         # Divided by n: the same minimiser, with gradients whose scale does not grow with the data.
-        loss = (torch.nn.functional.cross_entropy(features @ weight + bias, labels, reduction="sum")
-                + weight.square().sum() / (2 * c)) / n
+        loss = (
+            torch.nn.functional.cross_entropy(features @ weight + bias, labels, reduction="sum")
+            + weight.square().sum() / (2 * c)
+        ) / n
         loss.backward()
         return loss
 
     optimizer.step(closure)
     state = optimizer.state[weight]
     converged = state["n_iter"] < max_iter
-    log.log(logging.INFO if converged else logging.WARNING, "linear probe: L-BFGS %s after %d iterations (%d "
-            "function evaluations)", "converged" if converged else "stopped by probe_max_iter, not converged,",
-            state["n_iter"], state["func_evals"])
+    log.log(
+        logging.INFO if converged else logging.WARNING,
+        "linear probe: L-BFGS %s after %d iterations (%d function evaluations)",
+        "converged" if converged else "stopped by probe_max_iter, not converged,",
+        state["n_iter"],
+        state["func_evals"],
+    )
     return weight.detach(), bias.detach()
 
 
-def linear_probe_accuracy(features: np.ndarray, labels: np.ndarray, train_mask: np.ndarray,
-                          device: torch.device = torch.device("cpu"), max_iter: int = 1000) -> float:
+def linear_probe_accuracy(
+    features: np.ndarray,
+    labels: np.ndarray,
+    train_mask: np.ndarray,
+    device: torch.device = torch.device("cpu"),
+    max_iter: int = 1000,
+) -> float:
     """Accuracy on the rows outside `train_mask` of a probe fitted on the rows inside it (standardised features)."""
     x = torch.from_numpy(features).to(device, torch.float32)
     y = torch.from_numpy(labels).to(device, torch.int64)
@@ -112,15 +137,25 @@ def prompt_classes(classnames: list[str], templates: list[str]) -> tuple[list[st
     if not wnids:
         return classnames, templates
     if len(wnids) != len(classnames) or len(classnames) != len(IMAGENET_CLASSNAMES):
-        raise DataError(f"{len(wnids)} of {len(classnames)} classes are WordNet ids; open_clip names the "
-                        f"{len(IMAGENET_CLASSNAMES)} ImageNet-1k classes only: give all of them, or name the folders")
+        raise DataError(
+            f"{len(wnids)} of {len(classnames)} classes are WordNet ids; open_clip names the "
+            f"{len(IMAGENET_CLASSNAMES)} ImageNet-1k classes only: give all of them, or name the folders"
+        )
     log.info("WordNet-id classes: prompting with open_clip's IMAGENET_CLASSNAMES and OPENAI_IMAGENET_TEMPLATES")
     return list(IMAGENET_CLASSNAMES), list(OPENAI_IMAGENET_TEMPLATES)  # both in sorted-wnid order
 
 
-def task_accuracies(projected: np.ndarray, backbone: np.ndarray, class_labels: pl.Series, model, tokenizer,
-                    templates: list[str], train_mask: np.ndarray, device: torch.device,
-                    probe_max_iter: int) -> list[dict]:
+def task_accuracies(
+    projected: np.ndarray,
+    backbone: np.ndarray,
+    class_labels: pl.Series,
+    model,
+    tokenizer,
+    templates: list[str],
+    train_mask: np.ndarray,
+    device: torch.device,
+    probe_max_iter: int,
+) -> list[dict]:
     """Zero-shot and PJ/BB linear-probe accuracy for one labelling of the evaluation images."""
     classnames = sorted(class_labels.unique().to_list())
     labels = class_labels.replace_strict(classnames, list(range(len(classnames)))).to_numpy()
@@ -130,41 +165,90 @@ def task_accuracies(projected: np.ndarray, backbone: np.ndarray, class_labels: p
         normalised = torch.nn.functional.normalize(torch.from_numpy(projected).to(device), dim=-1)
         zero_shot_predictions = (normalised @ classifier).argmax(dim=1).cpu().numpy()
     n_probe_eval = int((~train_mask).sum())
-    common = {"task": class_labels.name, "n_classes": len(classnames),
-              "chance": float(np.bincount(labels).max() / len(labels))}
+    common = {
+        "task": class_labels.name,
+        "n_classes": len(classnames),
+        "chance": float(np.bincount(labels).max() / len(labels)),
+    }
     return [
-        {**common, "metric": "zero_shot", "accuracy": float((zero_shot_predictions == labels).mean()),
-         "n_eval": len(labels)},
-        {**common, "metric": "linear_probe_PJ", "n_eval": n_probe_eval,
-         "accuracy": linear_probe_accuracy(projected, labels, train_mask, device, probe_max_iter)},
-        {**common, "metric": "linear_probe_BB", "n_eval": n_probe_eval,
-         "accuracy": linear_probe_accuracy(backbone, labels, train_mask, device, probe_max_iter)},
+        {
+            **common,
+            "metric": "zero_shot",
+            "accuracy": float((zero_shot_predictions == labels).mean()),
+            "n_eval": len(labels),
+        },
+        {
+            **common,
+            "metric": "linear_probe_PJ",
+            "n_eval": n_probe_eval,
+            "accuracy": linear_probe_accuracy(projected, labels, train_mask, device, probe_max_iter),
+        },
+        {
+            **common,
+            "metric": "linear_probe_BB",
+            "n_eval": n_probe_eval,
+            "accuracy": linear_probe_accuracy(backbone, labels, train_mask, device, probe_max_iter),
+        },
     ]
 
 
-def evaluate(model_path: str, records_path: str, label_columns: list[str], templates: list[str], out_path: str,
-             probe_fraction: float = 0.5, seed: int = 0, batch_size: int = 256, device: str = "auto",
-             threads: int = 1, probe_max_iter: int = 1000) -> None:
+def evaluate(
+    model_path: str,
+    records_path: str,
+    label_columns: list[str],
+    templates: list[str],
+    out_path: str,
+    probe_fraction: float = 0.5,
+    seed: int = 0,
+    batch_size: int = 256,
+    device: str = "auto",
+    threads: int = 1,
+    probe_max_iter: int = 1000,
+) -> None:
     torch.set_num_threads(threads)
     torch_device = select_device(device)
     model, preprocess, tokenizer, checkpoint = load_checkpoint(model_path, torch_device)
-    records = read_parquet(records_path, {"id": "str", "image_path": "str",
-                                          **{column: "class label" for column in label_columns}})
+    records = RECORDS.read(records_path, ["id", "image_path", *label_columns])
     for column in label_columns:
         unlabelled = records.filter(pl.col(column).is_null())["id"]
         if len(unlabelled):
             raise DataError(f"{records_path}: record(s) without {column!r}: {unlabelled.head(5).to_list()}")
-    projected, backbone = image_features(model, preprocess, resolve_image_paths(records, records_path).to_list(),
-                                         records["id"].to_list(), batch_size, torch_device)
+    projected, backbone = image_features(
+        model,
+        preprocess,
+        resolve_image_paths(records, records_path).to_list(),
+        records["id"].to_list(),
+        batch_size,
+        torch_device,
+    )
     train_mask = probe_split(len(records), probe_fraction, seed)
-    rows = [row for column in label_columns
-            for row in task_accuracies(projected, backbone, records[column].cast(pl.String), model, tokenizer,
-                                       templates, train_mask, torch_device, probe_max_iter)]
-    table = pl.DataFrame(rows).select("task", "metric", "accuracy", "chance", "n_classes", "n_eval")
-    params = {"model": model_path, "model_epoch": checkpoint.get("epoch"), "records": records_path,
-              "label_columns": label_columns, "templates": templates, "probe_fraction": probe_fraction,
-              "seed": seed, "probe_max_iter": probe_max_iter}
-    write_parquet(table, out_path, stage="utility", params=params)
+    rows = [
+        row
+        for column in label_columns
+        for row in task_accuracies(
+            projected,
+            backbone,
+            records[column].cast(pl.String),
+            model,
+            tokenizer,
+            templates,
+            train_mask,
+            torch_device,
+            probe_max_iter,
+        )
+    ]
+    table = pl.DataFrame(rows).select(UTILITY.names)
+    params = {
+        "model": model_path,
+        "model_epoch": checkpoint.get("epoch"),
+        "records": records_path,
+        "label_columns": label_columns,
+        "templates": templates,
+        "probe_fraction": probe_fraction,
+        "seed": seed,
+        "probe_max_iter": probe_max_iter,
+    }
+    write_parquet(table, out_path, stage="utility", params=params, contract=UTILITY)
     log.info("utility of %s:\n%s", model_path, table)
 
 
@@ -172,10 +256,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="checkpoint written by the train stage")
     parser.add_argument("--records", required=True, help="records Parquet of the labelled evaluation set")
-    parser.add_argument("--label-column", action="append", required=True,
-                        help="records column holding a class name; one task per column (repeatable)")
-    parser.add_argument("--template", action="append", required=True,
-                        help="zero-shot prompt with {} for the class name (repeatable)")
+    parser.add_argument(
+        "--label-column",
+        action="append",
+        required=True,
+        help="records column holding a class name; one task per column (repeatable)",
+    )
+    parser.add_argument(
+        "--template", action="append", required=True, help="zero-shot prompt with {} for the class name (repeatable)"
+    )
     parser.add_argument("--out", required=True)
     parser.add_argument("--probe-fraction", type=float, default=0.5, help="share of images the probe trains on")
     parser.add_argument("--seed", type=int, default=0)
@@ -185,8 +274,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--probe-max-iter", type=int, default=1000, help="L-BFGS iterations of the linear probe")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    evaluate(args.model, args.records, args.label_column, args.template, args.out, args.probe_fraction,
-             args.seed, args.batch_size, args.device, args.threads, args.probe_max_iter)
+    evaluate(
+        args.model,
+        args.records,
+        args.label_column,
+        args.template,
+        args.out,
+        args.probe_fraction,
+        args.seed,
+        args.batch_size,
+        args.device,
+        args.threads,
+        args.probe_max_iter,
+    )
 
 
 if __name__ == "__main__":
