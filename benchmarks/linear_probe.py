@@ -44,7 +44,7 @@ def main() -> None:
         evaluations = 0
         original = torch.nn.functional.cross_entropy
 
-        def counted(*a, **k):
+        def counted(*a, original=original, **k):
             nonlocal evaluations
             evaluations += 1
             return original(*a, **k)
@@ -55,9 +55,11 @@ def main() -> None:
         wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
         torch.nn.functional.cross_entropy = original
         per_eval = cpu / evaluations
-        print(f"n={n:>8,} d={args.dim} C={args.classes}: {evaluations} evaluations, wall {wall:.1f} s, "
-              f"cpu {cpu:.1f} s, {per_eval * 1e3:.1f} cpu-ms/evaluation -> "
-              f"{per_eval * IMAGENET_TRAIN / n:.1f} cpu-s/evaluation at {IMAGENET_TRAIN:,}")
+        print(
+            f"n={n:>8,} d={args.dim} C={args.classes}: {evaluations} evaluations, wall {wall:.1f} s, "
+            f"cpu {cpu:.1f} s, {per_eval * 1e3:.1f} cpu-ms/evaluation -> "
+            f"{per_eval * IMAGENET_TRAIN / n:.1f} cpu-s/evaluation at {IMAGENET_TRAIN:,}"
+        )
 
 
 if __name__ == "__main__":

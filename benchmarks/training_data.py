@@ -42,22 +42,24 @@ WORDS = ["cat", "dog", "car", "tree", "chair", "cup", "boat", "bird", "lamp", "r
 # The training stage, its epochs cut to `steps` batches. At exit it prints its peak RSS (VmHWM), its private
 # memory (RssAnon) and its workers' peaks: each worker writes, after every batch, its largest RssAnon and
 # RssFile so far (file-backed pages are the memory-mapped side table: page cache, shared and reclaimable).
-CUT_TRAINING = ("import atexit, os, sys\n"
-                "from workflow_scripts import train\n"
-                "steps, report = int(sys.argv.pop(1)), sys.argv.pop(1)\n"
-                "whole_epoch = train.epoch_batches\n"
-                "train.epoch_batches = lambda *args: whole_epoch(*args)[:steps]\n"
-                "kb = lambda key: int(open('/proc/self/status').read().split(key + ':')[1].split()[0])\n"
-                "peaks = {}\n"
-                "def measured(self, item, get=train.SideBatches.__getitem__):\n"
-                "    result = get(self, item)\n"
-                "    for key in ('RssAnon', 'RssFile'):\n"
-                "        peaks[key] = max(peaks.get(key, 0), kb(key))\n"
-                "    open(f'{report}/{os.getpid()}', 'w').write(f\"{peaks['RssAnon']} {peaks['RssFile']}\")\n"
-                "    return result\n"
-                "train.SideBatches.__getitem__ = measured\n"
-                "atexit.register(lambda: print('PEAK_KB', kb('VmHWM'), kb('RssAnon'), file=sys.__stderr__, flush=True))\n"
-                "train.main(sys.argv[1:])\n")
+CUT_TRAINING = (
+    "import atexit, os, sys\n"
+    "from workflow_scripts import train\n"
+    "steps, report = int(sys.argv.pop(1)), sys.argv.pop(1)\n"
+    "whole_epoch = train.epoch_batches\n"
+    "train.epoch_batches = lambda *args: whole_epoch(*args)[:steps]\n"
+    "kb = lambda key: int(open('/proc/self/status').read().split(key + ':')[1].split()[0])\n"
+    "peaks = {}\n"
+    "def measured(self, item, get=train.SideBatches.__getitem__):\n"
+    "    result = get(self, item)\n"
+    "    for key in ('RssAnon', 'RssFile'):\n"
+    "        peaks[key] = max(peaks.get(key, 0), kb(key))\n"
+    "    open(f'{report}/{os.getpid()}', 'w').write(f\"{peaks['RssAnon']} {peaks['RssFile']}\")\n"
+    "    return result\n"
+    "train.SideBatches.__getitem__ = measured\n"
+    "atexit.register(lambda: print('PEAK_KB', kb('VmHWM'), kb('RssAnon'), file=sys.__stderr__, flush=True))\n"
+    "train.main(sys.argv[1:])\n"
+)
 
 
 def jpeg_pool(n: int, size: int, seed: int = 0) -> list[bytes]:
@@ -85,8 +87,10 @@ def write_shards(root: Path, n_shards: int, per_shard: int, image_size: int) -> 
             for index in range(per_shard):
                 key = f"{shard * per_shard + index:09d}"
                 caption = " ".join(WORDS[(shard + index * k) % len(WORDS)] for k in range(1, 8)).encode()
-                for name, data in ((f"{key}.jpg", pool[(shard * per_shard + index) % len(pool)]),
-                                   (f"{key}.txt", caption)):
+                for name, data in (
+                    (f"{key}.jpg", pool[(shard * per_shard + index) % len(pool)]),
+                    (f"{key}.txt", caption),
+                ):
                     info = tarfile.TarInfo(name)
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
@@ -96,12 +100,24 @@ def write_shards(root: Path, n_shards: int, per_shard: int, image_size: int) -> 
 
 def shard_records(shards: list[Path]) -> pl.DataFrame:
     """One record per JPEG member with its offset and size, as the shards adapter writes them."""
-    rows = [(tar_member_path(shard, m.name), m.offset_data, m.size)
-            for shard in shards for m in scan_members(shard) if m.name.endswith(".jpg")]
+    rows = [
+        (tar_member_path(shard, m.name), m.offset_data, m.size)
+        for shard in shards
+        for m in scan_members(shard)
+        if m.name.endswith(".jpg")
+    ]
     paths, offsets, sizes = zip(*rows)
-    captions = [f"a photo of a {WORDS[i % len(WORDS)]} next to a {WORDS[(i * 7) % len(WORDS)]}" for i in range(len(rows))]
-    return pl.DataFrame({"image_path": paths, "image_offset": offsets, "image_size": sizes,
-                         "captions": [[c, c + " outdoors"] for c in captions]})
+    captions = [
+        f"a photo of a {WORDS[i % len(WORDS)]} next to a {WORDS[(i * 7) % len(WORDS)]}" for i in range(len(rows))
+    ]
+    return pl.DataFrame(
+        {
+            "image_path": paths,
+            "image_offset": offsets,
+            "image_size": sizes,
+            "captions": [[c, c + " outdoors"] for c in captions],
+        }
+    )
 
 
 def cpu_seconds() -> float:
@@ -136,30 +152,63 @@ def throughput(records: pl.DataFrame, work: Path, batches: int, batch_size: int 
         for path, offset, size in zip(paths, offsets, sizes):
             read_tar_member(path.split("::", 1)[0], offset, size)
         wall = time.perf_counter() - started
-        print(f"  {name:12s} member reads (pread): {len(rows) / wall:10,.0f} images/s  "
-              f"({1e3 * wall / len(rows):.3f} ms/image, cpu {cpu_seconds() - cpu:.2f} s)")
+        print(
+            f"  {name:12s} member reads (pread): {len(rows) / wall:10,.0f} images/s  "
+            f"({1e3 * wall / len(rows):.3f} ms/image, cpu {cpu_seconds() - cpu:.2f} s)"
+        )
     for name, order in orders.items():
         started, cpu = time.perf_counter(), cpu_seconds()
         for step in range(batches):
-            images, tokens = data[(0, order[step * batch_size:(step + 1) * batch_size])]
+            _images, _tokens = data[(0, order[step * batch_size : (step + 1) * batch_size])]
         wall, used = time.perf_counter() - started, cpu_seconds() - cpu
-        print(f"  {name:12s} training batches:     {batches * batch_size / wall:10,.0f} images/s  "
-              f"(wall {wall:.1f} s, cpu {used:.1f} s; read + decode + transform + caption tokens)")
+        print(
+            f"  {name:12s} training batches:     {batches * batch_size / wall:10,.0f} images/s  "
+            f"(wall {wall:.1f} s, cpu {used:.1f} s; read + decode + transform + caption tokens)"
+        )
 
 
 def memory(records: pl.DataFrame, work: Path, size: int, steps: int) -> None:
     side = work / f"side_{size}"
     side.mkdir(exist_ok=True)
     repeats = -(-size // len(records))
-    (pl.concat([records] * repeats).head(size).with_columns(id=pl.format("r{}", pl.int_range(pl.len())))
-     .write_parquet(side / "records.parquet"))
+    (
+        pl.concat([records] * repeats)
+        .head(size)
+        .with_columns(id=pl.format("r{}", pl.int_range(pl.len())))
+        .write_parquet(side / "records.parquet")
+    )
     pl.read_parquet(side / "records.parquet", columns=["id"]).write_parquet(side / "split.parquet")
     report = side / "workers"
     report.mkdir(exist_ok=True)
-    command = [sys.executable, "-c", CUT_TRAINING, str(steps), str(report), "--records", str(side / "records.parquet"),
-               "--split", str(side / "split.parquet"), "--out-dir", str(side / "model"), "--epochs", "1",
-               "--batch-size", "256", "--device", "cpu", "--num-workers", "2", "--preload-images", "false",
-               "--mask-ratio", "0.3", "--threads", "1", "--warmup-steps", "1"]
+    command = [
+        sys.executable,
+        "-c",
+        CUT_TRAINING,
+        str(steps),
+        str(report),
+        "--records",
+        str(side / "records.parquet"),
+        "--split",
+        str(side / "split.parquet"),
+        "--out-dir",
+        str(side / "model"),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "256",
+        "--device",
+        "cpu",
+        "--num-workers",
+        "2",
+        "--preload-images",
+        "false",
+        "--mask-ratio",
+        "0.3",
+        "--threads",
+        "1",
+        "--warmup-steps",
+        "1",
+    ]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     result = subprocess.run(command, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
@@ -170,9 +219,11 @@ def memory(records: pl.DataFrame, work: Path, size: int, steps: int) -> None:
     peak_kb, private_kb = map(int, result.stderr.split("PEAK_KB")[-1].split()[:2])
     workers = np.array([list(map(int, f.read_text().split())) for f in report.iterdir()]).max(axis=0)
     cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-    print(f"  {size:>9,} records: training process peak RSS {peak_kb / 1024:5.0f} MiB (private at exit "
-          f"{private_kb / 1024:4.0f} MiB); a DataLoader worker: private {workers[0] / 1024:4.0f} MiB, mapped side table "
-          f"and libraries {workers[1] / 1024:4.0f} MiB  ({steps} steps; wall {wall:.0f} s, cpu {cpu:.0f} s)")
+    print(
+        f"  {size:>9,} records: training process peak RSS {peak_kb / 1024:5.0f} MiB (private at exit "
+        f"{private_kb / 1024:4.0f} MiB); a DataLoader worker: private {workers[0] / 1024:4.0f} MiB, mapped side table "
+        f"and libraries {workers[1] / 1024:4.0f} MiB  ({steps} steps; wall {wall:.0f} s, cpu {cpu:.0f} s)"
+    )
 
 
 def main() -> None:
@@ -193,8 +244,10 @@ def main() -> None:
         total = sum(s.stat().st_size for s in shards)
         for shard in shards:  # warm the page cache
             shard.read_bytes()
-        print(f"{len(shards):,} shards x {args.per_shard} JPEGs ({total / 2**30:.2f} GiB, "
-              f"{records['image_size'].mean() / 1024:.1f} KiB per image) written in {time.perf_counter() - started:.0f} s")
+        print(
+            f"{len(shards):,} shards x {args.per_shard} JPEGs ({total / 2**30:.2f} GiB, "
+            f"{records['image_size'].mean() / 1024:.1f} KiB per image) written in {time.perf_counter() - started:.0f} s"
+        )
         throughput(records, work, args.batches)
         print("peak memory per process (tiny model, 2 workers, preload_images false):")
         for size in args.sizes:

@@ -37,13 +37,22 @@ def build_coco(root: Path, n_images: int, seed: int = 0) -> dict[str, Path]:
         objects = [] if index % 7 == 3 else list(rng.choice(len(CATEGORIES), size=rng.integers(1, 4), replace=False))
         for number in range(5):
             named = CATEGORIES[objects[0]] if objects else "nothing"
-            captions.append({"id": len(captions) + 1, "image_id": image_id, "caption": f"caption {number} of a {named}"})
+            captions.append(
+                {"id": len(captions) + 1, "image_id": image_id, "caption": f"caption {number} of a {named}"}
+            )
         for category in objects:
-            instances.append({"id": len(instances) + 1, "image_id": image_id, "category_id": int(category) + 1,
-                              "bbox": [0, 0, 5, 5], "area": 25, "iscrowd": 0})
+            instances.append(
+                {
+                    "id": len(instances) + 1,
+                    "image_id": image_id,
+                    "category_id": int(category) + 1,
+                    "bbox": [0, 0, 5, 5],
+                    "area": 25,
+                    "iscrowd": 0,
+                }
+            )
     categories = [{"id": i + 1, "name": name, "supercategory": "thing"} for i, name in enumerate(CATEGORIES)]
-    paths = {"captions": root / "captions_train.json", "instances": root / "instances_train.json",
-             "images": images_dir}
+    paths = {"captions": root / "captions_train.json", "instances": root / "instances_train.json", "images": images_dir}
     paths["captions"].write_text(json.dumps({"images": images, "annotations": captions}))
     paths["instances"].write_text(json.dumps({"images": images, "annotations": instances, "categories": categories}))
     return paths
@@ -53,7 +62,9 @@ def build_image_folder(root: Path, per_class: int, seed: int = 1, classes=CATEGO
     for class_index, name in enumerate(classes):
         (root / name).mkdir(parents=True)
         for index in range(per_class):
-            (root / name / f"{name}_{index:04d}.JPEG").write_bytes(jpeg_bytes(seed * 100_000 + class_index * 1000 + index))
+            (root / name / f"{name}_{index:04d}.JPEG").write_bytes(
+                jpeg_bytes(seed * 100_000 + class_index * 1000 + index)
+            )
     return root
 
 
@@ -79,4 +90,6 @@ def build_shards(root: Path, n_shards: int, per_shard: int, seed: int = 2) -> li
 
 
 def shard_ids(dataset: str, n_shards: int, per_shard: int) -> list[str]:
-    return [f"{dataset}-{shard:05d}/{shard * 1000 + index:06d}" for shard in range(n_shards) for index in range(per_shard)]
+    return [
+        f"{dataset}-{shard:05d}/{shard * 1000 + index:06d}" for shard in range(n_shards) for index in range(per_shard)
+    ]

@@ -36,8 +36,15 @@ def scheduled(workdir: Path, config: dict, *targets: str) -> Counter:
 # schedules nothing only if none of them would schedule a job on its own (changes to params only add up).
 EXECUTION_SETTINGS = {
     "datasets": {"datasets": {"scenes_pool": {"threads": 2}, "scenes_public": {"threads": 3}}},
-    "training": {"training": {"threads": 2, "device": "cpu", "allow_cpu_fallback": False,
-                              "preload_images": False, "num_workers": 1}},
+    "training": {
+        "training": {
+            "threads": 2,
+            "device": "cpu",
+            "allow_cpu_fallback": False,
+            "preload_images": False,
+            "num_workers": 1,
+        }
+    },
     "embedding": {"embedding": {"threads": 3, "batch_size": 7, "device": "cpu", "allow_cpu_fallback": True}},
     "knn": {"knn": {"threads": 2, "batch_size": 3, "use_gpu": "never"}},
     "metrics": {"metrics": {"batch_rows": 17, "part_records": 5}},
@@ -55,8 +62,15 @@ def test_execution_settings_schedule_nothing(tiny_workflow, block):
 FIGURES = {"figures_point": 2, "figures_qualitative": 2, "summary": 1, "figures_sweep": 1, "all": 1}
 METRICS = {"metrics": 4, "metrics_one_model": 8, "agreement": 2, **FIGURES}
 SEARCH = {"knn_shard": 8, "knn": 4, **METRICS}
-MODELS_DOWN = {"embed_public_shard": 8, "embed_public": 4, "embed_captions": 4, "embed_public_captions": 2,
-               "knn_captions": 2, "utility": 4, **SEARCH}
+MODELS_DOWN = {
+    "embed_public_shard": 8,
+    "embed_public": 4,
+    "embed_captions": 4,
+    "embed_public_captions": 2,
+    "knn_captions": 2,
+    "utility": 4,
+    **SEARCH,
+}
 TRAINING_DOWN = {"train": 2, "model": 4, **MODELS_DOWN}
 SPLITS_DOWN = {"splits": 1, "embed_reference": 1, **TRAINING_DOWN, "knn_captions": 3}
 
@@ -67,8 +81,10 @@ RESULT_SETTINGS = [
     ({"utility": {"seed": 1}}, {"utility": 4, "summary": 1, "figures_sweep": 1, "all": 1}),
     ({"training": {"lr": 2.0e-3}}, TRAINING_DOWN),
     ({"splits": {"scenes": {"seed": 1}}}, SPLITS_DOWN),
-    ({"datasets": {"scenes_public": {"seed": 3}}},
-     {"synthetic_dataset": 1, "annotate_ground_truth": 1, **SPLITS_DOWN, "embed_reference": 2}),
+    (
+        {"datasets": {"scenes_public": {"seed": 3}}},
+        {"synthetic_dataset": 1, "annotate_ground_truth": 1, **SPLITS_DOWN, "embed_reference": 2},
+    ),
 ]
 
 
@@ -98,9 +114,20 @@ def test_yaml_key_order_is_irrelevant(tiny_workflow, tmp_path):
     copy_of_repo = repository_copy(tmp_path / "repo")
     config = yaml.safe_load((REPO / "config.yaml").read_text())
     (copy_of_repo / "config.yaml").write_text(yaml.safe_dump(reordered(config), sort_keys=False))
-    command = [sys.executable, "-m", "snakemake",
-               "-s", str(copy_of_repo / "Snakefile"), "--directory", str(tiny_workflow), "--cores", "1", "--dry-run",
-               "--configfile", str(tiny_workflow / "reordered.yaml")]
+    command = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(copy_of_repo / "Snakefile"),
+        "--directory",
+        str(tiny_workflow),
+        "--cores",
+        "1",
+        "--dry-run",
+        "--configfile",
+        str(tiny_workflow / "reordered.yaml"),
+    ]
     (tiny_workflow / "reordered.yaml").write_text(yaml.safe_dump(reordered(TINY), sort_keys=False))
     result = subprocess.run(command, cwd=tiny_workflow, env=snakemake_env(), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -115,9 +142,25 @@ def test_a_project_path_with_a_quote_runs(tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(TINY))
     result = subprocess.run(
-        [sys.executable, "-m", "snakemake", "results/data/scenes_public/annotations.parquet", "-s",
-         str(copy_of_repo / "Snakefile"), "--directory", str(workdir), "--cores", "2", "--configfile", str(config)],
-        cwd=workdir, env=snakemake_env(), capture_output=True, text=True)
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "results/data/scenes_public/annotations.parquet",
+            "-s",
+            str(copy_of_repo / "Snakefile"),
+            "--directory",
+            str(workdir),
+            "--cores",
+            "2",
+            "--configfile",
+            str(config),
+        ],
+        cwd=workdir,
+        env=snakemake_env(),
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert pl.read_parquet(workdir / "results/data/scenes_public/annotations.parquet").height == 150
 
@@ -129,8 +172,13 @@ def raw_image_sets(tmp_path):
     coco = build_coco(raw / "coco", 8, seed=3)
     folder = build_image_folder(raw / "inet", 3, seed=5)
     datasets = {
-        "coco": {"source": "coco", "captions": str(coco["captions"]), "images": str(coco["images"]),
-                 "annotator": "ground_truth", "instances": str(coco["instances"])},
+        "coco": {
+            "source": "coco",
+            "captions": str(coco["captions"]),
+            "images": str(coco["images"]),
+            "annotator": "ground_truth",
+            "instances": str(coco["instances"]),
+        },
         "inet": {"source": "image_folder", "images": str(folder), "annotator": "ground_truth"},
     }
     config = merged(TINY, {"datasets": datasets})
@@ -150,7 +198,8 @@ def test_adding_an_image_reruns_its_data_set(raw_image_sets):
     assert scheduled(workdir, config, *TARGETS) == Counter({"image_folder_dataset": 1, "annotate_ground_truth": 1})
     (coco["images"] / "000000009999.jpg").write_bytes(jpeg_bytes(434343))
     assert scheduled(workdir, config, *TARGETS) == Counter(
-        {"image_folder_dataset": 1, "coco_dataset": 1, "annotate_ground_truth": 2})
+        {"image_folder_dataset": 1, "coco_dataset": 1, "annotate_ground_truth": 2}
+    )
 
 
 def test_deleting_or_replacing_an_image_reruns_its_data_set(raw_image_sets):

@@ -34,8 +34,10 @@ def settings(name: str) -> dict:
 
 
 ONE_MODEL = settings("one_model")
-REFERENCE_OPTIONS = {**schema_defaults(SCHEMA["properties"]["one_model"]["properties"]["reference_options"]),
-                     **ONE_MODEL.get("reference_options", {})}
+REFERENCE_OPTIONS = {
+    **schema_defaults(SCHEMA["properties"]["one_model"]["properties"]["reference_options"]),
+    **ONE_MODEL.get("reference_options", {}),
+}
 DETIC = schema_defaults(DATASET_SCHEMA["properties"]["detic"])
 
 # stage -> (parameter dataclass, the settings it must default to, fields the config does not set)
@@ -51,8 +53,9 @@ def test_dataclass_defaults_equal_the_config(stage):
     cls, config, unset = DATACLASSES[stage]
     fields = {field.name: field.default for field in dataclasses.fields(cls)}
     assert set(fields) - set(config) == unset, f"{cls.__name__} fields without a `{stage}` setting"
-    wrong = {name: (default, config[name]) for name, default in fields.items()
-             if name in config and default != config[name]}
+    wrong = {
+        name: (default, config[name]) for name, default in fields.items() if name in config and default != config[name]
+    }
     assert not wrong, f"{cls.__name__} defaults differ from config `{stage}` (default, config): {wrong}"
 
 
@@ -81,20 +84,23 @@ def cli_parser(module, command: str | None = None) -> argparse.ArgumentParser:
 
 # stage -> [(module, sub-command, argparse dest, the setting the rule passes)]
 CLI_DEFAULTS = {
-    "embedding": [(embed, None, key, settings("embedding")[key])
-                  for key in ("batch_size", "caption_index", "device", "allow_cpu_fallback", "threads")],
+    "embedding": [
+        (embed, None, key, settings("embedding")[key])
+        for key in ("batch_size", "caption_index", "device", "allow_cpu_fallback", "threads")
+    ],
     "knn": [(knn, "search", key, settings("knn")[key]) for key in ("batch_size", "threads", "use_gpu")]
-           + [(knn, "merge", key, settings("knn")[key]) for key in ("batch_size", "threads")],
+    + [(knn, "merge", key, settings("knn")[key]) for key in ("batch_size", "threads")],
     # the utility and text_reference rules run on the embedding block's device and threads
     "utility": [(utility, None, key, settings("utility")[key]) for key in ("probe_fraction", "seed", "probe_max_iter")]
-               + [(utility, None, key, settings("embedding")[key]) for key in ("device", "threads")],
+    + [(utility, None, key, settings("embedding")[key]) for key in ("device", "threads")],
     "one_model": [(text_reference, None, "batch_size", ONE_MODEL["batch_size"])]
-                 + [(text_reference, None, key, settings("embedding")[key])
-                    for key in ("caption_index", "device", "threads")]
-                 + [(text_reference, None, key, REFERENCE_OPTIONS[key]) for key in REFERENCE_OPTIONS],
+    + [(text_reference, None, key, settings("embedding")[key]) for key in ("caption_index", "device", "threads")]
+    + [(text_reference, None, key, REFERENCE_OPTIONS[key]) for key in REFERENCE_OPTIONS],
     "detic": [(detic, "vocabulary", "prompt", DETIC["prompt"])]
-             + [(detic, "detect", key, DETIC[key])
-                for key in ("config_file", "score_threshold", "device", "batch_size", "workers")],
+    + [
+        (detic, "detect", key, DETIC[key])
+        for key in ("config_file", "score_threshold", "device", "batch_size", "workers")
+    ],
 }
 
 
@@ -104,8 +110,10 @@ def test_cli_defaults_equal_the_config(stage):
     for module, command, dest, expected in CLI_DEFAULTS[stage]:
         default = cli_parser(module, command).get_default(dest)
         if default != expected:
-            wrong[f"{module.__name__.rsplit('.', 1)[-1]} {command or ''} --{dest.replace('_', '-')}"] = (default,
-                                                                                                      expected)
+            wrong[f"{module.__name__.rsplit('.', 1)[-1]} {command or ''} --{dest.replace('_', '-')}"] = (
+                default,
+                expected,
+            )
     assert not wrong, f"CLI defaults differ from config `{stage}` (default, config): {wrong}"
 
 
@@ -114,7 +122,8 @@ def test_the_train_cli_takes_its_defaults_from_training_params():
 
     parser = cli_parser(train)
     assert {field.name: parser.get_default(field.name) for field in dataclasses.fields(TrainingParams)} == {
-        field.name: field.default for field in dataclasses.fields(TrainingParams)}
+        field.name: field.default for field in dataclasses.fields(TrainingParams)
+    }
 
 
 def declared_defaults(schema: dict, config: dict, prefix: str = "") -> dict:

@@ -8,23 +8,37 @@ from workflow_scripts import launch
 def test_launch_command_per_layout():
     assert launch.launch_command({}) == "python -m"
     assert launch.launch_command({"nodes": 1, "gpus_per_node": 4}) == (
-        "python -m torch.distributed.run --standalone --nproc_per_node 4 -m")
+        "python -m torch.distributed.run --standalone --nproc_per_node 4 -m"
+    )
     assert launch.launch_command({"nodes": 3, "gpus_per_node": 8}) == (
-        "srun --kill-on-bad-exit=1 --nodes=3 --ntasks-per-node=8 python -m")
+        "srun --kill-on-bad-exit=1 --nodes=3 --ntasks-per-node=8 python -m"
+    )
     assert launch.launch_command({"nodes": 1, "gpus_per_node": 2, "use_srun": True}) == (
-        "srun --kill-on-bad-exit=1 --nodes=1 --ntasks-per-node=2 python -m")
+        "srun --kill-on-bad-exit=1 --nodes=1 --ntasks-per-node=2 python -m"
+    )
 
 
 def test_launch_resources_match_the_command():
     assert launch.launch_resources({"gpus_per_node": 4}) == {"gpu": 4}
     assert launch.launch_resources({"nodes": 2, "gpus_per_node": 4}) == {
-        "gpu": 8, "nodes": 2, "tasks": 8, "mpi": "srun", "tasks_per_gpu": 1}
+        "gpu": 8,
+        "nodes": 2,
+        "tasks": 8,
+        "mpi": "srun",
+        "tasks_per_gpu": 1,
+    }
     assert launch.launch_resources({"gpus_per_node": 2, "use_srun": True, "device": "cpu"}) == {
-        "gpu": 0, "nodes": 1, "tasks": 2, "mpi": "srun"}
+        "gpu": 0,
+        "nodes": 1,
+        "tasks": 2,
+        "mpi": "srun",
+    }
 
 
-@pytest.mark.parametrize("nodelist, host", [
-    ("localhost", "localhost"), ("gpu[07-09,12],cpu1", "gpu07"), ("node3,node4", "node3"), ("a[1]", "a1")])
+@pytest.mark.parametrize(
+    "nodelist, host",
+    [("localhost", "localhost"), ("gpu[07-09,12],cpu1", "gpu07"), ("node3,node4", "node3"), ("a[1]", "a1")],
+)
 def test_first_host_of_a_slurm_node_list(nodelist, host):
     assert launch.first_host(nodelist) == host
 

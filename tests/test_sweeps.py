@@ -19,8 +19,10 @@ def with_sweep(**sweep):
 
 
 def test_points_and_runs():
-    points = paramspace.expand_points({"n_train": None, "epochs": 9, "temperature": None, "weight_decay": 0.1,
-                                       "mask_ratio": 0.0, "seed": 0}, {"epochs": [20, 200], "mask_ratio": [0.0, 0.5]})
+    points = paramspace.expand_points(
+        {"n_train": None, "epochs": 9, "temperature": None, "weight_decay": 0.1, "mask_ratio": 0.0, "seed": 0},
+        {"epochs": [20, 200], "mask_ratio": [0.0, 0.5]},
+    )
     assert len(points) == 4
     plan = paramspace.training_runs(points)
     runs = {entry["run"] for entry in plan.values()}
@@ -28,8 +30,14 @@ def test_points_and_runs():
     short = next(s for s in points if "epochs~20/" in s and "mask_ratio~0.5" in s)
     assert plan[short] == {"run": short.replace("epochs~20/", "epochs~200/"), "epoch": 20}
     assert paramspace.save_epochs(plan, plan[short]["run"]) == [20]
-    assert paramspace.parse_segment(short) == {"n_train": None, "epochs": 20, "temperature": None,
-                                               "weight_decay": 0.1, "mask_ratio": 0.5, "seed": 0}
+    assert paramspace.parse_segment(short) == {
+        "n_train": None,
+        "epochs": 20,
+        "temperature": None,
+        "weight_decay": 0.1,
+        "mask_ratio": 0.5,
+        "seed": 0,
+    }
     assert re.fullmatch(paramspace.segment_regex(), short)
 
 
@@ -42,10 +50,26 @@ def test_adding_a_mask_value_schedules_only_the_new_points(tiny_workflow):
     for rule, _ in jobs:
         counts[rule] = counts.get(rule, 0) + 1
     # Two new points (epochs 1 and 2 at mask 0.5) x two models, P in two shards, both one-model modes.
-    assert counts == {"train": 2, "model": 4, "embed_public_shard": 8, "embed_public": 4,
-                      "knn_shard": 8, "knn": 4, "embed_captions": 4, "utility": 4, "metrics": 4,
-                      "embed_public_captions": 2, "knn_captions": 2, "metrics_one_model": 8, "agreement": 2,
-                      "figures_point": 2, "figures_qualitative": 2, "summary": 1, "figures_sweep": 1, "all": 1}, counts
+    assert counts == {
+        "train": 2,
+        "model": 4,
+        "embed_public_shard": 8,
+        "embed_public": 4,
+        "knn_shard": 8,
+        "knn": 4,
+        "embed_captions": 4,
+        "utility": 4,
+        "metrics": 4,
+        "embed_public_captions": 2,
+        "knn_captions": 2,
+        "metrics_one_model": 8,
+        "agreement": 2,
+        "figures_point": 2,
+        "figures_qualitative": 2,
+        "summary": 1,
+        "figures_sweep": 1,
+        "all": 1,
+    }, counts
     trained = {wc["point"] for rule, wc in jobs if rule == "train"}
     assert trained == {POINT.replace("mask_ratio~0.0", "mask_ratio~0.5")}  # one run serves both epoch values
 
@@ -74,8 +98,9 @@ def test_summary_has_one_row_per_point_matching_the_metric_tables(tiny_workflow)
     table = pl.read_parquet(results / "summary" / "scenes.parquet")
     assert table["point"].sort().to_list() == sorted([POINT, SHORT_POINT])
     assert table["epochs"].sort().to_list() == [1, 2]
-    population = pl.read_parquet(results / "metrics" / "scenes" / POINT / "target" / "population.parquet") \
-        .filter((pl.col("label_mode") == "all") & (pl.col("metric") == "PPG"))
+    population = pl.read_parquet(results / "metrics" / "scenes" / POINT / "target" / "population.parquet").filter(
+        (pl.col("label_mode") == "all") & (pl.col("metric") == "PPG")
+    )
     row = table.filter(pl.col("point") == POINT).row(0, named=True)
     assert row["PPG_mean"] == pytest.approx(population["mean"].item())
     assert 0 <= row["A_dominant_object_linear_probe_PJ"] <= 1 and "B_scene_zero_shot" in table.columns
@@ -83,9 +108,12 @@ def test_summary_has_one_row_per_point_matching_the_metric_tables(tiny_workflow)
     points = [SHORT_POINT, POINT]
     again = summary.summarise(
         "scenes",
-        {queries: {p: results / "metrics" / "scenes" / p / queries / "population.parquet" for p in points}
-         for queries in ("target", "holdout")},
-        {side: {p: results / "utility" / "scenes" / p / f"{side}.parquet" for p in points} for side in ("A", "B")})
+        {
+            queries: {p: results / "metrics" / "scenes" / p / queries / "population.parquet" for p in points}
+            for queries in ("target", "holdout")
+        },
+        {side: {p: results / "utility" / "scenes" / p / f"{side}.parquet" for p in points} for side in ("A", "B")},
+    )
     assert again.equals(table)
 
 

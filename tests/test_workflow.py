@@ -1,32 +1,61 @@
 """The real Snakemake DAG: a tiny config end to end, and the embedded default's scientific claim."""
 
-import pyarrow.parquet as pq
 import polars as pl
+import pyarrow.parquet as pq
 import yaml
 
 from conftest import POINT, REPO, TINY, run_snakemake
 
 CONTRACTS = {
     "data/scenes_pool/records.parquet": {"id": "string", "image_path": "string", "captions": "list<element: string>"},
-    "data/scenes_pool/annotations.parquet": {"id": "string", "labels": "list<element: string>",
-                                             "scores": "list<element: float>"},
+    "data/scenes_pool/annotations.parquet": {
+        "id": "string",
+        "labels": "list<element: string>",
+        "scores": "list<element: float>",
+    },
     "splits/scenes/A.parquet": {"id": "string"},
     "splits/scenes/B.parquet": {"id": "string"},
     "splits/scenes/holdout.parquet": {"id": "string"},
     f"models/scenes/{POINT}/A/run/train_log.parquet": {"epoch": "int64", "loss": "double", "seconds": "double"},
     f"embeddings/scenes/{POINT}/A/public.parquet": {"id": "string", "embedding": "fixed_size_list<element: float>[64]"},
-    f"embeddings/scenes/{POINT}/B/captions.parquet": {"id": "string",
-                                                       "embedding": "fixed_size_list<element: float>[64]"},
-    f"neighbors/scenes/{POINT}/A.parquet": {"query_id": "string", "rank": "int16", "public_id": "string",
-                                            "score": "float"},
+    f"embeddings/scenes/{POINT}/B/captions.parquet": {
+        "id": "string",
+        "embedding": "fixed_size_list<element: float>[64]",
+    },
+    f"neighbors/scenes/{POINT}/A.parquet": {
+        "query_id": "string",
+        "rank": "int16",
+        "public_id": "string",
+        "score": "float",
+    },
     f"metrics/scenes/{POINT}/target/records.parquet": {
-        "id": "string", "label_mode": "string", "n_objects": "int32", "precision_target": "double",
-        "recall_reference": "double", "f1_target": "double", "n_correct_target": "int32", "nn_score_target": "float"},
+        "id": "string",
+        "label_mode": "string",
+        "n_objects": "int32",
+        "precision_target": "double",
+        "recall_reference": "double",
+        "f1_target": "double",
+        "n_correct_target": "int32",
+        "nn_score_target": "float",
+    },
     f"metrics/scenes/{POINT}/holdout/population.parquet": {
-        "metric": "string", "value": "double", "mean": "double", "std": "double", "n_boot": "int64",
-        "frac": "double", "k": "int32", "label_mode": "string", "n_records": "int64"},
+        "metric": "string",
+        "value": "double",
+        "mean": "double",
+        "std": "double",
+        "n_boot": "int64",
+        "frac": "double",
+        "k": "int32",
+        "label_mode": "string",
+        "n_records": "int64",
+    },
     f"metrics/scenes/{POINT}/target/sample_level.parquet": {
-        "order": "string", "top_l": "int64", "precision_gap": "double", "recall_gap": "double", "f1_gap": "double"},
+        "order": "string",
+        "top_l": "int64",
+        "precision_gap": "double",
+        "recall_gap": "double",
+        "f1_gap": "double",
+    },
 }
 
 
@@ -67,11 +96,16 @@ def test_default_config_finds_memorization_and_a_clean_control(tmp_path):
     """
     config = yaml.safe_load((REPO / "config.yaml").read_text())
     epochs = max(config["sweep"]["epochs"])
-    point = (f"n_train~all/epochs~{epochs}/temperature~learned/weight_decay~{config['training']['weight_decay']}"
-             f"/mask_ratio~0.0/seed~{config['training']['seed']}")
+    point = (
+        f"n_train~all/epochs~{epochs}/temperature~learned/weight_decay~{config['training']['weight_decay']}"
+        f"/mask_ratio~0.0/seed~{config['training']['seed']}"
+    )
     tests = ("", "one_model~t2i/")
-    targets = [f"results/metrics/scenes/{point}/{test}{queries}/population.parquet"
-               for test in tests for queries in ("target", "holdout")]
+    targets = [
+        f"results/metrics/scenes/{point}/{test}{queries}/population.parquet"
+        for test in tests
+        for queries in ("target", "holdout")
+    ]
     run_snakemake(tmp_path, None, *targets)
 
     def population(test, queries, label_mode):

@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import shlex
-from typing import Any, Mapping, TypeVar
+from collections.abc import Mapping
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 # Config keys of the `training` block that shape the launch, not the training stage's flags.
 LAUNCH_SETTINGS = ("nodes", "gpus_per_node", "use_srun")

@@ -65,8 +65,10 @@ def select_device(device: str = "auto", allow_cpu_fallback: bool = True) -> torc
         return torch.device("cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         if not allow_cpu_fallback:
-            raise DeviceError(f"device {device!r} was requested but no GPU is visible "
-                              f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
+            raise DeviceError(
+                f"device {device!r} was requested but no GPU is visible "
+                f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})"
+            )
         log.warning("device %r requested but no GPU is visible: falling back to the CPU", device)
         return torch.device("cpu")
     return torch.device(device)
@@ -75,8 +77,10 @@ def select_device(device: str = "auto", allow_cpu_fallback: bool = True) -> torc
 def unavailable_weights_message(what: str, error: Exception, alternative: str) -> str:
     """Why weights did not load, and what to do: they download on first use, which needs the hub."""
     offline = " HF_HUB_OFFLINE=1 is set." if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
-    return (f"cannot load {what}: {error}.{offline} Weights are downloaded on first use: run on a machine "
-            f"that can reach the hub, or {alternative}.")
+    return (
+        f"cannot load {what}: {error}.{offline} Weights are downloaded on first use: run on a machine "
+        f"that can reach the hub, or {alternative}."
+    )
 
 
 def model_config(model_name: str) -> dict:
@@ -84,12 +88,16 @@ def model_config(model_name: str) -> dict:
     try:
         config = open_clip.get_model_config(model_name)
     except (OSError, RuntimeError, ValueError) as error:  # hub unreachable, folder without open_clip_config.json
-        raise PretrainedUnavailableError(unavailable_weights_message(
-            f"the open_clip config of {model_name!r}", error,
-            "give a local-dir: folder with open_clip_config.json")) from error
+        raise PretrainedUnavailableError(
+            unavailable_weights_message(
+                f"the open_clip config of {model_name!r}", error, "give a local-dir: folder with open_clip_config.json"
+            )
+        ) from error
     if config is None:
-        raise ValueError(f"unknown open_clip model {model_name!r}: not a built-in or registered architecture "
-                         f"(custom configs are read from {MODEL_CONFIG_DIR}), nor an hf-hub: or local-dir: name")
+        raise ValueError(
+            f"unknown open_clip model {model_name!r}: not a built-in or registered architecture "
+            f"(custom configs are read from {MODEL_CONFIG_DIR}), nor an hf-hub: or local-dir: name"
+        )
     return config
 
 
@@ -102,14 +110,16 @@ def create_model(model_name: str, device: torch.device, pretrained: str | None =
     return model, preprocess, open_clip.get_tokenizer(model_name)
 
 
-def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, model_name: str,
-                    model_cfg: dict | None = None, **extra: Any) -> None:
+def save_checkpoint(
+    path: str | os.PathLike, model: torch.nn.Module, model_name: str, model_cfg: dict | None = None, **extra: Any
+) -> None:
     """Save the weights with the open_clip config that rebuilds them (see the module docstring); plain types only,
     so the file loads with `torch.load(weights_only=True)`. `model_cfg` defaults to the name's config."""
-    open_clip_config = {"model_cfg": model_cfg if model_cfg is not None else model_config(model_name),
-                        "preprocess_cfg": dict(model.visual.preprocess_cfg)}
-    state = {"model_name": model_name, "open_clip_config": open_clip_config, "state_dict": model.state_dict(),
-             **extra}
+    open_clip_config = {
+        "model_cfg": model_cfg if model_cfg is not None else model_config(model_name),
+        "preprocess_cfg": dict(model.visual.preprocess_cfg),
+    }
+    state = {"model_name": model_name, "open_clip_config": open_clip_config, "state_dict": model.state_dict(), **extra}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
@@ -135,7 +145,8 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device, model_name: s
         (Path(folder) / "open_clip_config.json").write_text(json.dumps(config))
         (Path(folder) / "open_clip_pytorch_model.bin").symlink_to(path)
         model, _, preprocess = open_clip.create_model_and_transforms(
-            f"local-dir:{folder}", device=device, require_pretrained=True)
+            f"local-dir:{folder}", device=device, require_pretrained=True
+        )
         # A tokenizer the config names (hf_tokenizer_name) comes from the source; open_clip's simple one from the config.
         uses_hf_tokenizer = bool(config["model_cfg"].get("text_cfg", {}).get("hf_tokenizer_name"))
         tokenizer = open_clip.get_tokenizer(name if uses_hf_tokenizer else f"local-dir:{folder}")
@@ -143,8 +154,9 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device, model_name: s
     return model, preprocess, tokenizer, metadata
 
 
-def import_target(out_path: str | os.PathLike, model_name: str, pretrained: str | None = None,
-                  checkpoint: str | None = None) -> None:
+def import_target(
+    out_path: str | os.PathLike, model_name: str, pretrained: str | None = None, checkpoint: str | None = None
+) -> None:
     """Write an external model as a checkpoint of this workflow, exactly as open_clip builds the published model.
 
     - `hf-hub:`/`local-dir:` names: config, preprocessing and weights from the source (no tag, no file).
@@ -158,8 +170,10 @@ def import_target(out_path: str | os.PathLike, model_name: str, pretrained: str 
         raise ValueError(f"{model_name!r}: give a pretrained tag, a checkpoint file, or both")
     tag = open_clip.get_pretrained_cfg(model_name, pretrained) if pretrained else {}
     if pretrained and not tag:
-        raise ValueError(f"{model_name!r} has no pretrained tag {pretrained!r}; "
-                         f"known: {open_clip.list_pretrained_tags_by_model(model_name)}")
+        raise ValueError(
+            f"{model_name!r} has no pretrained tag {pretrained!r}; "
+            f"known: {open_clip.list_pretrained_tags_by_model(model_name)}"
+        )
     model_cfg = model_config(model_name)
     # open_clip only warns when a tag trained with QuickGELU is built on a GELU config (ViT-B-32 + openai,
     # laion400m_*, metaclip_*): the published model is the QuickGELU one.
@@ -168,24 +182,31 @@ def import_target(out_path: str | os.PathLike, model_name: str, pretrained: str 
     preprocess = {key: tag.get(key) for key in ("mean", "std", "interpolation", "resize_mode")}
     try:
         model, _, _ = create_model(
-            model_name, torch.device("cpu"), pretrained=checkpoint or pretrained, force_quick_gelu=quick_gelu,
-            require_pretrained=True, **{f"image_{key}": value for key, value in preprocess.items()})
+            model_name,
+            torch.device("cpu"),
+            pretrained=checkpoint or pretrained,
+            force_quick_gelu=quick_gelu,
+            require_pretrained=True,
+            **{f"image_{key}": value for key, value in preprocess.items()},
+        )
     except (OSError, RuntimeError, ValueError) as error:
-        raise PretrainedUnavailableError(unavailable_weights_message(
-            f"open_clip {model_name!r}" + (f" with pretrained={pretrained!r}" if pretrained else ""), error,
-            "download them there and give the file as `checkpoint` (with the tag as `pretrained`), "
-            "or give a local-dir: folder")) from error
+        raise PretrainedUnavailableError(
+            unavailable_weights_message(
+                f"open_clip {model_name!r}" + (f" with pretrained={pretrained!r}" if pretrained else ""),
+                error,
+                "download them there and give the file as `checkpoint` (with the tag as `pretrained`), "
+                "or give a local-dir: folder",
+            )
+        ) from error
     source = {key: value for key, value in (("pretrained", pretrained), ("checkpoint", checkpoint)) if value}
-    save_checkpoint(out_path, model, model_name, model_cfg=model_cfg, epoch=None,
-                    params={"imported": True, **source})
+    save_checkpoint(out_path, model, model_name, model_cfg=model_cfg, epoch=None, params={"imported": True, **source})
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Model utilities.")
     commands = parser.add_subparsers(dest="command", required=True)
     imported = commands.add_parser("import", help="an external model as a checkpoint of this workflow")
-    imported.add_argument("--model", required=True,
-                          help="open_clip architecture, hf-hub:ORG/REPO or local-dir:PATH")
+    imported.add_argument("--model", required=True, help="open_clip architecture, hf-hub:ORG/REPO or local-dir:PATH")
     imported.add_argument("--pretrained", help="open_clip pretrained tag (downloaded unless --checkpoint is given)")
     imported.add_argument("--checkpoint", help="weights file (open_clip's, open_clip_train's or this workflow's)")
     imported.add_argument("--out", required=True)

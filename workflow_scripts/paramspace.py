@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import itertools
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 POINT_KEYS = ("n_train", "epochs", "temperature", "weight_decay", "mask_ratio", "seed")
 NONE_SPELLING = {"n_train": "all", "temperature": "learned"}

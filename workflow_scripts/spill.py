@@ -11,10 +11,10 @@ number of records. `RangeParts` cuts a set of distinct strings into ranges of ab
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import polars as pl
@@ -139,5 +139,6 @@ class RangeParts:
             sample.append(batch.gather(np.arange(-seen % every, len(batch), every)))
             seen += len(batch)
         ordered = pl.concat(sample).sort()
-        return cls(ordered.gather([len(ordered) * part // n_parts for part in range(1, n_parts)]).unique(
-            maintain_order=True))
+        return cls(
+            ordered.gather([len(ordered) * part // n_parts for part in range(1, n_parts)]).unique(maintain_order=True)
+        )

@@ -46,9 +46,25 @@ from workflow_scripts.training.text import draw_captions, mask_tokens, record_un
 # Names other modules, tests and benchmarks take from here. The loop looks `epoch_batches`,
 # `save_checkpoint` and `write_parquet` up in this module, so patching them here reaches it.
 __all__ = [
-    "SIDE_TABLE", "STEPS_TABLE", "ClipLoss", "SideBatches", "TrainState", "TrainingDiverged", "TrainingParams",
-    "contrastive_backward", "draw_captions", "epoch_batches", "main", "mask_tokens", "record_uniforms",
-    "save_checkpoint", "special_token_ids", "train", "train_one_epoch", "write_parquet", "write_side_table",
+    "SIDE_TABLE",
+    "STEPS_TABLE",
+    "ClipLoss",
+    "SideBatches",
+    "TrainState",
+    "TrainingDiverged",
+    "TrainingParams",
+    "contrastive_backward",
+    "draw_captions",
+    "epoch_batches",
+    "main",
+    "mask_tokens",
+    "record_uniforms",
+    "save_checkpoint",
+    "special_token_ids",
+    "train",
+    "train_one_epoch",
+    "write_parquet",
+    "write_side_table",
 ]
 
 log = logging.getLogger(__name__)
@@ -66,11 +82,17 @@ def start_processes(params: TrainingParams) -> Processes:
     torch.set_num_threads(params.threads)
     os.environ.update(slurm_rendezvous())
     distributed = init_distributed_device_so(device=select_device(params.device, params.allow_cpu_fallback).type)
-    processes = Processes(torch.device(distributed["device"]), distributed["global_rank"],
-                          distributed["world_size"], distributed["distributed"])
+    processes = Processes(
+        torch.device(distributed["device"]),
+        distributed["global_rank"],
+        distributed["world_size"],
+        distributed["distributed"],
+    )
     if params.batch_size % (processes.world_size * params.accumulation_steps):
-        raise ValueError(f"batch_size {params.batch_size} is not divisible by the {processes.world_size} training "
-                         f"processes x {params.accumulation_steps} accumulation steps")
+        raise ValueError(
+            f"batch_size {params.batch_size} is not divisible by the {processes.world_size} training "
+            f"processes x {params.accumulation_steps} accumulation steps"
+        )
     return processes
 
 
@@ -99,38 +121,62 @@ def _batch_loss(state: TrainState, images, tokens, params: TrainingParams, proce
     """Zero the gradients, backpropagate the batch's loss and return its mean over the processes."""
     state.optimizer.zero_grad(set_to_none=True)
     device = processes.device
-    loss = contrastive_backward(state.forward, state.loss_fn, images.to(device, non_blocking=True),
-                                tokens.to(device, non_blocking=True), params.accumulation_steps,
-                                state.autocast, state.scaler)
+    loss = contrastive_backward(
+        state.forward,
+        state.loss_fn,
+        images.to(device, non_blocking=True),
+        tokens.to(device, non_blocking=True),
+        params.accumulation_steps,
+        state.autocast,
+        state.scaler,
+    )
     return global_mean(loss, processes.distributed, processes.world_size)
 
 
-def train_one_epoch(state: TrainState, data: SideBatches, params: TrainingParams, processes: Processes,
-                    out_dir: Path) -> dict:
+def train_one_epoch(
+    state: TrainState, data: SideBatches, params: TrainingParams, processes: Processes, out_dir: Path
+) -> dict:
     """Train epoch `state.epoch` over the side; append its rows to the state's logs and return its log row."""
     epoch, model = state.epoch, state.model
     model.train()
     loader = torch.utils.data.DataLoader(
-        data, batch_size=None, num_workers=params.num_workers, pin_memory=processes.device.type == "cuda",
-        sampler=epoch_batches(len(data), params.batch_size, epoch, params.seed, processes.rank,
-                              processes.world_size))
+        data,
+        batch_size=None,
+        num_workers=params.num_workers,
+        pin_memory=processes.device.type == "cuda",
+        sampler=epoch_batches(len(data), params.batch_size, epoch, params.seed, processes.rank, processes.world_size),
+    )
     started, losses = time.perf_counter(), []
     for step_in_epoch, (batch_images, batch_tokens) in enumerate(loader):
         state.step = step = epoch * state.steps_per_epoch + step_in_epoch
         lr = state.scheduler(step)
         loss = _batch_loss(state, batch_images, batch_tokens, params, processes)
         if not math.isfinite(loss):
-            raise TrainingDiverged(f"{out_dir}: loss is {loss} at epoch {epoch + 1}, step {step_in_epoch + 1} "
-                                   f"(global step {step + 1}): training diverged, no model written "
-                                   f"(lower lr, or clip with grad_clip_norm)")
+            raise TrainingDiverged(
+                f"{out_dir}: loss is {loss} at epoch {epoch + 1}, step {step_in_epoch + 1} "
+                f"(global step {step + 1}): training diverged, no model written "
+                f"(lower lr, or clip with grad_clip_norm)"
+            )
         apply_gradients(model, state.optimizer, state.scaler, params.grad_clip_norm, params.temperature is None)
         losses.append(loss)
         if (step + 1) % params.log_every_steps == 0:
-            state.step_rows.append({"step": step + 1, "epoch": epoch + 1, "loss": loss, "lr": float(lr),
-                                    "logit_scale": model.logit_scale.detach().exp().item(),
-                                    "seconds": time.perf_counter() - state.started})
-    row = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "lr": float(lr),
-           "logit_scale": float(model.logit_scale.exp().item()), "seconds": time.perf_counter() - started}
+            state.step_rows.append(
+                {
+                    "step": step + 1,
+                    "epoch": epoch + 1,
+                    "loss": loss,
+                    "lr": float(lr),
+                    "logit_scale": model.logit_scale.detach().exp().item(),
+                    "seconds": time.perf_counter() - state.started,
+                }
+            )
+    row = {
+        "epoch": epoch + 1,
+        "loss": float(np.mean(losses)),
+        "lr": float(lr),
+        "logit_scale": float(model.logit_scale.exp().item()),
+        "seconds": time.perf_counter() - started,
+    }
     state.log_rows.append(row)
     state.epoch = epoch + 1
     return row
@@ -139,13 +185,20 @@ def train_one_epoch(state: TrainState, data: SideBatches, params: TrainingParams
 def save_epoch(state: TrainState, params: TrainingParams, out_dir: Path, identity_hash: str) -> None:
     """Rank 0 after an epoch: its checkpoint if one is kept (the last is model.pt, below), and resume.pt."""
     epoch = state.epoch
-    log.info("epoch %(epoch)d loss %(loss).4f lr %(lr).2e logit_scale %(logit_scale).1f %(seconds).1fs",
-             state.log_rows[-1])
+    log.info(
+        "epoch %(epoch)d loss %(loss).4f lr %(lr).2e logit_scale %(logit_scale).1f %(seconds).1fs", state.log_rows[-1]
+    )
     if epoch in params.checkpoint_epochs() and epoch < params.epochs:
-        save_checkpoint(out_dir / checkpoint_name(epoch, params.epochs), state.model, params.model,
-                        epoch=epoch, params=params.identity())
-    save_checkpoint(out_dir / RESUME_FILE, state.model, params.model, **state.resume_fields(),
-                    identity_hash=identity_hash)
+        save_checkpoint(
+            out_dir / checkpoint_name(epoch, params.epochs),
+            state.model,
+            params.model,
+            epoch=epoch,
+            params=params.identity(),
+        )
+    save_checkpoint(
+        out_dir / RESUME_FILE, state.model, params.model, **state.resume_fields(), identity_hash=identity_hash
+    )
 
 
 def _rows_table(rows: list[dict], contract) -> pl.DataFrame:
@@ -163,10 +216,20 @@ def finish(state: TrainState, params: TrainingParams, processes: Processes, out_
     # Written after the loop, also when a rerun resumes at the last epoch (killed before model.pt).
     save_checkpoint(out_dir / "model.pt", state.model, params.model, epoch=params.epochs, params=params.identity())
     provenance = {**params.identity(), "world_size": processes.world_size}
-    write_parquet(_rows_table(state.step_rows, TRAIN_STEPS), out_dir / STEPS_TABLE, stage="train",
-                  params={**provenance, "log_every_steps": params.log_every_steps}, contract=TRAIN_STEPS)
-    write_parquet(_rows_table(state.log_rows, TRAIN_LOG), out_dir / "train_log.parquet", stage="train",
-                  params=provenance, contract=TRAIN_LOG)
+    write_parquet(
+        _rows_table(state.step_rows, TRAIN_STEPS),
+        out_dir / STEPS_TABLE,
+        stage="train",
+        params={**provenance, "log_every_steps": params.log_every_steps},
+        contract=TRAIN_STEPS,
+    )
+    write_parquet(
+        _rows_table(state.log_rows, TRAIN_LOG),
+        out_dir / "train_log.parquet",
+        stage="train",
+        params=provenance,
+        contract=TRAIN_LOG,
+    )
     (out_dir / RESUME_FILE).unlink(missing_ok=True)
     (out_dir / SIDE_TABLE).unlink(missing_ok=True)
 
@@ -188,8 +251,13 @@ def train(records_path: str, split_path: str, out_dir: str | Path, params: Train
         log.info("resuming %s after epoch %d", out_dir, state.epoch)
     if params.preload_images and state.epoch < params.epochs:
         data.preload()
-    progress = tqdm(range(state.epoch, params.epochs), desc=f"training {out_dir}", unit="epoch", mininterval=2,
-                    disable=not processes.is_master)
+    progress = tqdm(
+        range(state.epoch, params.epochs),
+        desc=f"training {out_dir}",
+        unit="epoch",
+        mininterval=2,
+        disable=not processes.is_master,
+    )
     state.started = time.perf_counter()
     for _ in progress:
         row = train_one_epoch(state, data, params, processes, out_dir)

@@ -23,7 +23,7 @@ from workflow_scripts.images import decode_rgb, read_image_bytes, resolved_image
 from workflow_scripts.io import DataError, atomic_path
 from workflow_scripts.training.text import draw_captions, mask_tokens, record_uniforms, special_token_ids
 
-SIDE_TABLE = "side_records.arrow"   # the memory-mapped side, removed when training ends
+SIDE_TABLE = "side_records.arrow"  # the memory-mapped side, removed when training ends
 
 
 def write_side_table(records_path: str, split_path: str, path: Path) -> int:
@@ -38,8 +38,13 @@ def write_side_table(records_path: str, split_path: str, path: Path) -> int:
         raise DataError(f"{records_path}: missing column(s) {missing}; found {columns}")
     if "image_offset" not in columns:  # not from the shards adapter: members are located by their headers
         records = records.with_columns(image_offset=pl.lit(None, pl.Int64), image_size=pl.lit(None, pl.Int64))
-    records = records.select("id", resolved_image_path(records_path), "image_offset", "image_size",
-                             pl.col("captions").cast(pl.List(pl.String)))
+    records = records.select(
+        "id",
+        resolved_image_path(records_path),
+        "image_offset",
+        "image_size",
+        pl.col("captions").cast(pl.List(pl.String)),
+    )
     side = pl.scan_parquet(split_path).select("id").join(records, on="id", how="left", maintain_order="left")
     with atomic_path(path) as tmp:
         side.sink_ipc(tmp, compression=None, compat_level=pl.CompatLevel.oldest())  # plain strings: pyarrow takes them
@@ -85,7 +90,8 @@ class SideBatches(torch.utils.data.Dataset):
         _, table, batches, starts = self._map()
         chunk = np.searchsorted(starts, rows, side="right") - 1
         return pa.Table.from_batches(
-            [batches[c].take(pa.array(rows[chunk == c] - starts[c])) for c in np.unique(chunk)], table.schema)
+            [batches[c].take(pa.array(rows[chunk == c] - starts[c])) for c in np.unique(chunk)], table.schema
+        )
 
     def __len__(self) -> int:
         return self.table().num_rows
@@ -93,9 +99,12 @@ class SideBatches(torch.utils.data.Dataset):
     def _decoded(self, rows: pa.Table) -> torch.Tensor:
         ids, paths = rows.column("id").to_pylist(), rows.column("image_path").to_pylist()
         offsets, sizes = rows.column("image_offset").to_pylist(), rows.column("image_size").to_pylist()
-        return torch.stack([
-            self.transform(decode_rgb(self._read(path, offset, size, record_id), path, record_id))
-            for record_id, path, offset, size in zip(ids, paths, offsets, sizes)])
+        return torch.stack(
+            [
+                self.transform(decode_rgb(self._read(path, offset, size, record_id), path, record_id))
+                for record_id, path, offset, size in zip(ids, paths, offsets, sizes)
+            ]
+        )
 
     @staticmethod
     def _read(path: str, offset: int | None, size: int | None, record_id: str) -> bytes:
@@ -107,17 +116,21 @@ class SideBatches(torch.utils.data.Dataset):
     def preload(self, chunk: int = 1024) -> None:
         """Decode every image once (memory grows with the side: for data that fits)."""
         n = len(self)
-        self.images = torch.cat([self._decoded(self.table().slice(start, chunk))
-                                 for start in tqdm(range(0, n, chunk), desc="decoding images", unit="chunk",
-                                                   mininterval=2)])
+        self.images = torch.cat(
+            [
+                self._decoded(self.table().slice(start, chunk))
+                for start in tqdm(range(0, n, chunk), desc="decoding images", unit="chunk", mininterval=2)
+            ]
+        )
 
     def tokens(self, epoch: int, rows: np.ndarray, captions: list[list[str]]) -> torch.Tensor:
         context_length = self.tokenizer.context_length
         uniforms = record_uniforms(self.seed, epoch, rows, 1 + context_length)
         chosen = draw_captions(np.array([len(c) for c in captions]), uniforms[:, 0])
         tokens = self.tokenizer([record[i] for record, i in zip(captions, chosen)])
-        return mask_tokens(tokens, self.mask_ratio, self.eot_token_id, torch.from_numpy(uniforms[:, 1:]),
-                           self.pad_token_id)
+        return mask_tokens(
+            tokens, self.mask_ratio, self.eot_token_id, torch.from_numpy(uniforms[:, 1:]), self.pad_token_id
+        )
 
     def __getitem__(self, item: tuple[int, np.ndarray]):
         epoch, rows = item
@@ -133,5 +146,7 @@ def epoch_batches(n_records: int, batch_size: int, epoch: int, seed: int, rank: 
     Every record is in exactly one batch per epoch, but for the n % batch_size left over.
     """
     order = np.random.default_rng([seed, epoch]).permutation(n_records)
-    return [(epoch, order[start:start + batch_size][rank::world_size])
-            for start in range(0, n_records - batch_size + 1, batch_size)]
+    return [
+        (epoch, order[start : start + batch_size][rank::world_size])
+        for start in range(0, n_records - batch_size + 1, batch_size)
+    ]

@@ -50,10 +50,12 @@ def contrastive_backward(forward, loss_fn, images, tokens, accumulation: int, au
     for part in range(accumulation):
         last = part == accumulation - 1
         no_sync = getattr(forward, "no_sync", None)  # DDP: all-reduce once, after the last micro-batch
-        with (no_sync() if no_sync is not None and not last else contextlib.nullcontext()), autocast():
+        with no_sync() if no_sync is not None and not last else contextlib.nullcontext(), autocast():
             image_part, text_part, scale = forward(image_parts[part], token_parts[part])[:3]
-            features = [torch.cat([c[k] for c in cached[:part]] + [fresh] + [c[k] for c in cached[part + 1:]])
-                        for k, fresh in enumerate((image_part, text_part))]
+            features = [
+                torch.cat([c[k] for c in cached[:part]] + [fresh] + [c[k] for c in cached[part + 1 :]])
+                for k, fresh in enumerate((image_part, text_part))
+            ]
             loss = loss_fn(*features, scale if last else scale.detach())
             scaler.scale(loss).backward()
     return loss.detach()
@@ -68,8 +70,13 @@ def global_mean(value: torch.Tensor, distributed: bool, world_size: int) -> floa
     return float(value)
 
 
-def apply_gradients(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                    grad_clip_norm: float | None, learned_temperature: bool) -> None:
+def apply_gradients(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    grad_clip_norm: float | None,
+    learned_temperature: bool,
+) -> None:
     """Clip (if asked), step the optimizer through the scaler, and clamp a learned logit scale."""
     if grad_clip_norm is not None:
         scaler.unscale_(optimizer)

@@ -7,8 +7,19 @@ from dataclasses import dataclass
 
 # Settings that choose where and how fast a model trains, not what it learns: left out of the identity, so
 # changing them neither retrains a model nor discards a resume file.
-EXECUTION_SETTINGS = frozenset({"device", "allow_cpu_fallback", "threads", "num_workers", "preload_images",
-                                "save_epochs", "accumulation_steps", "grad_checkpointing", "log_every_steps"})
+EXECUTION_SETTINGS = frozenset(
+    {
+        "device",
+        "allow_cpu_fallback",
+        "threads",
+        "num_workers",
+        "preload_images",
+        "save_epochs",
+        "accumulation_steps",
+        "grad_checkpointing",
+        "log_every_steps",
+    }
+)
 
 
 @dataclass(frozen=True)

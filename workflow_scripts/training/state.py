@@ -59,19 +59,20 @@ class TrainState:
     started: float = field(default_factory=time.perf_counter)  # the step log's seconds count from here
 
     @classmethod
-    def create(cls, model: torch.nn.Module, params: TrainingParams, processes: Processes,
-               steps_per_epoch: int) -> TrainState:
+    def create(
+        cls, model: torch.nn.Module, params: TrainingParams, processes: Processes, steps_per_epoch: int
+    ) -> TrainState:
         device = processes.device
         optimizer = make_optimizer(model, params.lr, params.weight_decay)
         scheduler = cosine_lr(optimizer, params.lr, params.warmup_steps, steps_per_epoch * params.epochs)
         autocast = get_autocast(params.precision if device.type == "cuda" else "fp32", device_type=device.type)
         scaler = torch.amp.GradScaler(device.type, enabled=params.precision == "amp" and device.type == "cuda")
-        loss_fn = ClipLoss(local_loss=True, gather_with_grad=True, rank=processes.rank,
-                           world_size=processes.world_size)
+        loss_fn = ClipLoss(local_loss=True, gather_with_grad=True, rank=processes.rank, world_size=processes.world_size)
         forward = model
         if processes.distributed:
             forward = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[device] if device.type == "cuda" else None)
+                model, device_ids=[device] if device.type == "cuda" else None
+            )
         return cls(model, forward, optimizer, scaler, scheduler, autocast, loss_fn, steps_per_epoch)
 
     def restore(self, saved: dict) -> None:
@@ -85,8 +86,13 @@ class TrainState:
 
     def resume_fields(self) -> dict:
         """What resume.pt holds beside the weights, as save_checkpoint's keyword arguments."""
-        return {"epoch": self.epoch, "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                "log_rows": self.log_rows, "step_rows": self.step_rows}
+        return {
+            "epoch": self.epoch,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "log_rows": self.log_rows,
+            "step_rows": self.step_rows,
+        }
 
 
 def checkpoint_name(epoch: int, final_epoch: int) -> str:
@@ -107,10 +113,17 @@ def resume_state(resume_path: Path, identity_hash: str, params: TrainingParams) 
         log.info("%s was written with other parameters: training from scratch", resume_path)
         return None
     epoch = int(state["epoch"])
-    missing = [e for e in params.checkpoint_epochs()
-               if e < params.epochs and e <= epoch and not (resume_path.parent / checkpoint_name(e, params.epochs)).exists()]
+    missing = [
+        e
+        for e in params.checkpoint_epochs()
+        if e < params.epochs and e <= epoch and not (resume_path.parent / checkpoint_name(e, params.epochs)).exists()
+    ]
     if missing:
-        log.warning("%s is at epoch %d but the checkpoint(s) of epoch(s) %s are missing: retraining from scratch",
-                    resume_path, epoch, missing)
+        log.warning(
+            "%s is at epoch %d but the checkpoint(s) of epoch(s) %s are missing: retraining from scratch",
+            resume_path,
+            epoch,
+            missing,
+        )
         return None
     return state

@@ -26,7 +26,7 @@ def record_uniforms(seed: int, epoch: int, rows: np.ndarray, width: int) -> np.n
     """Uniform [0, 1) numbers [len(rows), width], a pure function of (seed, epoch, row, column)."""
     stream = _splitmix64(_splitmix64(np.array([seed], np.uint64)) + np.uint64(epoch))
     counters = np.asarray(rows, np.uint64)[:, None] * np.uint64(width) + np.arange(width, dtype=np.uint64)
-    return (_splitmix64(counters ^ stream) >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+    return (_splitmix64(counters ^ stream) >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
 def draw_captions(counts: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
@@ -43,13 +43,16 @@ def special_token_ids(tokenizer) -> tuple[int, int]:
     eot = getattr(inner, "sep_token_id", None) if eot is None else eot
     pad = getattr(inner, "pad_token_id", None)
     if eot is None or pad is None:
-        raise ValueError(f"text masking needs the tokenizer's end-of-text and padding ids; "
-                         f"{type(tokenizer).__name__} does not give them (set mask_ratio: 0)")
+        raise ValueError(
+            f"text masking needs the tokenizer's end-of-text and padding ids; "
+            f"{type(tokenizer).__name__} does not give them (set mask_ratio: 0)"
+        )
     return int(eot), int(pad)
 
 
-def mask_tokens(tokens: torch.Tensor, ratio: float, eot_token_id: int, scores: torch.Tensor,
-                pad_token_id: int = 0) -> torch.Tensor:
+def mask_tokens(
+    tokens: torch.Tensor, ratio: float, eot_token_id: int, scores: torch.Tensor, pad_token_id: int = 0
+) -> torch.Tensor:
     """Replace round(ratio * n) content tokens of each row by the pad id: those with the lowest `scores`."""
     if ratio <= 0:
         return tokens
