@@ -13,6 +13,7 @@ docs/DESIGN.md §4 lists these tables for users; tests/test_contracts.py keeps t
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +23,13 @@ import pyarrow as pa
 
 from workflow_scripts.io import DataError, narrow
 
-EMBEDDING = pa.list_(pa.float32(), 1)  # fixed-size list of float32; the width is the model's, any is accepted
-STRINGS = pa.list_(pa.string())
-FLOATS = pa.list_(pa.float32())
+# The Arrow types the contracts declare, by short name.
+STRING, BOOL = pa.string(), pa.bool_()
+INT16, INT32, INT64 = pa.int16(), pa.int32(), pa.int64()
+FLOAT32, FLOAT64 = pa.float32(), pa.float64()
+EMBEDDING = pa.list_(FLOAT32, 1)  # fixed-size list of float32; the width is the model's, any is accepted
+STRINGS = pa.list_(STRING)
+FLOATS = pa.list_(FLOAT32)
 
 
 @dataclass(frozen=True)
@@ -162,195 +167,101 @@ def _polars_type(data_type: pa.DataType) -> pl.DataType:
     return pl.from_arrow(pa.table({"c": pa.array([], data_type)}))["c"].dtype
 
 
-def _fields(*pairs: tuple[str, pa.DataType]) -> tuple[pa.Field, ...]:
-    return tuple(pa.field(name, data_type) for name, data_type in pairs)
+def _fields(**columns: pa.DataType) -> tuple[pa.Field, ...]:
+    """`name=type` columns, in the order given."""
+    return tuple(pa.field(name, data_type) for name, data_type in columns.items())
+
+
+def _names(template: str, *parts: tuple[str, ...]) -> list[str]:
+    """`template` filled with every combination of `parts`, the last varying fastest."""
+    return [template.format(*combination) for combination in itertools.product(*parts)]
 
 
 RECORDS = Contract(
     "records",
     "data/{dataset}/records.parquet",
-    _fields(("id", pa.string()), ("image_path", pa.string()), ("captions", STRINGS)),
-    _fields(
-        ("image_sha256", pa.string()),
-        ("scene", pa.string()),
-        ("coco_id", pa.int64()),
-        ("label", pa.string()),
-        ("source_dataset", pa.string()),
-        ("dominant_object", pa.string()),
-        ("image_offset", pa.int64()),
-        ("image_size", pa.int64()),
-    ),
+    _fields(id=STRING, image_path=STRING, captions=STRINGS),
+    _fields(image_sha256=STRING, scene=STRING, coco_id=INT64, label=STRING, source_dataset=STRING)
+    + _fields(dominant_object=STRING, image_offset=INT64, image_size=INT64),
 )
 GROUND_TRUTH = Contract(
-    "ground_truth",
-    "data/{dataset}/ground_truth.parquet",
-    _fields(("id", pa.string()), ("labels", STRINGS), ("scores", FLOATS)),
+    "ground_truth", "data/{dataset}/ground_truth.parquet", _fields(id=STRING, labels=STRINGS, scores=FLOATS)
 )
 VALIDATION = Contract(
-    "validation",
-    "data/{dataset}/validation.parquet",
-    _fields(("id", pa.string()), ("image_path", pa.string()), ("problem", pa.string())),
+    "validation", "data/{dataset}/validation.parquet", _fields(id=STRING, image_path=STRING, problem=STRING)
 )
 ANNOTATIONS = Contract(
-    "annotations",
-    "data/{dataset}/annotations.parquet",
-    _fields(("id", pa.string()), ("labels", STRINGS), ("scores", FLOATS)),
+    "annotations", "data/{dataset}/annotations.parquet", _fields(id=STRING, labels=STRINGS, scores=FLOATS)
 )
 DETIC_VOCABULARY = Contract(
-    "detic vocabulary",
-    "detic/vocabularies/{name}-{hash}.parquet",
-    _fields(("class_name", pa.string()), ("embedding", EMBEDDING)),
+    "detic vocabulary", "detic/vocabularies/{name}-{hash}.parquet", _fields(class_name=STRING, embedding=EMBEDDING)
 )
-SPLIT_IDS = Contract("split ids", "splits/{split}/{A,B,holdout}.parquet", _fields(("id", pa.string())))
+SPLIT_IDS = Contract("split ids", "splits/{split}/{A,B,holdout}.parquet", _fields(id=STRING))
 EMBEDDINGS = Contract(
     "embeddings",
     "embeddings/{split}/{point}/{side}/{public,captions,public_captions}.parquet",
-    _fields(("id", pa.string()), ("embedding", EMBEDDING)),
+    _fields(id=STRING, embedding=EMBEDDING),
 )
 NEIGHBORS = Contract(
     "neighbors",
     "neighbors/{split}/{point}/{side}.parquet",
-    _fields(("query_id", pa.string()), ("rank", pa.int16()), ("public_id", pa.string()), ("score", pa.float32())),
+    _fields(query_id=STRING, rank=INT16, public_id=STRING, score=FLOAT32),
 )
 UTILITY = Contract(
     "utility",
     "utility/{split}/{point}/{side}.parquet",
-    _fields(
-        ("task", pa.string()),
-        ("metric", pa.string()),
-        ("accuracy", pa.float64()),
-        ("chance", pa.float64()),
-        ("n_classes", pa.int64()),
-        ("n_eval", pa.int64()),
-    ),
+    _fields(task=STRING, metric=STRING, accuracy=FLOAT64, chance=FLOAT64, n_classes=INT64, n_eval=INT64),
 )
 AGREEMENT = Contract(
     "agreement",
     "agreement/{split}/{point}/agreement.parquet",
-    _fields(
-        ("test_a", pa.string()),
-        ("test_b", pa.string()),
-        ("n_records", pa.int64()),
-        ("agreement", pa.float64()),
-        ("jaccard", pa.float64()),
-        ("n_both_flagged", pa.int64()),
-        ("n_flagged_a", pa.int64()),
-        ("n_flagged_b", pa.int64()),
-    ),
+    _fields(test_a=STRING, test_b=STRING, n_records=INT64, agreement=FLOAT64, jaccard=FLOAT64)
+    + _fields(n_both_flagged=INT64, n_flagged_a=INT64, n_flagged_b=INT64),
 )
+_AGREEMENT_STATISTICS = _names("{}_{}", ("target", "holdout", "net"), ("value", "std"))
 AGREEMENT_POPULATION = Contract(
     "agreement population",
     "agreement/{split}/{point}/population.parquet",
-    _fields(
-        ("test", pa.string()),
-        ("metric", pa.string()),
-        ("label_mode", pa.string()),
-        *(
-            (f"{queries}_{statistic}", pa.float64())
-            for queries in ("target", "holdout", "net")
-            for statistic in ("value", "std")
-        ),
-    ),
+    _fields(test=STRING, metric=STRING, label_mode=STRING, **dict.fromkeys(_AGREEMENT_STATISTICS, FLOAT64)),
 )
 SUMMARY_METRICS = ("PPG", "PRG", "AUCG")  # the population metrics a sweep summary carries
+_SUMMARY_STATISTICS = _names("{}{}_{}", ("", "holdout_"), SUMMARY_METRICS, ("value", "mean", "std"))
 # One row per parameter point; the utility columns `{A,B}_{task}_{metric}` follow these, as the tasks configured.
 SUMMARY = Contract(
     "summary",
     "summary/{split}.parquet",
-    _fields(
-        ("split", pa.string()),
-        ("point", pa.string()),
-        ("n_train", pa.int64()),
-        ("epochs", pa.int64()),
-        ("temperature", pa.float64()),
-        ("weight_decay", pa.float64()),
-        ("mask_ratio", pa.float64()),
-        ("seed", pa.int64()),
-        *(
-            (f"{prefix}{metric}_{statistic}", pa.float64())
-            for prefix in ("", "holdout_")
-            for metric in SUMMARY_METRICS
-            for statistic in ("value", "mean", "std")
-        ),
-        *((f"{metric}_net", pa.float64()) for metric in SUMMARY_METRICS),
-    ),
+    _fields(split=STRING, point=STRING, n_train=INT64, epochs=INT64, temperature=FLOAT64, weight_decay=FLOAT64)
+    + _fields(mask_ratio=FLOAT64, seed=INT64, **dict.fromkeys(_SUMMARY_STATISTICS, FLOAT64))
+    + _fields(**dict.fromkeys(_names("{}_net", SUMMARY_METRICS), FLOAT64)),
 )
 
-# Tables a user hands the workflow (path None: they live wherever the config names them).
-CAPTION_TABLE = Contract("caption table", None, _fields(("path", pa.string()), ("caption", pa.string())))
-ANNOTATION_TABLE = Contract(
-    "annotation table", None, _fields(("id", pa.string()), ("labels", STRINGS)), _fields(("scores", FLOATS))
-)  # no scores: every label is certain
+# Tables a user hands the workflow (path None: they live wherever the config names them). An annotation table
+# without scores: every label is certain.
+CAPTION_TABLE = Contract("caption table", None, _fields(path=STRING, caption=STRING))
+ANNOTATION_TABLE = Contract("annotation table", None, _fields(id=STRING, labels=STRINGS), _fields(scores=FLOATS))
 
 # The training stage's logs: one row per epoch, and one every log_every_steps optimizer steps.
-TRAIN_LOG = Contract(
-    "train log",
-    "models/{split}/{point}/{side}/run/train_log.parquet",
-    _fields(
-        ("epoch", pa.int64()),
-        ("loss", pa.float64()),
-        ("lr", pa.float64()),
-        ("logit_scale", pa.float64()),
-        ("seconds", pa.float64()),
-    ),
-)
+_LOGGED = _fields(loss=FLOAT64, lr=FLOAT64, logit_scale=FLOAT64, seconds=FLOAT64)
+TRAIN_LOG = Contract("train log", "models/{split}/{point}/{side}/run/train_log.parquet", _fields(epoch=INT64) + _LOGGED)
 TRAIN_STEPS = Contract(
-    "train steps",
-    "models/{split}/{point}/{side}/run/train_steps.parquet",
-    _fields(
-        ("step", pa.int64()),
-        ("epoch", pa.int64()),
-        ("loss", pa.float64()),
-        ("lr", pa.float64()),
-        ("logit_scale", pa.float64()),
-        ("seconds", pa.float64()),
-    ),
+    "train steps", "models/{split}/{point}/{side}/run/train_steps.parquet", _fields(step=INT64, epoch=INT64) + _LOGGED
 )
 METRICS_PATH = "metrics/{split}/{point}[/one_model~{mode}]/{queries}"
-_SCORES = (
-    ("n_predicted", pa.int32()),
-    ("n_correct", pa.int32()),
-    ("precision", pa.float64()),
-    ("recall", pa.float64()),
-    ("f1", pa.float64()),
-    ("nn_score", pa.float32()),
-)
+_SCORES = dict(n_predicted=INT32, n_correct=INT32, precision=FLOAT64, recall=FLOAT64, f1=FLOAT64, nn_score=FLOAT32)
 METRIC_RECORDS = Contract(
     "metric records",
     f"{METRICS_PATH}/records.parquet",
-    _fields(
-        ("id", pa.string()),
-        ("label_mode", pa.string()),
-        ("n_objects", pa.int32()),
-        *[(f"{name}_{side}", data_type) for side in ("target", "reference") for name, data_type in _SCORES],
-    ),
+    _fields(id=STRING, label_mode=STRING, n_objects=INT32)
+    + _fields(**{f"{name}_{side}": type_ for side in ("target", "reference") for name, type_ in _SCORES.items()}),
 )
 POPULATION = Contract(
     "population",
     f"{METRICS_PATH}/population.parquet",
-    _fields(
-        ("label_mode", pa.string()),
-        ("metric", pa.string()),
-        ("value", pa.float64()),
-        ("mean", pa.float64()),
-        ("std", pa.float64()),
-        ("n_boot", pa.int64()),
-        ("frac", pa.float64()),
-        ("n_records", pa.int64()),
-        ("n_excluded", pa.int64()),
-        ("k", pa.int32()),
-        ("top_n", pa.int32()),
-    ),
+    _fields(label_mode=STRING, metric=STRING, value=FLOAT64, mean=FLOAT64, std=FLOAT64, n_boot=INT64, frac=FLOAT64)
+    + _fields(n_records=INT64, n_excluded=INT64, k=INT32, top_n=INT32),
 )
 SAMPLE_LEVEL = Contract(
     "sample level",
     f"{METRICS_PATH}/sample_level.parquet",
-    _fields(
-        ("order", pa.string()),
-        ("oracle", pa.bool_()),
-        ("top_l", pa.int64()),
-        ("precision_gap", pa.float64()),
-        ("recall_gap", pa.float64()),
-        ("f1_gap", pa.float64()),
-    ),
+    _fields(order=STRING, oracle=BOOL, top_l=INT64, precision_gap=FLOAT64, recall_gap=FLOAT64, f1_gap=FLOAT64),
 )

@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
+from workflow_scripts.metrics.params import sample_cutoffs
+
 LABEL_MODES = ("all", "top_n")
 WIN_GAPS = {"PPG": "precision", "PRG": "recall", "PFG": "f1"}  # win-gap metric: the score it compares
 POPULATION_METRICS = (*WIN_GAPS, "AUCG")
@@ -171,27 +173,19 @@ def sample_level(records: pl.DataFrame | pl.LazyFrame, top_l: list[int], label_m
     `top_l` below the number of records and for all of them. An order sorts by its key descending (a missing
     key first), ties by id."""
     scored = records.lazy().filter((pl.col("label_mode") == label_mode) & (pl.col("n_objects") > 0)).collect()
-    n = len(scored)
-    cutoffs = sorted({size for size in top_l if 0 < size < n} | ({n} if n else set()))
+    cutoffs = sample_cutoffs(top_l, len(scored))
+    rank = pl.int_range(1, pl.len() + 1, dtype=pl.Int64)  # L of the top-L records that end at a row
     frames = []
     for order, (key, oracle) in ORDERS.items():
         ranked = scored.with_columns(_key=key).sort("_key", "id", descending=[True, False], nulls_last=False)
-        sums = np.cumsum(
-            ranked.select(
-                *[pl.col(f"{score}_target") - pl.col(f"{score}_reference") for score in WIN_GAPS.values()]
-            ).to_numpy(),
-            axis=0,
+        means = ranked.select(
+            order=pl.lit(order),
+            oracle=pl.lit(oracle),
+            top_l=rank,
+            **{
+                f"{score}_gap": (pl.col(f"{score}_target") - pl.col(f"{score}_reference")).cum_sum() / rank
+                for score in WIN_GAPS.values()
+            },
         )
-        at = np.array(cutoffs, np.int64)
-        frames.append(
-            pl.DataFrame(
-                {
-                    "order": [order] * len(cutoffs),
-                    "oracle": [oracle] * len(cutoffs),
-                    "top_l": at,
-                    **{f"{score}_gap": sums[at - 1, m] / at for m, score in enumerate(WIN_GAPS.values())},
-                },
-                schema_overrides={"top_l": pl.Int64},
-            )
-        )
+        frames.append(means.filter(pl.col("top_l").is_in(cutoffs)))
     return pl.concat(frames)

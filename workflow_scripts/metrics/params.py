@@ -5,6 +5,7 @@ Light on purpose (no numba, no polars): the CLI and the tests read it without lo
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 LABEL_MODES = ("all", "top_n")
@@ -41,3 +42,9 @@ class MetricParams:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "top_l", tuple(int(value) for value in self.top_l))  # a list given is kept too
+
+
+# Here, not in the engine, so that the plain reference (`definitions`) shares the fact without importing the engine.
+def sample_cutoffs(top_l: Iterable[int], n: int) -> list[int]:
+    """The L values of the sample-level table for n records, ascending: those of `top_l` below n, and n (all)."""
+    return sorted({size for size in top_l if 0 < size < n} | ({n} if n else set()))

@@ -19,6 +19,7 @@ import numpy as np
 import polars as pl
 
 from workflow_scripts.metrics.kernels import running_sums
+from workflow_scripts.metrics.params import sample_cutoffs
 from workflow_scripts.metrics.population import WIN_GAPS
 
 ORDERS = {
@@ -96,7 +97,7 @@ def merged_sums(runs: list[Iterator[pl.DataFrame]], cutoffs: np.ndarray) -> np.n
 def sample_table(runs: dict[str, list[Iterator[pl.DataFrame]]], n: int, top_l: list[int]) -> pl.DataFrame:
     """Mean precision/recall/F1 gaps (target − reference) over the top-L records of each order, and over all n,
     from each order's sorted runs (`sample_runs`)."""
-    cutoffs = sorted({size for size in top_l if 0 < size < n} | ({n} if n else set()))
+    cutoffs = sample_cutoffs(top_l, n)
     index = pl.Series(cutoffs, dtype=pl.Int64) - 1
     frames = []
     for order, (_, oracle) in ORDERS.items():

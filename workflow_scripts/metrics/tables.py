@@ -70,10 +70,7 @@ def compute(
         "public": public_annotations,
         **dict(zip(SIDES, (target_neighbors, reference_neighbors))),
     }
-    n_queries = count_queries(queries)
-    ANNOTATIONS.scan(query_annotations, ["id", "labels"])
-    for side in SIDES:
-        NEIGHBORS.scan(paths[side])
+    n_queries = check_inputs(paths)
     with tempfile.TemporaryDirectory(prefix="dejavu-metrics-", dir=params.spill_dir) as folder:
         spill = Spill(folder, plan.SPILL_BYTES)
         parts = RangeParts.sampled(query_batches(queries), n_queries, params.part_records)
@@ -81,35 +78,20 @@ def compute(
         warm_up.join()
         schemas = spill_schemas(public.labels.codes.dtype)
         starts = join_parts(spill, len(parts), run_parts, schemas, paths, params.k)
-        # The two models' files are independent: one thread each (numba, numpy and polars release the GIL).
-        with ThreadPoolExecutor(len(SIDES)) as pool:
-            for future in [
-                pool.submit(
-                    score_side,
-                    paths[side],
-                    side,
-                    public,
-                    spill,
-                    run_parts[side],
-                    schemas["truth"],
-                    starts,
-                    params.k,
-                    params.top_n,
-                    params.batch_rows,
-                )
-                for side in SIDES
-            ]:
-                future.result()
+        score_sides(paths, public, spill, run_parts, schemas["truth"], starts, params)
         n_labels = len(public.vocabulary)
-        del public
-        counts_type = pl.Series(np.zeros(0, narrowest(n_labels))).dtype
-        for side in SIDES:
-            schemas[f"scores_{side}"] = {
-                "record": pl.Int64,
-                **dict.fromkeys(COUNT_COLUMNS, counts_type),
-                "nn_score": pl.Float32,
-            }
+        del public  # the public set's labels are no longer needed: freed before the tables are written
+        schemas.update(scores_schemas(n_labels))
         write_tables(spill, starts, n_labels, schemas, outputs, params, paths)
+
+
+def check_inputs(paths: dict[str, str]) -> int:
+    """The number of query records; refuses (DataError) a query, annotations or neighbours file that is not one."""
+    n_queries = count_queries(paths["queries"])
+    ANNOTATIONS.scan(paths["query_annotations"], ["id", "labels"])
+    for side in SIDES:
+        NEIGHBORS.scan(paths[side])
+    return n_queries
 
 
 def route_inputs(
@@ -129,6 +111,47 @@ def route_inputs(
     route_queries(paths["queries"], parts, spill)
     route_annotations(paths["query_annotations"], public, parts, spill)
     return public, run_parts
+
+
+def score_sides(
+    paths: dict[str, str],
+    public: PublicSet,
+    spill: Spill,
+    run_parts: dict[str, RunParts],
+    truth_schema: dict,
+    starts: np.ndarray,
+    params: MetricParams,
+) -> None:
+    """Both neighbours files scored (`score_side`) into the spill, part by part."""
+    # The two models' files are independent: one thread each (numba, numpy and polars release the GIL).
+    with ThreadPoolExecutor(len(SIDES)) as pool:
+        scored = [
+            pool.submit(
+                score_side,
+                paths[side],
+                side,
+                public,
+                spill,
+                run_parts[side],
+                truth_schema,
+                starts,
+                params.k,
+                params.top_n,
+                params.batch_rows,
+            )
+            for side in SIDES
+        ]
+        for future in scored:
+            future.result()
+
+
+def scores_schemas(n_labels: int) -> dict[str, dict]:
+    """The spilled scores' schemas (scores_target, scores_reference): counts in the narrowest type n_labels fits."""
+    counts_type = pl.Series(np.zeros(0, narrowest(n_labels))).dtype
+    return {
+        f"scores_{side}": {"record": pl.Int64, **dict.fromkeys(COUNT_COLUMNS, counts_type), "nn_score": pl.Float32}
+        for side in SIDES
+    }
 
 
 # --- the records table ---
@@ -231,7 +254,6 @@ def write_tables(
     paths: dict[str, str],
 ) -> None:
     """The records table (by label mode, then id), its population metrics and its sample-level table."""
-    n_parts = len(starts) - 1
     provenance = {
         "target_neighbors": paths["target"],
         "reference_neighbors": paths["reference"],
@@ -243,24 +265,7 @@ def write_tables(
         "frac": params.frac,
         "seed": params.seed,
     }
-    rng = np.random.default_rng(params.seed)
-    with (
-        parquet_stream(outputs["records"], METRIC_RECORDS.schema, "metrics", provenance) as writer,
-        ThreadPoolExecutor(1) as pool,
-    ):
-        populations = []
-        for mode, label_mode in enumerate(LABEL_MODES):
-            part_sizes, distinct, excluded = write_mode(
-                spill, starts, n_labels, schemas, writer, mode, str(outputs["records"])
-            )
-            # The population metrics (compiled, GIL released) run beside writing the next mode's records; one
-            # worker keeps the modes' draws in order.
-            populations.append(
-                pool.submit(
-                    population_rows, spill, label_mode, part_sizes, distinct, excluded, params.n_boot, params.frac, rng
-                )
-            )
-        population = pl.DataFrame([row for future in populations for row in future.result()])
+    population, n_scored = write_records(spill, starts, n_labels, schemas, outputs["records"], params, provenance)
     write_parquet(
         population.with_columns(k=pl.lit(params.k), top_n=pl.lit(params.top_n)),
         outputs["population"],
@@ -270,11 +275,41 @@ def write_tables(
     )
     # The sample-level records are the top_n mode's records with objects, those of its population metrics.
     samples = sample_table(
-        {order: [spill.frames(f"sample_{order}", part) for part in range(n_parts)] for order in ORDERS},
-        int(part_sizes.sum()),
+        {order: [spill.frames(f"sample_{order}", part) for part in range(len(starts) - 1)] for order in ORDERS},
+        n_scored,
         list(params.top_l),
     )
     write_parquet(samples, outputs["sample_level"], stage="metrics", params=provenance, contract=SAMPLE_LEVEL)
+
+
+def write_records(
+    spill: Spill,
+    starts: np.ndarray,
+    n_labels: int,
+    schemas: dict[str, dict],
+    path: str | Path,
+    params: MetricParams,
+    provenance: dict,
+) -> tuple[pl.DataFrame, int]:
+    """The records table, label mode by label mode (`write_mode`). Returns the population metrics' rows and the
+    number of top_n-mode records with objects."""
+    rng = np.random.default_rng(params.seed)
+    with (
+        parquet_stream(path, METRIC_RECORDS.schema, "metrics", provenance) as writer,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        populations = []
+        for mode, label_mode in enumerate(LABEL_MODES):
+            part_sizes, distinct, excluded = write_mode(spill, starts, n_labels, schemas, writer, mode, str(path))
+            # The population metrics (compiled, GIL released) run beside writing the next mode's records; one
+            # worker keeps the modes' draws in order.
+            populations.append(
+                pool.submit(
+                    population_rows, spill, label_mode, part_sizes, distinct, excluded, params.n_boot, params.frac, rng
+                )
+            )
+        population = pl.DataFrame([row for future in populations for row in future.result()])
+    return population, int(part_sizes.sum())  # the last mode's sizes: top_n's
 
 
 def write_mode(
