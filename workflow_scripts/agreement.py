@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import polars as pl
 
-from workflow_scripts.cli import keyed_files
+from workflow_scripts.cli import add_figure_outputs, add_keyed_file_arguments, parsed_keyed_files
 from workflow_scripts.contracts import AGREEMENT, AGREEMENT_POPULATION, METRIC_RECORDS, POPULATION
 from workflow_scripts.figures import save_figure
 from workflow_scripts.io import DataError, write_parquet
@@ -142,35 +142,20 @@ def compare(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--records",
-        action="append",
-        required=True,
-        metavar="TEST=FILE",
-        help="a test's records table on the target records (repeatable, at least two tests)",
-    )
-    for queries in QUERIES:
-        parser.add_argument(
-            f"--{queries}-population",
-            action="append",
-            required=True,
-            metavar="TEST=FILE",
-            help=f"a test's population table on the {queries} records (repeatable)",
-        )
+    population_helps = {
+        f"{queries}-population": f"a test's population table on the {queries} records (repeatable)"
+        for queries in QUERIES
+    }
+    records_help = "a test's records table on the target records (repeatable, at least two tests)"
+    add_keyed_file_arguments(parser, {"records": records_help, **population_helps}, metavar="TEST=FILE")
     parser.add_argument("--out-agreement", required=True, help="pairwise agreement Parquet")
     parser.add_argument("--out-population", required=True, help="side-by-side population Parquet")
-    parser.add_argument(
-        "--out-heatmap",
-        nargs="+",
-        required=True,
-        metavar="FILE",
-        help="the heatmap's files, each in the format its suffix names (.png, .svg)",
+    add_figure_outputs(
+        parser, "out-heatmap", help_text="the heatmap's files, each in the format its suffix names (.png, .svg)"
     )
     args = parser.parse_args(argv)
-    records = keyed_files(args.records, "records")
-    by_queries = {
-        queries: keyed_files(getattr(args, f"{queries}_population"), f"{queries}-population") for queries in QUERIES
-    }
+    records = parsed_keyed_files(args, "records")
+    by_queries = {queries: parsed_keyed_files(args, f"{queries}-population") for queries in QUERIES}
     if len(records) < 2:
         parser.error("give at least two tests")
     if any(files.keys() != records.keys() for files in by_queries.values()):

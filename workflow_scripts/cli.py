@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
+import logging
 import shlex
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+FIGURE_FILES_HELP = "the figure's files, each in the format its suffix names (.png, .svg)"
 
 
 def _parse_optional_float(text: str) -> float | None:
@@ -76,3 +80,31 @@ def keyed_files(items: list[str], flag: str, *, repeatable: bool = False) -> dic
         else:
             files[key] = file
     return files
+
+
+def add_keyed_file_arguments(parser: argparse.ArgumentParser, helps: Mapping[str, str], metavar: str) -> None:
+    """A required, repeatable `--NAME KEY=FILE` argument per name in `helps` (name -> help text)."""
+    for name, help_text in helps.items():
+        parser.add_argument(f"--{name}", action="append", required=True, metavar=metavar, help=help_text)
+
+
+def parsed_keyed_files(args: argparse.Namespace, flag: str, *, repeatable: bool = False) -> dict[str, Any]:
+    """`keyed_files` of the values parsed for `--flag` (an argument `add_keyed_file_arguments` added)."""
+    return keyed_files(getattr(args, flag.replace("-", "_")), flag, repeatable=repeatable)
+
+
+def add_figure_outputs(parser: argparse.ArgumentParser, *flags: str, help_text: str = FIGURE_FILES_HELP) -> None:
+    """A required `--FLAG FILE [FILE ...]` argument per flag: one figure, saved in each file's format."""
+    for flag in flags:
+        parser.add_argument(f"--{flag}", nargs="+", required=True, metavar="FILE", help=help_text)
+
+
+def run_stage(parser: argparse.ArgumentParser, argv: list[str] | None, stage: Callable, **dests: str) -> None:
+    """Parse `argv`, log at INFO and call `stage` with the parsed arguments, matched to its parameters by name.
+
+    `dests` names the argparse dest of each parameter whose name differs from its flag's (model_path="model").
+    Passing by name keeps a new flag from silently shifting the ones after it, as positional calls would.
+    """
+    values = vars(parser.parse_args(argv))
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    stage(**{name: values[dests.get(name, name)] for name in inspect.signature(stage).parameters})

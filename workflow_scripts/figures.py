@@ -25,7 +25,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import polars as pl
 
-from workflow_scripts.cli import keyed_files
+from workflow_scripts.cli import add_figure_outputs, add_keyed_file_arguments, parsed_keyed_files
 from workflow_scripts.contracts import (
     ANNOTATIONS,
     METRIC_RECORDS,
@@ -118,6 +118,37 @@ def make_point_figures(
 
 
 SWEEP_GAPS = ("PPG", "PRG", "AUCG")
+SWEEP_GAP_COLOURS = dict(zip(SWEEP_GAPS, ("tab:red", "tab:blue", "tab:green")))
+SWEPT_PARAMETERS = ("n_train", "epochs", "temperature", "weight_decay", "mask_ratio", "seed")
+
+
+def _plot_sweep_group(
+    axes, rows: pl.DataFrame, parameter: str, group: str, line: dict, utility_columns: list[str]
+) -> None:
+    """One group's curves (the other swept parameters fixed) on the gaps, net gaps and utility axes."""
+    gaps_axis, net_axis, utility_axis = axes
+    x = rows[parameter].fill_null(-1).to_numpy()  # a null temperature is learned: plotted at −1
+    for metric, colour in SWEEP_GAP_COLOURS.items():
+        label = f"{metric} {group}".strip()
+        gaps_axis.errorbar(
+            x, rows[f"{metric}_mean"], yerr=rows[f"{metric}_std"], capsize=3, color=colour, label=label, **line
+        )
+        net_axis.plot(x, rows[f"{metric}_net"], color=colour, label=label, **line)
+    for column, colour in zip(utility_columns, plt.get_cmap("tab10").colors):
+        utility_axis.plot(x, rows[column], color=colour, label=f"{column.removeprefix('A_')} {group}".strip(), **line)
+
+
+def _label_sweep_axes(axes, parameter: str) -> None:
+    gaps_axis, net_axis, utility_axis = axes
+    label = "temperature (−1: learned)" if parameter == "temperature" else parameter
+    gaps_axis.set(xlabel=label, ylabel="gap (f_A − f_B)", title="target records: mean ± bootstrap std")
+    net_axis.set(xlabel=label, ylabel="target gap − holdout gap", title="net of the holdout control")
+    utility_axis.set(xlabel=label, ylabel="accuracy", title="utility of f_A", ylim=(0, 1.02))
+    for axis in axes:
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=6)
+    for axis in (gaps_axis, net_axis):
+        axis.axhline(0, color="k", linewidth=0.8)
 
 
 def sweep_figure(summary: pl.DataFrame, parameter: str, utility_columns: list[str]) -> plt.Figure:
@@ -125,57 +156,15 @@ def sweep_figure(summary: pl.DataFrame, parameter: str, utility_columns: list[st
 
     Colour says the metric; line style and marker say the values of the other swept parameters.
     """
-    varying = [
-        c
-        for c in ("n_train", "epochs", "temperature", "weight_decay", "mask_ratio", "seed")
-        if c != parameter and summary[c].n_unique() > 1
-    ]
-    figure, (gaps_axis, net_axis, utility_axis) = plt.subplots(1, 3, figsize=(16, 4.5))
+    varying = [c for c in SWEPT_PARAMETERS if c != parameter and summary[c].n_unique() > 1]
+    figure, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     groups = (
         summary.sort(parameter).group_by(varying, maintain_order=True) if varying else [((), summary.sort(parameter))]
     )
-    gap_colours = dict(zip(SWEEP_GAPS, ("tab:red", "tab:blue", "tab:green")))
-    utility_colours = dict(zip(utility_columns, plt.get_cmap("tab10").colors))
     for (key, rows), style, marker in zip(groups, ("-", "--", ":", "-."), "osD^v"):
         group = ", ".join(f"{name}={value}" for name, value in zip(varying, key))
-        x = rows[parameter].fill_null(-1).to_numpy()
-        for metric, colour in gap_colours.items():
-            gaps_axis.errorbar(
-                x,
-                rows[f"{metric}_mean"],
-                yerr=rows[f"{metric}_std"],
-                linestyle=style,
-                marker=marker,
-                capsize=3,
-                color=colour,
-                label=f"{metric} {group}".strip(),
-            )
-            net_axis.plot(
-                x,
-                rows[f"{metric}_net"],
-                linestyle=style,
-                marker=marker,
-                color=colour,
-                label=f"{metric} {group}".strip(),
-            )
-        for column, colour in utility_colours.items():
-            utility_axis.plot(
-                x,
-                rows[column],
-                linestyle=style,
-                marker=marker,
-                color=colour,
-                label=f"{column.removeprefix('A_')} {group}".strip(),
-            )
-    label = "temperature (−1: learned)" if parameter == "temperature" else parameter
-    gaps_axis.set(xlabel=label, ylabel="gap (f_A − f_B)", title="target records: mean ± bootstrap std")
-    net_axis.set(xlabel=label, ylabel="target gap − holdout gap", title="net of the holdout control")
-    utility_axis.set(xlabel=label, ylabel="accuracy", title="utility of f_A", ylim=(0, 1.02))
-    for axis in (gaps_axis, net_axis, utility_axis):
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=6)
-    for axis in (gaps_axis, net_axis):
-        axis.axhline(0, color="k", linewidth=0.8)
+        _plot_sweep_group(axes, rows, parameter, group, {"linestyle": style, "marker": marker}, utility_columns)
+    _label_sweep_axes(axes, parameter)
     figure.tight_layout()
     return figure
 
@@ -206,6 +195,33 @@ def _labelled_image(axis, image, title: str, labels: list[str], truth: set[str])
         )
 
 
+def records_target_wins_most(records: pl.DataFrame, n_examples: int) -> list[str]:
+    """Ids of the records (top_n mode) where f_A recovers the most objects more than f_B; ties by id."""
+    return (
+        records.filter(pl.col("label_mode") == "top_n")
+        .with_columns(gap=pl.col("n_correct_target") - pl.col("n_correct_reference"))
+        .sort(["gap", "id"], descending=[True, False])
+        .head(n_examples)["id"]
+        .to_list()
+    )
+
+
+def _plot_neighbour_row(row_axes, query: dict, model_name: str, nearest: pl.DataFrame) -> None:
+    """The query image with its caption, then its nearest public images under one model."""
+    truth = set(query["labels"])
+    caption = "\n".join(textwrap.wrap(query["captions"][0] if query["captions"] else "", 28))
+    image = load_rgb(query["image_path"], query["id"])
+    _labelled_image(row_axes[0], image, f"{query['id']}\n{caption}", query["labels"], truth)
+    for column, neighbour in enumerate(nearest.iter_rows(named=True), start=1):
+        _labelled_image(
+            row_axes[column],
+            load_rgb(neighbour["image_path"], neighbour["public_id"]),
+            f"{model_name} #{neighbour['rank'] + 1} ({neighbour['score']:.2f})",
+            neighbour["labels"],
+            truth,
+        )
+
+
 def qualitative_figure(
     records: pl.DataFrame,
     query_records: pl.DataFrame,
@@ -217,13 +233,7 @@ def qualitative_figure(
     n_neighbors: int = 5,
 ) -> plt.Figure:
     """Records where f_A beats f_B most (top_n mode), their top public neighbours under both models."""
-    chosen = (
-        records.filter(pl.col("label_mode") == "top_n")
-        .with_columns(gap=pl.col("n_correct_target") - pl.col("n_correct_reference"))
-        .sort(["gap", "id"], descending=[True, False])
-        .head(n_examples)["id"]
-        .to_list()
-    )
+    chosen = records_target_wins_most(records, n_examples)
     public = public_records.join(public_annotations.select("id", "labels"), on="id")
     queries = query_records.join(query_annotations.select("id", "labels"), on="id")
     figure, axes = plt.subplots(
@@ -231,17 +241,7 @@ def qualitative_figure(
     )
     for example, record_id in enumerate(chosen):
         query = queries.filter(pl.col("id") == record_id).row(0, named=True)
-        truth = set(query["labels"])
-        for row_offset, (side, name) in enumerate((("A", "f_A"), ("B", "f_B"))):
-            row = 2 * example + row_offset
-            caption = "\n".join(textwrap.wrap(query["captions"][0] if query["captions"] else "", 28))
-            _labelled_image(
-                axes[row, 0],
-                load_rgb(query["image_path"], record_id),
-                f"{record_id}\n{caption}",
-                query["labels"],
-                truth,
-            )
+        for row_offset, (side, model_name) in enumerate((("A", "f_A"), ("B", "f_B"))):
             nearest = (
                 neighbors[side]
                 .filter(pl.col("query_id") == record_id)
@@ -249,14 +249,7 @@ def qualitative_figure(
                 .head(n_neighbors)
                 .join(public, left_on="public_id", right_on="id", how="left", maintain_order="left")
             )
-            for column, neighbour in enumerate(nearest.iter_rows(named=True), start=1):
-                _labelled_image(
-                    axes[row, column],
-                    load_rgb(neighbour["image_path"], neighbour["public_id"]),
-                    f"{name} #{neighbour['rank'] + 1} ({neighbour['score']:.2f})",
-                    neighbour["labels"],
-                    truth,
-                )
+            _plot_neighbour_row(axes[2 * example + row_offset], query, model_name, nearest)
     figure.suptitle(
         "Target images (left) and their nearest public images under f_A (upper) and f_B (lower) rows;\n"
         "green: object really in the target image, red: not",
@@ -266,78 +259,69 @@ def qualitative_figure(
     return figure
 
 
-def main(argv: list[str] | None = None) -> None:
+QUALITATIVE_INPUTS = (  # each a required --flag (dashes for underscores)
+    "metrics_records",
+    "query_records",
+    "query_annotations",
+    "public_records",
+    "public_annotations",
+    "target_neighbors",
+    "reference_neighbors",
+)
+
+
+def _records_with_image_paths(path: str) -> pl.DataFrame:
+    frame = RECORDS.read(path, extra=True)
+    return frame.with_columns(image_path=resolve_image_paths(frame, path))
+
+
+def make_qualitative_figure(files: dict[str, str], paths: list[str]) -> None:
+    """`files`: the file of each of QUALITATIVE_INPUTS, by name; the figure goes to the paths."""
+    figure = qualitative_figure(
+        METRIC_RECORDS.read(files["metrics_records"]),
+        _records_with_image_paths(files["query_records"]),
+        ANNOTATIONS.read(files["query_annotations"]),
+        _records_with_image_paths(files["public_records"]),
+        ANNOTATIONS.read(files["public_annotations"]),
+        {"A": NEIGHBORS.read(files["target_neighbors"]), "B": NEIGHBORS.read(files["reference_neighbors"])},
+    )
+    save_figure(figure, paths)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     point = commands.add_parser("point", help="recall CDFs and sample-level gaps of one parameter point")
-    for table in ("records", "sample-level"):
-        point.add_argument(
-            f"--{table}",
-            action="append",
-            required=True,
-            metavar="QUERIES=FILE",
-            help=f"{table} metrics table per query set, e.g. target=FILE (repeatable)",
-        )
-    for figure in ("recall-cdf", "gap-vs-top-l"):
-        point.add_argument(
-            f"--{figure}",
-            nargs="+",
-            required=True,
-            metavar="FILE",
-            help="the figure's files, each in the format its suffix names (.png, .svg)",
-        )
+    table_helps = {
+        table: f"{table} metrics table per query set, e.g. target=FILE (repeatable)"
+        for table in ("records", "sample-level")
+    }
+    add_keyed_file_arguments(point, table_helps, metavar="QUERIES=FILE")
+    add_figure_outputs(point, "recall-cdf", "gap-vs-top-l")
     sweep = commands.add_parser("sweep", help="gaps and utility against swept parameters")
     sweep.add_argument("--summary", required=True, help="summary Parquet of a split")
-    sweep.add_argument(
-        "--figure",
-        action="append",
-        required=True,
-        metavar="PARAMETER=FILE",
-        help="a file of a swept parameter's figure, in the format its suffix names (repeatable)",
-    )
+    figure_help = "a file of a swept parameter's figure, in the format its suffix names (repeatable)"
+    add_keyed_file_arguments(sweep, {"figure": figure_help}, metavar="PARAMETER=FILE")
     qualitative = commands.add_parser("qualitative", help="target images and their neighbours (paper Fig. 1)")
-    for name in (
-        "metrics-records",
-        "query-records",
-        "query-annotations",
-        "public-records",
-        "public-annotations",
-        "target-neighbors",
-        "reference-neighbors",
-    ):
-        qualitative.add_argument(f"--{name}", required=True)
-    qualitative.add_argument(
-        "--out",
-        nargs="+",
-        required=True,
-        metavar="FILE",
-        help="the figure's files, each in the format its suffix names (.png, .svg)",
-    )
-    args = parser.parse_args(argv)
+    for name in QUALITATIVE_INPUTS:
+        qualitative.add_argument(f"--{name.replace('_', '-')}", required=True)
+    add_figure_outputs(qualitative, "out")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     if args.command == "point":
         make_point_figures(
-            keyed_files(args.records, "records"),
-            keyed_files(args.sample_level, "sample-level"),
+            parsed_keyed_files(args, "records"),
+            parsed_keyed_files(args, "sample-level"),
             args.recall_cdf,
             args.gap_vs_top_l,
         )
     elif args.command == "sweep":
-        make_sweep_figures(args.summary, keyed_files(args.figure, "figure", repeatable=True))
+        make_sweep_figures(args.summary, parsed_keyed_files(args, "figure", repeatable=True))
     else:
-
-        def with_paths(path):
-            frame = RECORDS.read(path, extra=True)
-            return frame.with_columns(image_path=resolve_image_paths(frame, path))
-
-        figure = qualitative_figure(
-            METRIC_RECORDS.read(args.metrics_records),
-            with_paths(args.query_records),
-            ANNOTATIONS.read(args.query_annotations),
-            with_paths(args.public_records),
-            ANNOTATIONS.read(args.public_annotations),
-            {"A": NEIGHBORS.read(args.target_neighbors), "B": NEIGHBORS.read(args.reference_neighbors)},
-        )
-        save_figure(figure, args.out)
+        make_qualitative_figure({name: getattr(args, name) for name in QUALITATIVE_INPUTS}, args.out)
 
 
 if __name__ == "__main__":

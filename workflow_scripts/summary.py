@@ -14,7 +14,7 @@ import argparse
 
 import polars as pl
 
-from workflow_scripts.cli import keyed_files
+from workflow_scripts.cli import add_keyed_file_arguments, parsed_keyed_files
 from workflow_scripts.contracts import POPULATION, SUMMARY, SUMMARY_METRICS, UTILITY
 from workflow_scripts.io import atomic_path, write_parquet
 from workflow_scripts.paramspace import POINT_KEYS, parse_segment
@@ -89,29 +89,19 @@ def summarise(split: str, populations: dict[str, dict[str, str]], utilities: dic
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--split", required=True)
-    for queries in QUERIES:
-        parser.add_argument(
-            f"--{queries}-population",
-            action="append",
-            required=True,
-            metavar="POINT=FILE",
-            help=f"a parameter point's population table on the {queries} records (repeatable)",
-        )
-    for side in SIDES:
-        parser.add_argument(
-            f"--utility-{side}",
-            action="append",
-            required=True,
-            metavar="POINT=FILE",
-            help=f"a parameter point's utility table of side {side} (repeatable)",
-        )
+    population_helps = {
+        f"{queries}-population": f"a parameter point's population table on the {queries} records (repeatable)"
+        for queries in QUERIES
+    }
+    utility_helps = {
+        f"utility-{side}": f"a parameter point's utility table of side {side} (repeatable)" for side in SIDES
+    }
+    add_keyed_file_arguments(parser, {**population_helps, **utility_helps}, metavar="POINT=FILE")
     parser.add_argument("--out", required=True, help="summary Parquet")
     parser.add_argument("--out-csv", required=True, help="its CSV copy")
     args = parser.parse_args(argv)
-    populations = {
-        queries: keyed_files(getattr(args, f"{queries}_population"), f"{queries}-population") for queries in QUERIES
-    }
-    utilities = {side: keyed_files(getattr(args, f"utility_{side}"), f"utility-{side}") for side in SIDES}
+    populations = {queries: parsed_keyed_files(args, f"{queries}-population") for queries in QUERIES}
+    utilities = {side: parsed_keyed_files(args, f"utility-{side}") for side in SIDES}
     table = summarise(args.split, populations, utilities)
     write_parquet(
         table,

@@ -29,6 +29,7 @@ import torch
 from open_clip import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES, build_zero_shot_classifier
 from tqdm import tqdm
 
+from workflow_scripts.cli import run_stage
 from workflow_scripts.contracts import RECORDS, UTILITY
 from workflow_scripts.images import load_rgb, resolve_image_paths
 from workflow_scripts.io import DataError, write_parquet
@@ -192,6 +193,16 @@ def task_accuracies(
     ]
 
 
+def read_labelled_records(records_path: str, label_columns: list[str]) -> pl.DataFrame:
+    """The evaluation records with their image paths and labels; every record must have every label."""
+    records = RECORDS.read(records_path, ["id", "image_path", *label_columns])
+    for column in label_columns:
+        unlabelled = records.filter(pl.col(column).is_null())["id"]
+        if len(unlabelled):
+            raise DataError(f"{records_path}: record(s) without {column!r}: {unlabelled.head(5).to_list()}")
+    return records
+
+
 def evaluate(
     model_path: str,
     records_path: str,
@@ -208,19 +219,9 @@ def evaluate(
     torch.set_num_threads(threads)
     torch_device = select_device(device)
     model, preprocess, tokenizer, checkpoint = load_checkpoint(model_path, torch_device)
-    records = RECORDS.read(records_path, ["id", "image_path", *label_columns])
-    for column in label_columns:
-        unlabelled = records.filter(pl.col(column).is_null())["id"]
-        if len(unlabelled):
-            raise DataError(f"{records_path}: record(s) without {column!r}: {unlabelled.head(5).to_list()}")
-    projected, backbone = image_features(
-        model,
-        preprocess,
-        resolve_image_paths(records, records_path).to_list(),
-        records["id"].to_list(),
-        batch_size,
-        torch_device,
-    )
+    records = read_labelled_records(records_path, label_columns)
+    paths = resolve_image_paths(records, records_path).to_list()
+    projected, backbone = image_features(model, preprocess, paths, records["id"].to_list(), batch_size, torch_device)
     train_mask = probe_split(len(records), probe_fraction, seed)
     rows = [
         row
@@ -272,20 +273,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--probe-max-iter", type=int, default=1000, help="L-BFGS iterations of the linear probe")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    evaluate(
-        args.model,
-        args.records,
-        args.label_column,
-        args.template,
-        args.out,
-        args.probe_fraction,
-        args.seed,
-        args.batch_size,
-        args.device,
-        args.threads,
-        args.probe_max_iter,
+    run_stage(
+        parser,
+        argv,
+        evaluate,
+        model_path="model",
+        records_path="records",
+        label_columns="label_column",
+        templates="template",
+        out_path="out",
     )
 
 
