@@ -447,7 +447,10 @@ def test_a_missing_detic_weights_file_is_named(stand_ins, tmp_path):
     repo = fake_detic_clone(tmp_path / "Detic")
     with pytest.raises(DataError, match=r"detic\.pth: Detic weights file does not exist"):
         detic.build_predictor(
-            str(repo), "configs/x.yaml", str(tmp_path / "detic.pth"), np.eye(2, dtype=np.float32), 0.5, "cpu"
+            str(repo),
+            str(tmp_path / "detic.pth"),
+            np.eye(2, dtype=np.float32),
+            detic.DetectParams(config_file="configs/x.yaml", device="cpu"),
         )
 
 
@@ -511,10 +514,8 @@ def test_detic_chunks_cover_every_record_and_merge_into_annotations(tmp_path):
             3,
             detic.Detector(model, resize, "RGB"),
             names,
-            0.5,
             chunks[-1],
-            batch_size=3,
-            workers=0,
+            detic.DetectParams(score_threshold=0.5, batch_size=3, workers=0),
         )
         assert [len(batch) for batch in model.batches] == [3, 1]
     detic.main(

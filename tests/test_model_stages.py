@@ -139,16 +139,15 @@ def test_open_clip_train_checkpoint_format_loads(tmp_path, tiny_run):
 def test_embeddings_contract(tmp_path, tiny_run):
     root, _ = tiny_run
     model = str(root / "model" / "model.pt")
-    embed.embed(
-        model, str(root / "public" / "records.parquet"), [], "image", str(tmp_path / "public.parquet"), batch_size=10
-    )
+    params = embed.EmbedParams(batch_size=10)
+    embed.embed(model, str(root / "public" / "records.parquet"), [], "image", str(tmp_path / "public.parquet"), params)
     embed.embed(
         model,
         str(root / "pool" / "records.parquet"),
         [str(root / "A.parquet"), str(root / "holdout.parquet")],
         "text",
         str(tmp_path / "captions.parquet"),
-        batch_size=10,
+        params,
     )
     schema = pq.read_schema(tmp_path / "public.parquet")
     assert str(schema.field("embedding").type) == "fixed_size_list<element: float>[64]"

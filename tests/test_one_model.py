@@ -150,14 +150,15 @@ def test_import_target_from_an_open_clip_train_checkpoint(tiny_workflow, tmp_pat
     from workflow_scripts import embed
 
     public = str(tiny_workflow / "results/data/scenes_public/records.parquet")
-    embed.embed(str(tmp_path / "model.pt"), public, [], "image", str(tmp_path / "imported.parquet"), batch_size=64)
+    params = embed.EmbedParams(batch_size=64)
+    embed.embed(str(tmp_path / "model.pt"), public, [], "image", str(tmp_path / "imported.parquet"), params)
     embed.embed(
         str(tiny_workflow / "results/models/scenes" / POINT / "A/model.pt"),
         public,
         [],
         "image",
         str(tmp_path / "original.parquet"),
-        batch_size=64,
+        params,
     )
     assert np.array_equal(
         read_embeddings(tmp_path / "imported.parquet")[1], read_embeddings(tmp_path / "original.parquet")[1]

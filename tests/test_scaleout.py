@@ -135,10 +135,10 @@ def untrained_model(tmp_path_factory):
 def test_embedded_shards_concatenate_to_the_unsharded_embeddings(untrained_model):
     root = untrained_model
     model, records = str(root / "model.pt"), str(root / "public" / "records.parquet")
-    embed.embed(model, records, [], "image", str(root / "whole.parquet"), batch_size=8)
+    embed.embed(model, records, [], "image", str(root / "whole.parquet"), embed.EmbedParams(batch_size=8))
     shards = [str(root / f"{i}-of-3.parquet") for i in range(3)]
     for i, path in enumerate(shards):
-        embed.embed(model, records, [], "image", path, batch_size=8, shard=f"{i}-of-3")
+        embed.embed(model, records, [], "image", path, embed.EmbedParams(batch_size=8), shard=f"{i}-of-3")
     assert [pq.ParquetFile(path).metadata.num_rows for path in shards] == [7, 8, 8]
     knn.main(["gather", "--shards", *shards, "--out", str(root / "public.parquet")])
     whole_ids, whole = read_embeddings(root / "whole.parquet")
@@ -153,10 +153,11 @@ def test_embedding_on_a_missing_gpu_fails_unless_fallback_is_allowed(untrained_m
     root = untrained_model
     args = (str(root / "model.pt"), str(root / "public" / "records.parquet"), [], "image")
     with pytest.raises(models.DeviceError, match="no GPU is visible"):
-        embed.embed(*args, str(root / "cuda.parquet"), device="cuda", shard="0-of-3")
+        embed.embed(*args, str(root / "cuda.parquet"), embed.EmbedParams(device="cuda"), shard="0-of-3")
     assert not (root / "cuda.parquet").exists()
     with caplog.at_level(logging.INFO):
-        embed.embed(*args, str(root / "fallback.parquet"), device="cuda", shard="0-of-3", allow_cpu_fallback=True)
+        fallback = embed.EmbedParams(device="cuda", allow_cpu_fallback=True)
+        embed.embed(*args, str(root / "fallback.parquet"), fallback, shard="0-of-3")
         knn.build_index(np.eye(4, dtype=np.float32), "auto")
     assert "falling back to the CPU" in caplog.text
     assert "searching on the CPU" in caplog.text

@@ -37,6 +37,7 @@ from pathlib import Path
 import polars as pl
 from tqdm import tqdm
 
+from workflow_scripts.annotate import with_unit_scores
 from workflow_scripts.cli import add_dataclass_arguments, dataclass_from_args
 from workflow_scripts.contracts import CAPTION_TABLE, GROUND_TRUTH, RECORDS, VALIDATION
 from workflow_scripts.images import content_hash, load_rgb, resolve_image_paths, tar_member_path
@@ -74,12 +75,8 @@ class Adapted:
 def _problems(frame: pl.DataFrame, condition: pl.Expr, problem: pl.Expr | str) -> pl.DataFrame:
     problem = pl.lit(problem) if isinstance(problem, str) else problem
     # The problem is worded before filtering: it may look at other records (the first holder of an image).
-    return (
-        frame.with_columns(problem.alias("problem"))
-        .filter(condition)
-        .select(VALIDATION.names)
-        .cast(VALIDATION.polars())
-    )
+    worded = frame.with_columns(problem.alias("problem"))
+    return worded.filter(condition).select(VALIDATION.names).cast(VALIDATION.polars())
 
 
 def _decode_image(path: str) -> tuple[str | None, str | None]:
@@ -92,62 +89,44 @@ def _decode_image(path: str) -> tuple[str | None, str | None]:
 def hash_images(paths: list[str], threads: int) -> tuple[list[str | None], list[str | None]]:
     """Decode every image once: (content hash or None, error message or None) per image."""
     with ThreadPoolExecutor(max_workers=threads) as pool:  # PIL decodes outside the GIL
-        results = list(
-            tqdm(
-                pool.map(_decode_image, paths, chunksize=64),
-                total=len(paths),
-                desc="decoding images",
-                unit="img",
-                mininterval=2,
-            )
-        )
+        decoded = pool.map(_decode_image, paths, chunksize=64)
+        results = list(tqdm(decoded, total=len(paths), desc="decoding images", unit="img", mininterval=2))
     return [h for h, _ in results], [e for _, e in results]
 
 
-def validate(candidates: pl.DataFrame, origin: str, options: Validation) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Return (valid records with image_sha256, problems: id, image_path, problem).
+def _hash_undecoded(records: pl.DataFrame, threads: int) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(records whose image decodes, with its content hash; problems of those that do not).
 
-    Images are decoded where `image_sha256` is missing (a mix reuses its parts' hashes).
+    Only records without an `image_sha256` are decoded: a mix reuses its parts' hashes.
     """
-    if "image_sha256" not in candidates.columns:
-        candidates = candidates.with_columns(image_sha256=pl.lit(None, pl.String))
-    first_id = pl.col("id").is_first_distinct()
-    problems = [
-        _problems(candidates, ~first_id, "duplicate id"),
-        _problems(candidates, first_id & pl.col("image_path").is_null(), "no image"),
-    ]
-    records = candidates.filter(first_id & pl.col("image_path").is_not_null())
-
     to_decode = records.filter(pl.col("image_sha256").is_null())
-    if len(to_decode):
-        hashes, errors = hash_images(to_decode["image_path"].to_list(), options.threads)
-        decoded = to_decode.select(
-            "id", new_hash=pl.Series(hashes, dtype=pl.String), error=pl.Series(errors, dtype=pl.String)
-        )
-        records = records.join(decoded, on="id", how="left", maintain_order="left").with_columns(
-            image_sha256=pl.coalesce("image_sha256", "new_hash")
-        )
-        problems.append(_problems(records, pl.col("error").is_not_null(), pl.col("error")))
-        records = records.filter(pl.col("error").is_null()).drop("new_hash", "error")
+    if not len(to_decode):
+        return records, VALIDATION.empty()
+    hashes, errors = hash_images(to_decode["image_path"].to_list(), threads)
+    decoded = to_decode.select(
+        "id", new_hash=pl.Series(hashes, dtype=pl.String), error=pl.Series(errors, dtype=pl.String)
+    )
+    records = records.join(decoded, on="id", how="left", maintain_order="left").with_columns(
+        image_sha256=pl.coalesce("image_sha256", "new_hash")
+    )
+    problems = _problems(records, pl.col("error").is_not_null(), pl.col("error"))
+    return records.filter(pl.col("error").is_null()).drop("new_hash", "error"), problems
 
-    if options.training_pool:
-        problems.append(
-            _problems(records, pl.col("captions").list.len() == 0, "no caption (a training pool needs one)")
-        )
-        records = records.filter(pl.col("captions").list.len() > 0)
-        first_holder = pl.col("id").first().over("image_sha256")
-        problems.append(
-            _problems(
-                records,
-                ~pl.col("image_sha256").is_first_distinct(),
-                pl.format("same image (content hash) as record '{}'", first_holder),
-            )
-        )
-        records = records.filter(pl.col("image_sha256").is_first_distinct())
 
-    problems = pl.concat(problems)
-    records = records.select(*RECORDS.names, "image_sha256", pl.exclude(*RECORDS.names, "image_sha256"))
-    if len(problems) and options.on_invalid == "error":
+def _training_pool_problems(records: pl.DataFrame) -> tuple[pl.DataFrame, list[pl.DataFrame]]:
+    """(records fit for training, problems): each needs a caption, and no two may hold the same image."""
+    uncaptioned = pl.col("captions").list.len() == 0
+    problems = [_problems(records, uncaptioned, "no caption (a training pool needs one)")]
+    records = records.filter(~uncaptioned)
+    first_holder = pl.col("id").first().over("image_sha256")
+    repeated = ~pl.col("image_sha256").is_first_distinct()
+    problems.append(_problems(records, repeated, pl.format("same image (content hash) as record '{}'", first_holder)))
+    return records.filter(~repeated), problems
+
+
+def _report(problems: pl.DataFrame, origin: str, on_invalid: str) -> None:
+    """Stop at the first problems (`on_invalid` error) or log how many records are skipped."""
+    if len(problems) and on_invalid == "error":
         listed = "\n  ".join(
             f"record {row['id']!r} (image {row['image_path']}): {row['problem']}"
             for row in problems.head(MAX_LISTED_PROBLEMS).iter_rows(named=True)
@@ -155,36 +134,44 @@ def validate(candidates: pl.DataFrame, origin: str, options: Validation) -> tupl
         raise DataError(f"{origin}: {len(problems)} invalid record(s) (set on_invalid: skip to drop them):\n  {listed}")
     if len(problems):
         log.warning("%s: skipped %d invalid record(s), listed in validation.parquet", origin, len(problems))
-    return records, problems
+
+
+def validate(candidates: pl.DataFrame, origin: str, options: Validation) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Return (valid records with image_sha256, problems: id, image_path, problem); see the module docstring."""
+    if "image_sha256" not in candidates.columns:
+        candidates = candidates.with_columns(image_sha256=pl.lit(None, pl.String))
+    first_id = pl.col("id").is_first_distinct()
+    problems = [
+        _problems(candidates, ~first_id, "duplicate id"),
+        _problems(candidates, first_id & pl.col("image_path").is_null(), "no image"),
+    ]
+    records, undecodable = _hash_undecoded(
+        candidates.filter(first_id & pl.col("image_path").is_not_null()), options.threads
+    )
+    problems.append(undecodable)
+    if options.training_pool:
+        records, pool_problems = _training_pool_problems(records)
+        problems.extend(pool_problems)
+    problems = pl.concat(problems)
+    _report(problems, origin, options.on_invalid)
+    return records.select(*RECORDS.names, "image_sha256", pl.exclude(*RECORDS.names, "image_sha256")), problems
 
 
 def write_dataset(adapted: Adapted, out_dir: str | Path, options: Validation, params: dict) -> None:
     records, problems = validate(adapted.records, adapted.origin, options)
     ground_truth = records.select("id").join(adapted.ground_truth, on="id", how="left", maintain_order="left")
     params = {**params, **options.__dict__}
-    out_dir = Path(out_dir)
-    write_parquet(problems, out_dir / "validation.parquet", stage="datasets", params=params, contract=VALIDATION)
-    write_parquet(
-        ground_truth.drop_nulls("labels"),
-        out_dir / "ground_truth.parquet",
-        stage="datasets",
-        params=params,
-        contract=GROUND_TRUTH,
-    )
-    write_parquet(records, out_dir / "records.parquet", stage="datasets", params=params, contract=RECORDS)
+    for table, contract, name in (
+        (problems, VALIDATION, "validation"),
+        (ground_truth.drop_nulls("labels"), GROUND_TRUTH, "ground_truth"),
+        (records, RECORDS, "records"),
+    ):
+        write_parquet(table, Path(out_dir) / f"{name}.parquet", stage="datasets", params=params, contract=contract)
     log.info("%s: %d records written to %s (%d skipped)", adapted.origin, len(records), out_dir, len(problems))
 
 
 def _with_unit_scores(labels: pl.DataFrame) -> pl.DataFrame:
-    return labels.with_columns(scores=pl.col("labels").list.eval(pl.lit(1.0, pl.Float32))).cast(GROUND_TRUTH.polars())
-
-
-def _no_ground_truth() -> pl.DataFrame:
-    return GROUND_TRUTH.empty()
-
-
-def _absolute(path: str | os.PathLike) -> str:
-    return os.path.abspath(os.fspath(path))
+    return with_unit_scores(labels).cast(GROUND_TRUTH.polars())
 
 
 def read_caption_table(path: str | os.PathLike) -> pl.DataFrame:
@@ -226,7 +213,8 @@ def _json_columns(rows: list[dict], fields: dict[str, pl.DataType], path, what: 
         ) from error
 
 
-def coco(dataset: str, captions_path: str, images_dir: str, instances_path: str | None = None) -> Adapted:
+def _coco_records(dataset: str, captions_path: str, images_dir: str) -> pl.DataFrame:
+    """Every image of a COCO captions file with all its captions (an empty list for none), and its COCO id."""
     captions_json = _read_json(captions_path)
     images = _json_columns(
         captions_json.get("images", []), {"id": pl.Int64, "file_name": pl.String}, captions_path, "images"
@@ -242,41 +230,48 @@ def coco(dataset: str, captions_path: str, images_dir: str, instances_path: str 
         .group_by("image_id", maintain_order=True)
         .agg(captions=pl.col("caption").str.strip_chars())
     )
-    image_root = _absolute(images_dir) + os.sep
+    image_root = os.path.abspath(images_dir) + os.sep
     records = images.join(captions, left_on="id", right_on="image_id", how="left", maintain_order="left").select(
         id=pl.format("{}-{}", pl.lit(dataset), pl.col("id")),
         image_path=pl.lit(image_root) + pl.col("file_name"),
         captions=pl.col("captions").fill_null(pl.lit([], pl.List(pl.String))),
         coco_id=pl.col("id"),
     )
-    ground_truth = _no_ground_truth()
-    origin = str(captions_path)
-    if instances_path:
-        instances_json = _read_json(instances_path)
-        categories = _json_columns(
-            instances_json.get("categories", []), {"id": pl.Int64, "name": pl.String}, instances_path, "categories"
+    return records.cast(RECORDS.polars([*RECORDS.names, "coco_id"]))
+
+
+def _coco_ground_truth(records: pl.DataFrame, instances_path: str) -> pl.DataFrame:
+    """The category names of each record's instances (an empty list for an image without one)."""
+    instances_json = _read_json(instances_path)
+    categories = _json_columns(
+        instances_json.get("categories", []), {"id": pl.Int64, "name": pl.String}, instances_path, "categories"
+    )
+    instances = _json_columns(
+        instances_json.get("annotations", []),
+        {"id": pl.Int64, "image_id": pl.Int64, "category_id": pl.Int64},
+        instances_path,
+        "annotations",
+    )
+    named = instances.join(categories.rename({"id": "category_id"}), on="category_id", how="left")
+    unknown = named.filter(pl.col("name").is_null())
+    if len(unknown):
+        raise DataError(
+            f"{instances_path}: annotation(s) {unknown['id'].head(5).to_list()} name unknown "
+            f"category id(s) {unknown['category_id'].unique().head(5).to_list()}"
         )
-        instances = _json_columns(
-            instances_json.get("annotations", []),
-            {"id": pl.Int64, "image_id": pl.Int64, "category_id": pl.Int64},
-            instances_path,
-            "annotations",
-        )
-        named = instances.join(categories.rename({"id": "category_id"}), on="category_id", how="left")
-        unknown = named.filter(pl.col("name").is_null())
-        if len(unknown):
-            raise DataError(
-                f"{instances_path}: annotation(s) {unknown['id'].head(5).to_list()} name unknown "
-                f"category id(s) {unknown['category_id'].unique().head(5).to_list()}"
-            )
-        labels = named.group_by("image_id").agg(labels=pl.col("name").unique().sort())
-        ground_truth = _with_unit_scores(
-            records.select("id", "coco_id")
-            .join(labels, left_on="coco_id", right_on="image_id", how="left")
-            .select("id", labels=pl.col("labels").fill_null(pl.lit([], pl.List(pl.String))))
-        )
-        origin = f"{captions_path} + {instances_path}"
-    return Adapted(records.cast(RECORDS.polars([*RECORDS.names, "coco_id"])), ground_truth, origin)
+    labels = named.group_by("image_id").agg(labels=pl.col("name").unique().sort())
+    return _with_unit_scores(
+        records.select("id", "coco_id")
+        .join(labels, left_on="coco_id", right_on="image_id", how="left")
+        .select("id", labels=pl.col("labels").fill_null(pl.lit([], pl.List(pl.String))))
+    )
+
+
+def coco(dataset: str, captions_path: str, images_dir: str, instances_path: str | None = None) -> Adapted:
+    records = _coco_records(dataset, captions_path, images_dir)
+    if not instances_path:
+        return Adapted(records, GROUND_TRUTH.empty(), str(captions_path))
+    return Adapted(records, _coco_ground_truth(records, instances_path), f"{captions_path} + {instances_path}")
 
 
 def image_folder(dataset: str, root: str, captions_path: str | None = None) -> Adapted:
@@ -292,7 +287,7 @@ def image_folder(dataset: str, root: str, captions_path: str | None = None) -> A
     )
     if not relative:
         raise DataError(f"{root}: no images in CLASS/IMAGE sub-folders (suffixes {', '.join(IMAGE_SUFFIXES)})")
-    root_prefix = _absolute(root_path) + os.sep
+    root_prefix = os.path.abspath(root_path) + os.sep
     records = pl.DataFrame({"relative": relative}).select(
         id=pl.lit(f"{dataset}-") + pl.col("relative"),
         image_path=pl.lit(root_prefix) + pl.col("relative"),
@@ -320,10 +315,8 @@ def image_folder(dataset: str, root: str, captions_path: str | None = None) -> A
 
 
 def _shard_members(shard: str) -> tuple[list[tuple[str, str, int, int]], dict[str, str]]:
-    """(key, image member name, data offset, size) and {key: caption} of a webdataset shard.
-
-    Reads headers and .txt members only.
-    """
+    """(key, image member name, data offset, size) and {key: caption} of a webdataset shard: reads headers and
+    .txt members only."""
     images, captions = [], {}
     try:
         with tarfile.open(shard, "r:") as tar:
@@ -350,7 +343,7 @@ def shards(dataset: str, shard_paths: list[str], table_path: str | None = None) 
     frames = []
     for shard in tqdm(sorted(shard_paths), desc="reading shard headers", unit="shard", mininterval=2):
         images, captions = _shard_members(shard)
-        archive = _absolute(shard)
+        archive = os.path.abspath(shard)
         shard_name = Path(shard).name.removesuffix(".tar")
         frames.append(
             pl.DataFrame(
@@ -365,7 +358,7 @@ def shards(dataset: str, shard_paths: list[str], table_path: str | None = None) 
             )
         )  # see workflow_scripts.images
     if table_path:
-        table_root = _absolute(Path(table_path).parent) + os.sep
+        table_root = os.path.abspath(Path(table_path).parent) + os.sep
         frames.append(
             read_caption_table(table_path)
             .select(
@@ -377,14 +370,9 @@ def shards(dataset: str, shard_paths: list[str], table_path: str | None = None) 
             )
             .cast(RECORDS.polars())
         )
-    origin = ", ".join(
-        [
-            *(str(s) for s in shard_paths[:3]),
-            *(["..."] if len(shard_paths) > 3 else []),
-            *([str(table_path)] if table_path else []),
-        ]
-    )
-    return Adapted(pl.concat(frames, how="diagonal"), _no_ground_truth(), origin)
+    listed = [*map(str, shard_paths[:3]), *(["..."] if len(shard_paths) > 3 else [])]
+    origin = ", ".join(listed + ([str(table_path)] if table_path else []))
+    return Adapted(pl.concat(frames, how="diagonal"), GROUND_TRUTH.empty(), origin)
 
 
 def mix(parts: list[tuple[str, str, int | None]], seed: int) -> Adapted:
@@ -403,7 +391,7 @@ def mix(parts: list[tuple[str, str, int | None]], seed: int) -> Adapted:
         ground_truth_path = Path(records_path).with_name("ground_truth.parquet")
         if ground_truth_path.exists():  # every adapter writes one; a hand-made part may not
             ground_truths.append(GROUND_TRUTH.read(ground_truth_path))
-    ground_truth = pl.concat(ground_truths) if ground_truths else _no_ground_truth()
+    ground_truth = pl.concat(ground_truths) if ground_truths else GROUND_TRUTH.empty()
     origin = "mix of " + ", ".join(path for _, path, _ in parts)
     return Adapted(pl.concat(records, how="diagonal_relaxed"), ground_truth, origin)
 

@@ -27,14 +27,19 @@ from workflow_scripts.io import DataError, check_unique_ids, write_parquet
 log = logging.getLogger(__name__)
 
 
+def with_unit_scores(table: pl.DataFrame) -> pl.DataFrame:
+    """`table` with scores: a label list without confidences gets score 1 for every label (each is certain)."""
+    if "scores" in table.columns:
+        return table
+    return table.with_columns(scores=pl.col("labels").list.eval(pl.lit(1.0, pl.Float32)))
+
+
 def conform_annotations(
     records: pl.DataFrame, annotations: pl.DataFrame, annotations_path: str, records_path: str
 ) -> pl.DataFrame:
     """Validate annotations against records and return one row per record, in record order."""
     check_unique_ids(annotations["id"], annotations_path)
-    if "scores" not in annotations.columns:
-        annotations = annotations.with_columns(scores=pl.col("labels").list.eval(pl.lit(1.0, pl.Float32)))
-    annotations = annotations.select(ANNOTATIONS.names).cast(ANNOTATIONS.polars())
+    annotations = with_unit_scores(annotations).select(ANNOTATIONS.names).cast(ANNOTATIONS.polars())
     unknown = annotations.join(records, on="id", how="anti")["id"]
     if len(unknown):
         raise DataError(
@@ -70,10 +75,26 @@ def check_complete(records: pl.DataFrame, annotations: pl.DataFrame, annotations
 
 def read_annotation_table(path: str) -> pl.DataFrame:
     """A table of id, labels[, scores] (the annotation table contract) as the annotations contract's columns."""
-    table = ANNOTATION_TABLE.read(path, extra=True)
-    if "scores" not in table.columns:  # a label list without confidences: every label is certain
-        table = table.with_columns(scores=pl.col("labels").list.eval(pl.lit(1.0, pl.Float32)))
+    table = with_unit_scores(ANNOTATION_TABLE.read(path, extra=True))
     return table.select(ANNOTATIONS.names).cast(ANNOTATIONS.polars())
+
+
+def read_record_ids(records_path: str, columns: tuple[str, ...] = ("id",)) -> pl.DataFrame:
+    """The records' `columns` (id first), their ids checked unique: annotations are matched to records by id."""
+    records = RECORDS.read(records_path, list(columns))
+    check_unique_ids(records["id"], records_path)
+    return records
+
+
+def write_annotations(table: pl.DataFrame, out_path: str, params: dict) -> None:
+    write_parquet(table, out_path, stage="annotate", contract=ANNOTATIONS, params=params)
+
+
+def write_conformed(
+    records: pl.DataFrame, annotations: pl.DataFrame, source: str, records_path: str, out_path: str, params: dict
+) -> None:
+    """Write `annotations` (from `source`) as the records' annotations.parquet, one row per record."""
+    write_annotations(conform_annotations(records, annotations, source, records_path), out_path, params)
 
 
 def annotate_precomputed(
@@ -83,42 +104,27 @@ def annotate_precomputed(
     allow_missing: bool = False,
     drop_unknown: bool = False,
 ) -> None:
-    records = RECORDS.read(records_path, ["id"])
-    check_unique_ids(records["id"], records_path)
+    records = read_record_ids(records_path)
     annotations = pl.concat([read_annotation_table(path) for path in annotation_paths])
     source = " + ".join(annotation_paths)
     if drop_unknown:
         annotations = annotations.join(records.select("id"), on="id", how="semi")
     if not allow_missing:
         check_complete(records, annotations, source, records_path)
-    conformed = conform_annotations(records, annotations, source, records_path)
-    write_parquet(
-        conformed,
-        out_path,
-        stage="annotate",
-        contract=ANNOTATIONS,
-        params={
-            "annotator": "precomputed",
-            "records": records_path,
-            "sources": annotation_paths,
-            "allow_missing": allow_missing,
-            "drop_unknown": drop_unknown,
-        },
-    )
+    params = {
+        "annotator": "precomputed",
+        "records": records_path,
+        "sources": annotation_paths,
+        "allow_missing": allow_missing,
+        "drop_unknown": drop_unknown,
+    }
+    write_conformed(records, annotations, source, records_path, out_path, params)
 
 
 def annotate_ground_truth(records_path: str, ground_truth_path: str, out_path: str) -> None:
-    records = RECORDS.read(records_path, ["id"])
-    check_unique_ids(records["id"], records_path)
+    params = {"annotator": "ground_truth", "records": records_path, "source": ground_truth_path}
     ground_truth = read_annotation_table(ground_truth_path)
-    annotations = conform_annotations(records, ground_truth, ground_truth_path, records_path)
-    write_parquet(
-        annotations,
-        out_path,
-        stage="annotate",
-        contract=ANNOTATIONS,
-        params={"annotator": "ground_truth", "records": records_path, "source": ground_truth_path},
-    )
+    write_conformed(read_record_ids(records_path), ground_truth, ground_truth_path, records_path, out_path, params)
 
 
 def main(argv: list[str] | None = None) -> None:

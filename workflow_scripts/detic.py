@@ -36,17 +36,11 @@ import pyarrow.parquet as pq
 from PIL import ImageOps
 from tqdm import tqdm
 
-from workflow_scripts.annotate import check_complete, conform_annotations
-from workflow_scripts.contracts import ANNOTATIONS, DETIC_VOCABULARY, RECORDS
+from workflow_scripts.annotate import check_complete, read_record_ids, write_annotations, write_conformed
+from workflow_scripts.cli import add_dataclass_arguments, dataclass_from_args
+from workflow_scripts.contracts import ANNOTATIONS, DETIC_VOCABULARY
 from workflow_scripts.images import load_rgb, resolve_image_paths
-from workflow_scripts.io import (
-    DataError,
-    check_unique_ids,
-    embeddings_from_table,
-    embeddings_table,
-    params_hash,
-    write_parquet,
-)
+from workflow_scripts.io import DataError, embeddings_from_table, embeddings_table, params_hash, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +189,17 @@ def read_class_embeddings(path: str) -> tuple[list[str], np.ndarray]:
 # --- detect: one chunk of the records through the model ----------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class DetectParams:
+    """The detect command's model settings, each a --flag; defaults are config/schema.yaml's datasets.*.detic."""
+
+    config_file: str = PAPER_CONFIG  # relative to the Detic checkout
+    score_threshold: float = 0.5
+    device: str = "cuda"
+    batch_size: int = 8  # images per forward pass
+    workers: int = 4  # image decoding processes
+
+
 @dataclass
 class Detector:
     """What detectron2's DefaultPredictor holds, for batches: the model and its test-time input conventions."""
@@ -256,77 +261,67 @@ class ModelInputs:
         return self.ids[index], {"image": tensor, "height": height, "width": width}
 
 
+def _detect_all(dataset: ModelInputs, detector: Detector, class_names: list[str], params: DetectParams, desc: str):
+    """(id, labels, scores) rows of every image of `dataset`, `params.batch_size` images per forward pass."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(dataset, batch_size=params.batch_size, num_workers=params.workers, collate_fn=list)
+    rows = []
+    with tqdm(total=len(dataset), desc=desc, unit="img", mininterval=5) as progress:
+        for batch in loader:
+            batch_ids, inputs = zip(*batch)
+            with torch.no_grad():
+                outputs = detector.model(list(inputs))
+            for record_id, output in zip(batch_ids, outputs):
+                annotation = instances_to_annotation(output["instances"], class_names, params.score_threshold)
+                rows.append((record_id, *annotation))
+            progress.update(len(batch))
+    return rows
+
+
 def detect(
     records_path: str,
     chunk: int,
     n_chunks: int,
     detector: Detector,
     class_names: list[str],
-    threshold: float,
     out_path: str,
-    batch_size: int = 8,
-    workers: int = 4,
+    params: DetectParams = DetectParams(),
 ) -> None:
-    """Run `detector` on one chunk of the records, `batch_size` images per forward pass."""
-    import torch
-    from torch.utils.data import DataLoader
-
-    records = RECORDS.read(records_path, ["id", "image_path"])
-    check_unique_ids(records["id"], records_path)
+    """Run `detector` on one chunk of the records into a chunk table of the annotations contract."""
+    records = read_record_ids(records_path, ("id", "image_path"))
     records = chunk_of(
         records.with_columns(resolve_image_paths(records, records_path).alias("image_path")), chunk, n_chunks
     )
     dataset = ModelInputs(
         records["id"].to_list(), records["image_path"].to_list(), detector.resize, detector.input_format
     )
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=list)
-    ids, labels, scores = [], [], []
-    with tqdm(total=len(dataset), desc=f"detic chunk {chunk}/{n_chunks}", unit="img", mininterval=5) as progress:
-        for batch in loader:
-            batch_ids, inputs = zip(*batch)
-            with torch.no_grad():
-                outputs = detector.model(list(inputs))
-            for record_id, output in zip(batch_ids, outputs):
-                image_labels, image_scores = instances_to_annotation(output["instances"], class_names, threshold)
-                ids.append(record_id)
-                labels.append(image_labels)
-                scores.append(image_scores)
-            progress.update(len(batch))
-    table = pl.DataFrame({"id": ids, "labels": labels, "scores": scores}, schema=ANNOTATIONS.polars())
-    write_parquet(
-        table,
+    rows = _detect_all(dataset, detector, class_names, params, desc=f"detic chunk {chunk}/{n_chunks}")
+    write_annotations(
+        pl.DataFrame(rows, schema=ANNOTATIONS.polars(), orient="row"),
         out_path,
-        stage="annotate",
-        contract=ANNOTATIONS,
         params={
             "annotator": "detic",
             "records": records_path,
             "chunk": chunk,
             "n_chunks": n_chunks,
-            "threshold": threshold,
+            "threshold": params.score_threshold,
             "vocabulary_size": len(class_names),
         },
     )
 
 
 def merge(records_path: str, chunk_paths: list[str], out_path: str) -> None:
-    records = RECORDS.read(records_path, ["id"])
+    records = read_record_ids(records_path)
     chunks = pl.concat([ANNOTATIONS.read(path) for path in chunk_paths])
     source = f"{len(chunk_paths)} Detic chunk(s) ({chunk_paths[0]} ...)"
     check_complete(records, chunks, source, records_path)
-    annotations = conform_annotations(records, chunks, source, records_path)
-    write_parquet(
-        annotations,
-        out_path,
-        stage="annotate",
-        contract=ANNOTATIONS,
-        params={"annotator": "detic", "records": records_path, "chunks": chunk_paths},
-    )
+    params = {"annotator": "detic", "records": records_path, "chunks": chunk_paths}
+    write_conformed(records, chunks, source, records_path, out_path, params)
 
 
-def build_predictor(
-    detic_repo: str, config_file: str, weights: str, class_embeddings: np.ndarray, threshold: float, device: str
-) -> Detector:
+def build_predictor(detic_repo: str, weights: str, class_embeddings: np.ndarray, params: DetectParams) -> Detector:
     """Detic with `class_embeddings` ([classes, dim]) as its classifier, configured as Detic's demo configures it
     (masks off), loaded as detectron2's DefaultPredictor loads it."""
     try:
@@ -352,11 +347,11 @@ def build_predictor(
     cfg = get_cfg()
     add_centernet_config(cfg)
     add_detic_config(cfg)
-    cfg.merge_from_file(str(repo / config_file))
+    cfg.merge_from_file(str(repo / params.config_file))
     cfg.MODEL.WEIGHTS = str(Path(weights).resolve())  # before the chdir below
-    cfg.MODEL.DEVICE = device
+    cfg.MODEL.DEVICE = params.device
     cfg.MODEL.MASK_ON = False  # labels need boxes' classes only
-    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = threshold
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = params.score_threshold
     cfg.MODEL.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_PATH = "rand"  # replaced by the vocabulary's embeddings below
     cfg.MODEL.ROI_HEADS.ONE_CLASS_PER_PROPOSAL = True
     cfg.freeze()
@@ -368,11 +363,11 @@ def build_predictor(
     reset_cls_test(model, torch.from_numpy(np.ascontiguousarray(class_embeddings.T)), len(class_embeddings))
     resize = transforms.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST)
     if cfg.INPUT.FORMAT not in ("RGB", "BGR"):
-        raise ValueError(f"{config_file}: INPUT.FORMAT {cfg.INPUT.FORMAT!r} is neither RGB nor BGR")
+        raise ValueError(f"{params.config_file}: INPUT.FORMAT {cfg.INPUT.FORMAT!r} is neither RGB nor BGR")
     return Detector(model=model, resize=resize, input_format=cfg.INPUT.FORMAT)
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     vocabulary_parser = commands.add_parser("vocabulary", help="class names -> their CLIP text embeddings")
@@ -390,46 +385,39 @@ def main(argv: list[str] | None = None) -> None:
     detect_parser.add_argument("--chunk", type=int, required=True)
     detect_parser.add_argument("--n-chunks", type=int, required=True)
     detect_parser.add_argument("--detic-repo", required=True, help="Detic git checkout (with third_party/CenterNet2)")
-    detect_parser.add_argument("--config-file", default=PAPER_CONFIG, help="relative to the Detic checkout")
     detect_parser.add_argument("--weights", required=True, help="Detic model weights file")
     detect_parser.add_argument("--class-embeddings", required=True, help="Parquet written by the vocabulary command")
-    detect_parser.add_argument("--score-threshold", type=float, default=0.5)
-    detect_parser.add_argument("--device", default="cuda")
-    detect_parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
-    detect_parser.add_argument("--workers", type=int, default=4, help="image decoding processes")
+    add_dataclass_arguments(detect_parser, DetectParams)
     detect_parser.add_argument("--out", required=True)
     merge_parser = commands.add_parser("merge", help="chunk tables -> annotations.parquet")
     merge_parser.add_argument("--records", required=True)
     merge_parser.add_argument("--chunks", nargs="+", required=True)
     merge_parser.add_argument("--out", required=True)
+    return parser
+
+
+def _detect_command(args: argparse.Namespace) -> None:
+    params = dataclass_from_args(DetectParams, args)
+    class_names, class_embeddings = read_class_embeddings(args.class_embeddings)
+    try:
+        detector = build_predictor(args.detic_repo, args.weights, class_embeddings, params)
+    except MissingDependencyError as error:
+        sys.exit(f"error: {error}")
+    detect(args.records, args.chunk, args.n_chunks, detector, class_names, args.out, params)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "merge":
         merge(args.records, args.chunks, args.out)
-        return
-    if args.command == "vocabulary":
+    elif args.command == "vocabulary":
         if "{}" not in args.prompt:
             parser.error(f"--prompt {args.prompt!r} has no '{{}}' for the class name")
         write_class_embeddings(args.vocabulary, args.detic_repo, args.clip_weights, args.prompt, args.out)
-        return
-    class_names, class_embeddings = read_class_embeddings(args.class_embeddings)
-    try:
-        detector = build_predictor(
-            args.detic_repo, args.config_file, args.weights, class_embeddings, args.score_threshold, args.device
-        )
-    except MissingDependencyError as error:
-        sys.exit(f"error: {error}")
-    detect(
-        args.records,
-        args.chunk,
-        args.n_chunks,
-        detector,
-        class_names,
-        args.score_threshold,
-        args.out,
-        args.batch_size,
-        args.workers,
-    )
+    else:
+        _detect_command(args)
 
 
 if __name__ == "__main__":

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
 import torch
 from tqdm import tqdm
 
+from workflow_scripts.cli import add_dataclass_arguments, dataclass_from_args
 from workflow_scripts.contracts import EMBEDDINGS, RECORDS, SPLIT_IDS
 from workflow_scripts.images import load_rgb, resolve_image_paths
 from workflow_scripts.io import DataError, embeddings_table, write_parquet
@@ -30,6 +32,21 @@ from workflow_scripts.knn import shard_range
 from workflow_scripts.models import load_checkpoint, select_device
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EmbeddingParams:
+    """Settings every embedding CLI takes from the config's `embedding` block, each a --flag."""
+
+    caption_index: int = 0  # which caption of a record text is embedded
+    device: str = "auto"  # auto | cpu | cuda[:N]
+    threads: int = 1  # torch CPU threads
+
+
+@dataclass(frozen=True)
+class EmbedParams(EmbeddingParams):
+    batch_size: int = 512
+    allow_cpu_fallback: bool = False  # true: --device cuda without a GPU runs on the CPU instead of failing
 
 
 def select_records(records_path: str, id_paths: list[str], shard: str | None = None) -> pl.DataFrame:
@@ -83,72 +100,67 @@ def embed_batches(encode, items: list, prepare, batch_size: int, device: torch.d
     return np.concatenate(chunks).astype(np.float32, copy=False)
 
 
+def write_embeddings(ids: list[str], embeddings: np.ndarray, out_path: str, params: dict) -> None:
+    write_parquet(embeddings_table(ids, embeddings), out_path, stage="embed", params=params, contract=EMBEDDINGS)
+
+
 def embed(
     model_path: str,
     records_path: str,
     id_paths: list[str],
     modality: str,
     out_path: str,
-    batch_size: int = 512,
-    caption_index: int = 0,
-    device: str = "auto",
-    threads: int = 1,
+    params: EmbedParams = EmbedParams(),
+    *,
     shard: str | None = None,
-    allow_cpu_fallback: bool = False,
     skip_uncaptioned: bool = False,
 ) -> None:
-    torch.set_num_threads(threads)
-    torch_device = select_device(device, allow_cpu_fallback)
-    log.info("embedding on %s", torch_device)
-    model, preprocess, tokenizer, checkpoint = load_checkpoint(model_path, torch_device)
+    """Embed the selected records' images or captions (#`params.caption_index`) with a trained checkpoint."""
+    if modality not in ("image", "text"):
+        raise ValueError(f"modality must be 'image' or 'text', not {modality!r}")
+    torch.set_num_threads(params.threads)
+    device = select_device(params.device, params.allow_cpu_fallback)
+    log.info("embedding on %s", device)
+    model, preprocess, tokenizer, checkpoint = load_checkpoint(model_path, device)
     records = select_records(records_path, id_paths, shard)
-    if modality == "text":
-        records = select_captions(records, records_path, caption_index, skip_uncaptioned)
-    ids = records["id"].to_list()
     if modality == "image":
-        paths = resolve_image_paths(records, records_path).to_list()
-        items = list(zip(paths, ids))
+        items = list(zip(resolve_image_paths(records, records_path).to_list(), records["id"].to_list()))
 
         def prepare(batch):
             return torch.stack([preprocess(load_rgb(path, record_id)) for path, record_id in batch])
 
         encode = model.encode_image
-    elif modality == "text":
-        items = records["caption"].to_list()
-        prepare = tokenizer
-        encode = model.encode_text
     else:
-        raise ValueError(f"modality must be 'image' or 'text', not {modality!r}")
-    embeddings = embed_batches(encode, items, prepare, batch_size, torch_device, f"embedding {modality}s")
-    params = {
+        records = select_captions(records, records_path, params.caption_index, skip_uncaptioned)
+        items, prepare, encode = records["caption"].to_list(), tokenizer, model.encode_text
+    embeddings = embed_batches(encode, items, prepare, params.batch_size, device, f"embedding {modality}s")
+    provenance = {
         "model": model_path,
         "model_epoch": checkpoint.get("epoch"),
         "records": records_path,
         "modality": modality,
-        "caption_index": caption_index,
+        "caption_index": params.caption_index,
         "shard": shard,
     }
-    write_parquet(embeddings_table(ids, embeddings), out_path, stage="embed", params=params, contract=EMBEDDINGS)
+    write_embeddings(records["id"].to_list(), embeddings, out_path, provenance)
+
+
+def embedding_parser(description: str, model_help: str, params: type[EmbeddingParams]) -> argparse.ArgumentParser:
+    """The arguments of every embedding CLI: a model, the records (all, or those of split files), the output
+    file, and a flag for each field of `params`."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", required=True, help=model_help)
+    parser.add_argument("--records", required=True, help="records Parquet of the dataset")
+    parser.add_argument("--ids", action="append", default=[], help="split Parquet(s) selecting records (repeatable)")
+    parser.add_argument("--out", required=True)
+    add_dataclass_arguments(parser, params)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="checkpoint written by the train stage")
-    parser.add_argument("--records", required=True, help="records Parquet of the dataset")
-    parser.add_argument("--ids", action="append", default=[], help="split Parquet(s) selecting records (repeatable)")
+    parser = embedding_parser(__doc__.splitlines()[0], "checkpoint written by the train stage", EmbedParams)
     parser.add_argument("--modality", choices=("image", "text"), required=True)
     parser.add_argument("--shard", help="'I-of-N': embed only shard I of N of the records (contiguous rows)")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--batch-size", type=int, default=512)
-    parser.add_argument("--caption-index", type=int, default=0)
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    parser.add_argument(
-        "--allow-cpu-fallback",
-        type=lambda text: text.lower() in ("1", "true", "yes"),
-        default=False,
-        help="true: --device cuda without a GPU runs on the CPU instead of failing",
-    )
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
         "--skip-uncaptioned",
         action="store_true",
@@ -156,19 +168,16 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    params = dataclass_from_args(EmbedParams, args)
     embed(
         args.model,
         args.records,
         args.ids,
         args.modality,
         args.out,
-        args.batch_size,
-        args.caption_index,
-        args.device,
-        args.threads,
-        args.shard,
-        args.allow_cpu_fallback,
-        args.skip_uncaptioned,
+        params,
+        shard=args.shard,
+        skip_uncaptioned=args.skip_uncaptioned,
     )
 
 

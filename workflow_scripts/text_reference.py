@@ -17,16 +17,15 @@ with custom code load (sentence-transformers' own arguments, passed through).
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from workflow_scripts.contracts import EMBEDDINGS
-from workflow_scripts.embed import select_captions, select_records
-from workflow_scripts.io import embeddings_table, write_parquet
+from workflow_scripts.cli import dataclass_from_args
+from workflow_scripts.embed import EmbeddingParams, embedding_parser, select_captions, select_records, write_embeddings
 from workflow_scripts.models import select_device, unavailable_weights_message
 
 log = logging.getLogger(__name__)
@@ -34,6 +33,17 @@ log = logging.getLogger(__name__)
 
 class ReferenceModelError(RuntimeError):
     pass
+
+
+@dataclass(frozen=True)
+class ReferenceParams(EmbeddingParams):
+    """The embedding block's settings, the one-model batch size, and sentence-transformers' own arguments."""
+
+    batch_size: int = 256
+    prompt: str | None = None  # text prepended to every caption (e5: 'query: ')
+    prompt_name: str | None = None  # a prompt defined in the model's sentence-transformers config
+    revision: str | None = None  # hub revision (branch, tag or commit) to load
+    trust_remote_code: bool = False  # true: allow models that ship their own code
 
 
 def resolve_model(name: str) -> str:
@@ -82,77 +92,36 @@ def caption_embeddings(
 
 
 def embed(
-    model_name: str,
-    records_path: str,
-    id_paths: list[str],
-    out_path: str,
-    caption_index: int = 0,
-    batch_size: int = 256,
-    device: str = "auto",
-    threads: int = 1,
-    prompt: str | None = None,
-    prompt_name: str | None = None,
-    revision: str | None = None,
-    trust_remote_code: bool = False,
+    model_name: str, records_path: str, id_paths: list[str], out_path: str, params: ReferenceParams = ReferenceParams()
 ) -> None:
     """Embed one caption per record; records without that caption are left out (public sets may lack some)."""
     import torch
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(params.threads)
     records = select_captions(
-        select_records(records_path, id_paths), records_path, caption_index, skip_uncaptioned=True
+        select_records(records_path, id_paths), records_path, params.caption_index, skip_uncaptioned=True
     )
-    model = load_model(model_name, device, revision, trust_remote_code)
-    vectors = caption_embeddings(model, records["caption"].to_list(), batch_size, prompt, prompt_name)
-    params = {
+    model = load_model(model_name, params.device, params.revision, params.trust_remote_code)
+    vectors = caption_embeddings(
+        model, records["caption"].to_list(), params.batch_size, params.prompt, params.prompt_name
+    )
+    provenance = {
         "text_reference": model_name,
         "records": records_path,
-        "caption_index": caption_index,
-        "prompt": prompt,
-        "prompt_name": prompt_name,
-        "revision": revision,
-        "trust_remote_code": trust_remote_code,
+        "caption_index": params.caption_index,
+        "prompt": params.prompt,
+        "prompt_name": params.prompt_name,
+        "revision": params.revision,
+        "trust_remote_code": params.trust_remote_code,
     }
-    write_parquet(
-        embeddings_table(records["id"].to_list(), vectors), out_path, stage="embed", params=params, contract=EMBEDDINGS
-    )
+    write_embeddings(records["id"].to_list(), vectors, out_path, provenance)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="sentence-transformers model: name, folder or weights package")
-    parser.add_argument("--records", required=True)
-    parser.add_argument("--ids", action="append", default=[], help="split Parquet(s) selecting records (repeatable)")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--caption-index", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--prompt", help="text prepended to every caption (e5: 'query: ')")
-    parser.add_argument("--prompt-name", help="a prompt defined in the model's sentence-transformers config")
-    parser.add_argument("--revision", help="hub revision (branch, tag or commit) to load")
-    parser.add_argument(
-        "--trust-remote-code",
-        type=lambda text: text.lower() in ("1", "true", "yes"),
-        default=False,
-        help="true: allow models that ship their own code",
-    )
-    args = parser.parse_args(argv)
+    model_help = "sentence-transformers model: name, folder or weights package"
+    args = embedding_parser(__doc__.splitlines()[0], model_help, ReferenceParams).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    embed(
-        args.model,
-        args.records,
-        args.ids,
-        args.out,
-        args.caption_index,
-        args.batch_size,
-        args.device,
-        args.threads,
-        args.prompt,
-        args.prompt_name,
-        args.revision,
-        args.trust_remote_code,
-    )
+    embed(args.model, args.records, args.ids, args.out, dataclass_from_args(ReferenceParams, args))
 
 
 if __name__ == "__main__":
