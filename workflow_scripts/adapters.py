@@ -38,7 +38,7 @@ import polars as pl
 from tqdm import tqdm
 
 from workflow_scripts.annotate import with_unit_scores
-from workflow_scripts.cli import add_dataclass_arguments, dataclass_from_args
+from workflow_scripts.cli import LOG_FORMAT, add_dataclass_arguments, dataclass_from_args
 from workflow_scripts.contracts import CAPTION_TABLE, GROUND_TRUTH, RECORDS, VALIDATION
 from workflow_scripts.images import content_hash, load_rgb, resolve_image_paths, tar_member_path
 from workflow_scripts.io import DataError, write_parquet
@@ -431,7 +431,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     mix_parser.add_argument("--seed", type=int, required=True)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
 
     if args.source == "coco":
         adapted = coco(args.dataset, args.captions, args.images, args.instances)

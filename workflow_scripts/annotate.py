@@ -21,6 +21,7 @@ import logging
 
 import polars as pl
 
+from workflow_scripts.cli import LOG_FORMAT
 from workflow_scripts.contracts import ANNOTATION_TABLE, ANNOTATIONS, RECORDS
 from workflow_scripts.io import DataError, check_unique_ids, write_parquet
 
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     if args.annotator == "ground_truth":
         if not args.ground_truth:
             parser.error("--annotator ground_truth needs --ground-truth")

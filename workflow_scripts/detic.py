@@ -37,7 +37,7 @@ from PIL import ImageOps
 from tqdm import tqdm
 
 from workflow_scripts.annotate import check_complete, read_record_ids, write_annotations, write_conformed
-from workflow_scripts.cli import add_dataclass_arguments, dataclass_from_args
+from workflow_scripts.cli import LOG_FORMAT, add_dataclass_arguments, dataclass_from_args
 from workflow_scripts.contracts import ANNOTATIONS, DETIC_VOCABULARY
 from workflow_scripts.images import load_rgb, resolve_image_paths
 from workflow_scripts.io import DataError, embeddings_from_table, embeddings_table, params_hash, write_parquet
@@ -409,7 +409,7 @@ def _detect_command(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     if args.command == "merge":
         merge(args.records, args.chunks, args.out)
     elif args.command == "vocabulary":

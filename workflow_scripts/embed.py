@@ -24,7 +24,7 @@ import polars as pl
 import torch
 from tqdm import tqdm
 
-from workflow_scripts.cli import add_dataclass_arguments, dataclass_from_args
+from workflow_scripts.cli import LOG_FORMAT, add_dataclass_arguments, dataclass_from_args
 from workflow_scripts.contracts import EMBEDDINGS, RECORDS, SPLIT_IDS
 from workflow_scripts.images import load_rgb, resolve_image_paths
 from workflow_scripts.io import DataError, embeddings_table, write_parquet
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
         help="text: leave out records without the caption instead of failing (public sets)",
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     params = dataclass_from_args(EmbedParams, args)
     embed(
         args.model,

@@ -42,6 +42,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from workflow_scripts.cli import LOG_FORMAT
 from workflow_scripts.contracts import EMBEDDINGS, NEIGHBORS
 from workflow_scripts.io import DataError, embeddings_from_table, parquet_stream, read_metadata
 
@@ -391,7 +392,7 @@ def main(argv: list[str] | None = None) -> None:
     for command in (one, merged, gathered):
         command.add_argument("--out", required=True)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     if args.command == "gather":
         gather_embeddings(args.shards, args.out)
         return

@@ -34,6 +34,7 @@ from typing import Any
 import open_clip
 import torch
 
+from workflow_scripts.cli import LOG_FORMAT
 from workflow_scripts.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     imported.add_argument("--checkpoint", help="weights file (open_clip's, open_clip_train's or this workflow's)")
     imported.add_argument("--out", required=True)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     import_target(args.out, args.model, args.pretrained, args.checkpoint)
 
 

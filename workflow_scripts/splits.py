@@ -16,6 +16,7 @@ from pathlib import Path
 import polars as pl
 
 from workflow_scripts.adapters import hash_images
+from workflow_scripts.cli import LOG_FORMAT
 from workflow_scripts.contracts import ANNOTATIONS, RECORDS, SPLIT_IDS
 from workflow_scripts.images import resolve_image_paths
 from workflow_scripts.io import DataError, check_unique_ids, write_parquet
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     subset.add_argument("--n", type=int, required=True)
     subset.add_argument("--out", required=True)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     if args.command == "subset":
         subset_side(args.split, args.n, args.out)
     else:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from workflow_scripts.cli import dataclass_from_args
+from workflow_scripts.cli import LOG_FORMAT, dataclass_from_args
 from workflow_scripts.embed import EmbeddingParams, embedding_parser, select_captions, select_records, write_embeddings
 from workflow_scripts.models import select_device, unavailable_weights_message
 
@@ -120,7 +120,7 @@ def embed(
 def main(argv: list[str] | None = None) -> None:
     model_help = "sentence-transformers model: name, folder or weights package"
     args = embedding_parser(__doc__.splitlines()[0], model_help, ReferenceParams).parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     embed(args.model, args.records, args.ids, args.out, dataclass_from_args(ReferenceParams, args))
 
 

@@ -32,7 +32,7 @@ from open_clip import ClipLoss
 from open_clip_train.distributed import init_distributed_device_so
 from tqdm import tqdm
 
-from workflow_scripts.cli import add_dataclass_arguments, dataclass_from_args
+from workflow_scripts.cli import LOG_FORMAT, add_dataclass_arguments, dataclass_from_args
 from workflow_scripts.contracts import TRAIN_LOG, TRAIN_STEPS
 from workflow_scripts.io import DataError, params_hash, write_parquet
 from workflow_scripts.launch import slurm_rendezvous
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out-dir", required=True, help="folder for model.pt and train_log.parquet")
     add_dataclass_arguments(parser, TrainingParams)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     train(args.records, args.split, args.out_dir, dataclass_from_args(TrainingParams, args))
 
 
