@@ -150,9 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     add_keyed_file_arguments(parser, {"records": records_help, **population_helps}, metavar="TEST=FILE")
     parser.add_argument("--out-agreement", required=True, help="pairwise agreement Parquet")
     parser.add_argument("--out-population", required=True, help="side-by-side population Parquet")
-    add_figure_outputs(
-        parser, "out-heatmap", help_text="the heatmap's files, each in the format its suffix names (.png, .svg)"
-    )
+    add_figure_outputs(parser, "out-heatmap")
     args = parser.parse_args(argv)
     records = parsed_keyed_files(args, "records")
     by_queries = {queries: parsed_keyed_files(args, f"{queries}-population") for queries in QUERIES}

@@ -93,10 +93,10 @@ def parsed_keyed_files(args: argparse.Namespace, flag: str, *, repeatable: bool 
     return keyed_files(getattr(args, flag.replace("-", "_")), flag, repeatable=repeatable)
 
 
-def add_figure_outputs(parser: argparse.ArgumentParser, *flags: str, help_text: str = FIGURE_FILES_HELP) -> None:
+def add_figure_outputs(parser: argparse.ArgumentParser, *flags: str) -> None:
     """A required `--FLAG FILE [FILE ...]` argument per flag: one figure, saved in each file's format."""
     for flag in flags:
-        parser.add_argument(f"--{flag}", nargs="+", required=True, metavar="FILE", help=help_text)
+        parser.add_argument(f"--{flag}", nargs="+", required=True, metavar="FILE", help=FIGURE_FILES_HELP)
 
 
 def run_stage(parser: argparse.ArgumentParser, argv: list[str] | None, stage: Callable, **dests: str) -> None:
