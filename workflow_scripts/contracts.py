@@ -197,6 +197,19 @@ DETIC_VOCABULARY = Contract(
     "detic vocabulary", "detic/vocabularies/{name}-{hash}.parquet", _fields(class_name=STRING, embedding=EMBEDDING)
 )
 SPLIT_IDS = Contract("split ids", "splits/{split}/{A,B,holdout}.parquet", _fields(id=STRING))
+# The SSL test (docs/ssl-plan.md). Boxes: one row per box, pixels, x_max/y_max exclusive.
+BOXES = Contract(
+    "boxes",
+    "data/{dataset}/boxes.parquet",
+    _fields(id=STRING, image_width=INT32, image_height=INT32)
+    + _fields(x_min=FLOAT32, y_min=FLOAT32, x_max=FLOAT32, y_max=FLOAT32),
+)
+# One row per measured id; the crop's columns are null and drop_reason names why when the id has no crop.
+CROPS = Contract(
+    "crops",
+    "ssl/{dataset}/crops.parquet",
+    _fields(id=STRING, label=STRING, x_min=INT32, y_min=INT32, x_max=INT32, y_max=INT32, drop_reason=STRING),
+)
 EMBEDDINGS = Contract(
     "embeddings",
     "embeddings/{split}/{point}/{side}/{public,captions,public_captions}.parquet",
@@ -246,6 +259,13 @@ TRAIN_LOG = Contract("train log", "models/{split}/{point}/{side}/run/train_log.p
 TRAIN_STEPS = Contract(
     "train steps", "models/{split}/{point}/{side}/run/train_steps.parquet", _fields(step=INT64, epoch=INT64) + _LOGGED
 )
+# The SSL training stage's log (workflow_scripts/ssl/train.py), one row per epoch. embedding_std: the mean
+# per-dimension standard deviation of the L2-normalised projector outputs, 0 when the model collapses.
+SSL_TRAIN_LOG = Contract(
+    "ssl train log",
+    "ssl/{dataset}/models/{point}/{side}/run/train_log.parquet",
+    _fields(epoch=INT64, loss=FLOAT64, lr=FLOAT64, embedding_std=FLOAT64, seconds=FLOAT64),
+)
 METRICS_PATH = "metrics/{split}/{point}[/one_model~{mode}]/{queries}"
 _SCORES = dict(n_predicted=INT32, n_correct=INT32, precision=FLOAT64, recall=FLOAT64, f1=FLOAT64, nn_score=FLOAT32)
 METRIC_RECORDS = Contract(
@@ -264,4 +284,36 @@ SAMPLE_LEVEL = Contract(
     "sample level",
     f"{METRICS_PATH}/sample_level.parquet",
     _fields(order=STRING, oracle=BOOL, top_l=INT64, precision_gap=FLOAT64, recall_gap=FLOAT64, f1_gap=FLOAT64),
+)
+
+# The SSL test's metric tables (workflow_scripts/metrics/ssl.py; docs/DESIGN.md §9). Per model f_A, f_B (suffix).
+SSL_METRICS_PATH = "ssl/{dataset}/metrics/{point}/{layer}"
+_SSL_VOTES = dict(predicted=STRING, vote_share=FLOAT64, entropy=FLOAT64, correct_top1=BOOL, correct_top5=BOOL)
+SSL_RECORDS = Contract(
+    "ssl records",
+    f"{SSL_METRICS_PATH}/records.parquet",
+    _fields(id=STRING, crop_set=STRING, label=STRING)
+    + _fields(**{f"{name}_{model}": type_ for name, type_ in _SSL_VOTES.items() for model in ("A", "B")}),
+)
+# Long: one row per prediction (top1, top5), statistic and top_p (quadrants: top_p 100, all records).
+SSL_POPULATION = Contract(
+    "ssl population",
+    f"{SSL_METRICS_PATH}/population.parquet",
+    _fields(prediction=STRING, statistic=STRING, top_p=FLOAT64, value=FLOAT64, mean=FLOAT64, std=FLOAT64)
+    + _fields(n_boot=INT64, frac=FLOAT64, n_records=INT64, k=INT32),
+)
+# One row per point, layer and population row of the top-1 prediction: the SSL test's results side by side.
+SSL_SUMMARY = Contract(
+    "ssl summary",
+    "ssl/{dataset}/summary.parquet",
+    _fields(point=STRING, method=STRING, epochs=INT64, seed=INT64, layer=STRING, statistic=STRING, top_p=FLOAT64)
+    + _fields(value=FLOAT64, mean=FLOAT64, std=FLOAT64, n_records=INT64),
+)
+_SSL_SIDES = _names("{}_{}", ("predicted", "vote_share", "entropy"), ("target", "reference"))
+SSL_SAMPLE_LEVEL = Contract(
+    "ssl sample level",
+    f"{SSL_METRICS_PATH}/sample_level.parquet",
+    _fields(rank=INT64, id=STRING, crop_set=STRING, label=STRING)
+    + _fields(**{name: STRING if name.startswith("predicted") else FLOAT64 for name in _SSL_SIDES})
+    + _fields(entropy_gap=FLOAT64),
 )

@@ -177,7 +177,7 @@ def make_sweep_figures(summary_path: str | Path, figures: dict[str, list[str]]) 
         save_figure(sweep_figure(summary, parameter, utility_columns), paths)
 
 
-def _labelled_image(axis, image, title: str, labels: list[str], truth: set[str]) -> None:
+def labelled_image(axis, image, title: str, labels: list[str], truth: set[str]) -> None:
     axis.imshow(image)
     axis.set_xticks([])
     axis.set_yticks([])
@@ -211,9 +211,9 @@ def _plot_neighbour_row(row_axes, query: dict, model_name: str, nearest: pl.Data
     truth = set(query["labels"])
     caption = "\n".join(textwrap.wrap(query["captions"][0] if query["captions"] else "", 28))
     image = load_rgb(query["image_path"], query["id"])
-    _labelled_image(row_axes[0], image, f"{query['id']}\n{caption}", query["labels"], truth)
+    labelled_image(row_axes[0], image, f"{query['id']}\n{caption}", query["labels"], truth)
     for column, neighbour in enumerate(nearest.iter_rows(named=True), start=1):
-        _labelled_image(
+        labelled_image(
             row_axes[column],
             load_rgb(neighbour["image_path"], neighbour["public_id"]),
             f"{model_name} #{neighbour['rank'] + 1} ({neighbour['score']:.2f})",
@@ -270,7 +270,7 @@ QUALITATIVE_INPUTS = (  # each a required --flag (dashes for underscores)
 )
 
 
-def _records_with_image_paths(path: str) -> pl.DataFrame:
+def records_with_image_paths(path: str) -> pl.DataFrame:
     frame = RECORDS.read(path, extra=True)
     return frame.with_columns(image_path=resolve_image_paths(frame, path))
 
@@ -279,9 +279,9 @@ def make_qualitative_figure(files: dict[str, str], paths: list[str]) -> None:
     """`files`: the file of each of QUALITATIVE_INPUTS, by name; the figure goes to the paths."""
     figure = qualitative_figure(
         METRIC_RECORDS.read(files["metrics_records"]),
-        _records_with_image_paths(files["query_records"]),
+        records_with_image_paths(files["query_records"]),
         ANNOTATIONS.read(files["query_annotations"]),
-        _records_with_image_paths(files["public_records"]),
+        records_with_image_paths(files["public_records"]),
         ANNOTATIONS.read(files["public_annotations"]),
         {"A": NEIGHBORS.read(files["target_neighbors"]), "B": NEIGHBORS.read(files["reference_neighbors"])},
     )

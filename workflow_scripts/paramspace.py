@@ -20,7 +20,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-POINT_KEYS = ("n_train", "epochs", "temperature", "weight_decay", "mask_ratio", "seed")
+POINT_KEYS = ("n_train", "epochs", "temperature", "weight_decay", "mask_ratio", "seed")  # the VLM test's
+SSL_POINT_KEYS = ("method", "epochs", "seed")  # the SSL test's (workflow_scripts/ssl)
 NONE_SPELLING = {"n_train": "all", "temperature": "learned"}
 
 
@@ -32,36 +33,40 @@ def format_value(key: str, value: Any) -> str:
     return str(value)
 
 
-def point_segment(point: Mapping[str, Any]) -> str:
-    return "/".join(f"{key}~{format_value(key, point[key])}" for key in POINT_KEYS)
+def point_segment(point: Mapping[str, Any], keys: tuple[str, ...] = POINT_KEYS) -> str:
+    return "/".join(f"{key}~{format_value(key, point[key])}" for key in keys)
 
 
-def expand_points(base: Mapping[str, Any], sweep: Mapping[str, list]) -> dict[str, dict[str, Any]]:
+def expand_points(
+    base: Mapping[str, Any], sweep: Mapping[str, list], keys: tuple[str, ...] = POINT_KEYS
+) -> dict[str, dict[str, Any]]:
     """Every combination of the swept values, other keys from `base`; keyed by path segment."""
-    unknown = set(sweep) - set(POINT_KEYS)
+    unknown = set(sweep) - set(keys)
     if unknown:
-        raise ValueError(f"sweep names unknown parameter(s) {sorted(unknown)}; sweepable: {POINT_KEYS}")
-    axes = [sweep.get(key) or [base.get(key)] for key in POINT_KEYS]
+        raise ValueError(f"sweep names unknown parameter(s) {sorted(unknown)}; sweepable: {keys}")
+    axes = [sweep.get(key) or [base.get(key)] for key in keys]
     points = {}
     for values in itertools.product(*axes):
-        point = dict(zip(POINT_KEYS, values))
-        points[point_segment(point)] = point
+        point = dict(zip(keys, values))
+        points[point_segment(point, keys)] = point
     return points
 
 
-def training_runs(points: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+def training_runs(
+    points: Mapping[str, Mapping[str, Any]], keys: tuple[str, ...] = POINT_KEYS
+) -> dict[str, dict[str, Any]]:
     """Map each point to its run: {point segment: {"run": run segment, "epoch": epoch to take}}.
 
     A run is the longest point among those equal in everything but `epochs`.
     """
     longest: dict[tuple, int] = {}
     for point in points.values():
-        key = tuple(point[k] for k in POINT_KEYS if k != "epochs")
+        key = tuple(point[k] for k in keys if k != "epochs")
         longest[key] = max(longest.get(key, 0), point["epochs"])
     plan = {}
     for segment, point in points.items():
-        key = tuple(point[k] for k in POINT_KEYS if k != "epochs")
-        run = point_segment({**point, "epochs": longest[key]})
+        key = tuple(point[k] for k in keys if k != "epochs")
+        run = point_segment({**point, "epochs": longest[key]}, keys)
         plan[segment] = {"run": run, "epoch": point["epochs"]}
     return plan
 
@@ -72,23 +77,26 @@ def save_epochs(plan: Mapping[str, Mapping[str, Any]], run: str) -> list[int]:
     return sorted(epochs - {max(epochs)})
 
 
-def segment_regex() -> str:
+def segment_regex(keys: tuple[str, ...] = POINT_KEYS) -> str:
     """Wildcard constraint matching exactly one point segment."""
-    return "/".join(f"{re.escape(key)}~[^/~]+" for key in POINT_KEYS)
+    return "/".join(f"{re.escape(key)}~[^/~]+" for key in keys)
 
 
-def parse_segment(segment: str) -> dict[str, Any]:
-    """Inverse of `point_segment`: typed values, `learned`/`all` back to None."""
+def parse_segment(segment: str, keys: tuple[str, ...] = POINT_KEYS) -> dict[str, Any]:
+    """Inverse of `point_segment`: typed values (int, float, else the text), `learned`/`all` back to None."""
     point = {}
     for part in segment.split("/"):
         key, _, text = part.partition("~")
-        if key not in POINT_KEYS:
+        if key not in keys:
             raise ValueError(f"{segment!r}: unknown parameter {key!r}")
-        if text == NONE_SPELLING.get(key):
-            point[key] = None
-        else:
-            try:
-                point[key] = int(text)
-            except ValueError:
-                point[key] = float(text)
+        point[key] = None if text == NONE_SPELLING.get(key) else _typed(text)
     return point
+
+
+def _typed(text: str) -> int | float | str:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text

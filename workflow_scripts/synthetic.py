@@ -12,6 +12,9 @@ The "world" (which scene prefers which classes, scene backgrounds) depends only
 on `world_seed`, shared by every synthetic dataset, so the training pool and the
 public set follow one distribution; the samples themselves depend on the
 dataset's own seed.
+
+Besides the records and ground truth, `boxes.parquet` holds each image's dominant object's box (the SSL
+test's foreground box): the generator knows where it draws it.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from workflow_scripts.cli import add_dataclass_arguments, dataclass_from_args
-from workflow_scripts.contracts import GROUND_TRUTH, RECORDS
+from workflow_scripts.contracts import BOXES, GROUND_TRUTH, RECORDS
 from workflow_scripts.images import content_hash
 from workflow_scripts.io import atomic_path, write_parquet
 
@@ -105,6 +108,16 @@ class SyntheticConfig:
     world_seed: int = 0
 
 
+@dataclass(frozen=True)
+class SceneStyle:
+    """Per-data-set drawing options (the SSL test's): `background_marks` thin random strokes behind the objects,
+    a background unique to each image as a photograph's is; `foreground_radius` (in grid cells; None: off) draws
+    `objects[0]` large, at a random place, over the others: the image's foreground object, its label."""
+
+    background_marks: int = 0
+    foreground_radius: float | None = None
+
+
 class SceneWorld:
     """Scene types, their preferred classes and backgrounds, fixed by `world_seed`."""
 
@@ -128,25 +141,38 @@ class SceneWorld:
         weights[self.preferred[scene]] += cfg.preferred_probability / cfg.preferred_per_scene
         return rng.choice(len(self.classes), size=n, replace=False, p=weights / weights.sum())
 
-    def render(self, scene: int, objects: np.ndarray, rng: np.random.Generator) -> tuple[Image.Image, int]:
-        """Draw the scene; return the image and the class of its largest (dominant) object."""
+    def render(
+        self, scene: int, objects: np.ndarray, rng: np.random.Generator, style: SceneStyle = None
+    ) -> tuple[Image.Image, int, tuple[int, int, int, int]]:
+        """Draw the scene in `style`; return the image, the class of its dominant object (the largest, or with
+        `style.foreground_radius` the foreground object, `objects[0]`) and that object's box (x_min, y_min,
+        x_max, y_max in pixels, max exclusive)."""
+        style = style or SceneStyle()
         size = self.config.image_size
         image = Image.new("RGB", (size, size), self.backgrounds[scene])
         draw = ImageDraw.Draw(image)
         _draw_pattern(draw, self.patterns[scene], size, self.backgrounds[scene])
-        # Objects sit in distinct cells of a 3x3 grid so none hides another.
-        cells = rng.choice(9, size=len(objects), replace=False)
+        _draw_marks(draw, style.background_marks, size, rng)
+        foreground = style.foreground_radius is not None
+        # Objects sit in distinct cells of a 3x3 grid so none hides another (a foreground object may).
+        cells = rng.choice(9, size=len(objects) - foreground, replace=False)
         cell = size / 3
-        dominant, dominant_radius = int(objects[0]), 0.0
-        for class_index, cell_index in zip(objects, cells):
+        dominant, dominant_shape = int(objects[0]), ("", 0.0, 0.0, 0.0)  # (shape, cx, cy, radius)
+        for class_index, cell_index in zip(objects[int(foreground) :], cells):
             colour_name, shape = self.classes[class_index].split(" ")
             radius = cell * rng.uniform(0.3, 0.45)
             cx = (cell_index % 3 + 0.5) * cell + rng.uniform(-0.1, 0.1) * cell
             cy = (cell_index // 3 + 0.5) * cell + rng.uniform(-0.1, 0.1) * cell
             _draw_shape(draw, shape, cx, cy, radius, COLOURS[colour_name])
-            if radius > dominant_radius:
-                dominant, dominant_radius = int(class_index), radius
-        return image, dominant
+            if radius > dominant_shape[3] and not foreground:
+                dominant, dominant_shape = int(class_index), (shape, cx, cy, radius)
+        if foreground:
+            colour_name, shape = self.classes[dominant].split(" ")
+            radius = cell * style.foreground_radius
+            cx, cy = rng.uniform(radius, size - radius, 2)
+            _draw_shape(draw, shape, cx, cy, radius, COLOURS[colour_name])
+            dominant_shape = (shape, cx, cy, radius)
+        return image, dominant, drawn_box(size, *dominant_shape)
 
     def caption(self, scene: int, objects: np.ndarray, rng: np.random.Generator) -> str:
         cfg = self.config
@@ -184,6 +210,16 @@ def _draw_pattern(draw: ImageDraw.ImageDraw, pattern: int, size: int, base: tupl
                 draw.point((x, y), fill=light)
 
 
+def _draw_marks(draw: ImageDraw.ImageDraw, marks: int, size: int, rng: np.random.Generator) -> None:
+    """Thin random-coloured strokes: a background unique to the image, as a photograph's is (the SSL test's
+    memorization needs a background only its own image has; a scene's flat colour is shared by thousands)."""
+    for _ in range(marks):
+        start = rng.uniform(0, size, 2)
+        end = start + rng.uniform(-size / 4, size / 4, 2)
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        draw.line([tuple(start), tuple(end)], fill=colour, width=int(rng.integers(1, 3)))
+
+
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, colour) -> None:
     box = [cx - r, cy - r, cx + r, cy + r]
     if shape == "circle":
@@ -213,18 +249,34 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
         raise ValueError(f"unknown shape {shape!r}")
 
 
-def generate(dataset: str, n_records: int, seed: int, config: SyntheticConfig, out_dir: str | Path) -> None:
-    """Write `records.parquet`, `ground_truth.parquet` and `images/` under out_dir."""
+def drawn_box(size: int, shape: str, cx: float, cy: float, r: float) -> tuple[int, int, int, int]:
+    """The pixel box (max exclusive) of the shape as `_draw_shape` draws it, from a mask drawn the same way.
+
+    Drawing it again beats computing it from the geometry: PIL's rounding, outline widths and polygon fill
+    rules decide which pixels are set, and a mask sees exactly those.
+    """
+    mask = Image.new("L", (size, size), 0)
+    _draw_shape(ImageDraw.Draw(mask), shape, cx, cy, r, 255)
+    box = mask.getbbox()
+    return box if box is not None else (0, 0, 0, 0)  # a shape too small to set a pixel: an empty box
+
+
+def generate(
+    dataset: str, n_records: int, seed: int, config: SyntheticConfig, out_dir: str | Path, style: SceneStyle = None
+) -> None:
+    """Write `records.parquet`, `ground_truth.parquet`, `boxes.parquet` and `images/` under out_dir, each image
+    drawn in `style` (default: the VLM test's scenes)."""
+    style = style or SceneStyle()
     out_dir = Path(out_dir)
     world = SceneWorld(config)
     rng = np.random.default_rng(seed)
-    ids, paths, captions, hashes, scenes, dominants, labels = [], [], [], [], [], [], []
+    ids, paths, captions, hashes, scenes, dominants, labels, boxes = [], [], [], [], [], [], [], []
     with atomic_path(out_dir / "images") as image_dir:
         image_dir.mkdir(parents=True)
         for index in tqdm(range(n_records), desc=f"generating {dataset}", unit="img", mininterval=2):
             scene = int(rng.integers(len(SCENES)))
             objects = world.sample_objects(scene, rng)
-            image, dominant = world.render(scene, objects, rng)
+            image, dominant, box = world.render(scene, objects, rng, style)
             record_id = f"{dataset}-{index:07d}"
             image.save(image_dir / f"{record_id}.png")
             ids.append(record_id)
@@ -234,7 +286,9 @@ def generate(dataset: str, n_records: int, seed: int, config: SyntheticConfig, o
             scenes.append(SCENES[scene])
             dominants.append(world.classes[dominant])
             labels.append(sorted(world.classes[i] for i in objects))
+            boxes.append(box)
     params = {"dataset": dataset, "n_records": n_records, "seed": seed, **config.__dict__}
+    params |= {key: value for key, value in style.__dict__.items() if value != SceneStyle.__dict__[key]}
     records = pl.DataFrame(
         {
             "id": ids,
@@ -253,6 +307,21 @@ def generate(dataset: str, n_records: int, seed: int, config: SyntheticConfig, o
         ground_truth, out_dir / "ground_truth.parquet", stage="datasets", params=params, contract=GROUND_TRUTH
     )
     write_parquet(records, out_dir / "records.parquet", stage="datasets", params=params, contract=RECORDS)
+    write_parquet(
+        boxes_table(ids, boxes, config.image_size),
+        out_dir / "boxes.parquet",
+        stage="datasets",
+        params=params,
+        contract=BOXES,
+    )
+
+
+def boxes_table(ids: list[str], boxes: list[tuple[int, int, int, int]], size: int) -> pl.DataFrame:
+    """The BOXES table: one row per record, its dominant object's drawn box."""
+    x_min, y_min, x_max, y_max = zip(*boxes) if boxes else ((), (), (), ())
+    columns = {"id": ids, "image_width": [size] * len(ids), "image_height": [size] * len(ids)}
+    columns |= {"x_min": x_min, "y_min": y_min, "x_max": x_max, "y_max": y_max}
+    return pl.DataFrame(columns, schema=BOXES.polars())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -260,11 +329,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dataset", required=True, help="dataset name, used as the id prefix")
     parser.add_argument("--n-records", type=int, required=True)
     parser.add_argument("--seed", type=int, required=True)
-    parser.add_argument("--out-dir", required=True, help="folder for records.parquet, ground_truth.parquet, images/")
+    parser.add_argument(
+        "--out-dir", required=True, help="folder for records.parquet, ground_truth.parquet, boxes.parquet, images/"
+    )
     add_dataclass_arguments(parser, SyntheticConfig)
+    add_dataclass_arguments(parser, SceneStyle)
     args = parser.parse_args(argv)
     config = dataclass_from_args(SyntheticConfig, args)
-    generate(args.dataset, args.n_records, args.seed, config, args.out_dir)
+    generate(args.dataset, args.n_records, args.seed, config, args.out_dir, dataclass_from_args(SceneStyle, args))
 
 
 if __name__ == "__main__":
