@@ -1,4 +1,4 @@
-# dejavu-workflow: déjà vu memorization in vision-language models, as a DAG of cached artifacts.
+# dejavu-workflow: déjà vu memorization in vision-language and SSL image models, as a DAG of cached artifacts.
 # Design (stages, data contracts, path grammar, what reruns what): docs/DESIGN.md; usage: README.md.
 
 import os
@@ -21,6 +21,7 @@ include: "rules/knn.smk"
 include: "rules/metrics.smk"
 include: "rules/utility.smk"
 include: "rules/one_model.smk"
+include: "rules/ssl.smk"
 include: "rules/figures.smk"
 
 

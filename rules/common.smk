@@ -72,6 +72,20 @@ PATHS = {
     "summary": f"{RESULTS}/summary/{{split}}.{{ext}}",
     "figure": f"{RESULTS}/figures/{{split}}/{{point}}/{{figure}}.{{ext}}",
     "sweep_figure": f"{RESULTS}/figures/sweep/{{split}}/{{parameter}}.{{ext}}",
+    # the SSL test (rules/ssl.smk), under ssl/{ssl_dataset}/: {name} is A, B, shared, holdout or public;
+    # {collection} public or crops_{crop_set}; {crop_set} A, B or holdout; {layer} projector or backbone
+    "boxes": f"{RESULTS}/data/{{dataset}}/boxes.parquet",
+    "ssl_split": f"{RESULTS}/ssl/{{ssl_dataset}}/splits/{{name}}.parquet",
+    "ssl_crops": f"{RESULTS}/ssl/{{ssl_dataset}}/crops.parquet",
+    "ssl_model": f"{RESULTS}/ssl/{{ssl_dataset}}/models/{{ssl_point}}/{{side}}/model.pt",
+    "ssl_run_model": f"{RESULTS}/ssl/{{ssl_dataset}}/models/{{ssl_point}}/{{side}}/run/model.pt",
+    "ssl_train_log": f"{RESULTS}/ssl/{{ssl_dataset}}/models/{{ssl_point}}/{{side}}/run/train_log.parquet",
+    "ssl_checkpoint": f"{RESULTS}/ssl/{{ssl_dataset}}/models/{{ssl_point}}/{{side}}/run/model_epoch{{epoch}}.pt",
+    "ssl_embeddings": f"{RESULTS}/ssl/{{ssl_dataset}}/embeddings/{{ssl_point}}/{{side}}/{{layer}}/{{collection}}.parquet",
+    "ssl_neighbors": f"{RESULTS}/ssl/{{ssl_dataset}}/neighbors/{{ssl_point}}/{{side}}/{{layer}}/{{crop_set}}.parquet",
+    "ssl_metrics": f"{RESULTS}/ssl/{{ssl_dataset}}/metrics/{{ssl_point}}/{{layer}}/{{table}}.parquet",
+    "ssl_figure": f"{RESULTS}/ssl/{{ssl_dataset}}/figures/{{ssl_point}}/{{layer}}/{{figure}}.{{ext}}",
+    "ssl_summary": f"{RESULTS}/ssl/{{ssl_dataset}}/summary.{{ext}}",
 }
 METRIC_TABLES = ("records", "population", "sample_level")
 
@@ -203,7 +217,7 @@ def all_targets():
             path("utility", split=split, point="external~{target}", side="A"),
             target=ONE_MODEL["external_targets"] if ONE_MODEL_MODES else [],
         )
-    return targets
+    return targets + ssl_targets()
 
 
 def datasets_where(key, values):

@@ -9,6 +9,7 @@ rule synthetic_dataset:
     output:
         records=PATHS["records"],
         ground_truth=PATHS["ground_truth"],
+        boxes=PATHS["boxes"],
         images=directory(PATHS["synthetic_images"]),
     log:
         f"{RESULTS}/logs/datasets/{{dataset}}.log",
@@ -21,11 +22,12 @@ rule synthetic_dataset:
     params:
         n_records=lambda wc: dataset_spec(wc)["n_records"],
         seed=lambda wc: dataset_spec(wc)["seed"],
+        style=lambda wc: to_cli_flags({key: dataset_spec(wc)[key] for key in SCENE_STYLE}),
         generator=to_cli_flags(config.get("synthetic", {})),
         out_dir=lambda wc, output: os.path.dirname(output.records),
     shell:
         "python -m workflow_scripts.synthetic --dataset {wildcards.dataset}"
-        " --n-records {params.n_records} --seed {params.seed} {params.generator}"
+        " --n-records {params.n_records} --seed {params.seed} {params.style} {params.generator}"
         " --out-dir {params.out_dir} > {log} 2>&1"
 
 
@@ -131,3 +133,28 @@ rule mix_dataset:
     shell:
         "python -m workflow_scripts.adapters mix --dataset {wildcards.dataset} --parts {params.parts}"
         " --seed {params.seed} {params.validation} {params.execution} --out-dir {params.out_dir} > {log} 2>&1"
+
+
+rule imagenet_boxes:
+    """A real data set's foreground boxes (the SSL test's): ILSVRC's LOC_train_solution.csv and/or XML folder."""
+    input:
+        records=PATHS["records"],
+        loc_csv=lambda wc: [dataset_spec(wc)["boxes"]["loc_csv"]] if "loc_csv" in dataset_spec(wc)["boxes"] else [],
+    output:
+        PATHS["boxes"],
+    log:
+        f"{RESULTS}/logs/datasets/{{dataset}}.boxes.log",
+    wildcard_constraints:
+        dataset=datasets_with_boxes(),
+    conda:
+        "../envs/dejavu.yaml"
+    threads: lambda wc: dataset_spec(wc)["threads"]
+    params:
+        loc_csv=lambda wc, input: optional_flag("loc-csv", input.loc_csv),
+        xml_dir=lambda wc: optional_flag(
+            "xml-dir", [dataset_spec(wc)["boxes"]["xml_dir"]] if "xml_dir" in dataset_spec(wc)["boxes"] else []
+        ),
+        label_column=lambda wc: dataset_spec(wc)["boxes"]["label_column"],
+    shell:
+        "python -m workflow_scripts.boxes imagenet --records {input.records} {params.loc_csv} {params.xml_dir}"
+        " --label-column {params.label_column} --threads {threads} --out {output} > {log} 2>&1"

@@ -101,3 +101,4 @@ rule figures:
     input:
         figure_targets(),
         expand(path("summary", ext="parquet"), split=config["splits"]),
+        ssl_figure_targets(),

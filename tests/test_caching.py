@@ -49,6 +49,17 @@ EXECUTION_SETTINGS = {
     "knn": {"knn": {"threads": 2, "batch_size": 3, "use_gpu": "never"}},
     "metrics": {"metrics": {"batch_rows": 17, "part_records": 5}},
     "one_model": {"one_model": {"batch_size": 5}},
+    "ssl": {
+        "ssl": {
+            "training": {
+                "threads": 2,
+                "device": "cpu",
+                "allow_cpu_fallback": False,
+                "preload_images": False,
+                "num_workers": 1,
+            }
+        }
+    },
 }
 
 
@@ -74,7 +85,20 @@ MODELS_DOWN = {
 TRAINING_DOWN = {"train": 2, "model": 4, **MODELS_DOWN}
 SPLITS_DOWN = {"splits": 1, "embed_reference": 1, **TRAINING_DOWN, "knn_captions": 3}
 
+# The SSL test's (tiny: 2 points, one training run, one layer, sides A and B, crop sets A, B and holdout).
+SSL_FIGURES = {"ssl_figure_accuracy": 2, "ssl_figure_qualitative": 2, "ssl_summary": 1, "all": 1}
+SSL_METRICS = {"ssl_metrics": 2, **SSL_FIGURES}
+SSL_SEARCH = {"ssl_knn": 12, **SSL_METRICS}
+SSL_EMBEDDING_DOWN = {"ssl_embed": 4, **SSL_SEARCH}
+SSL_TRAINING_DOWN = {"ssl_train": 2, "ssl_model": 4, **SSL_EMBEDDING_DOWN}
+
 RESULT_SETTINGS = [
+    ({"ssl": {"metrics": {"bootstrap": {"seed": 1}}}}, SSL_METRICS),
+    ({"ssl": {"knn": {"k": 6}}}, SSL_SEARCH),
+    ({"ssl": {"crop": {"min_px": 4}}}, {"ssl_crops": 1, **SSL_EMBEDDING_DOWN}),
+    ({"ssl": {"training": {"lr": 2.0e-3}}}, SSL_TRAINING_DOWN),
+    ({"ssl": {"training": {"method": "barlowtwins"}}}, SSL_TRAINING_DOWN),
+    ({"ssl": {"split": {"seed": 1}}}, {"ssl_split": 1, "ssl_crops": 1, **SSL_TRAINING_DOWN}),
     ({"metrics": {"bootstrap": {"seed": 1}}}, METRICS),
     ({"metrics": {"top_l": [10, 20]}}, METRICS),
     ({"knn": {"k": 6}}, {**SEARCH, "knn_captions": 3}),

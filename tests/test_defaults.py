@@ -15,6 +15,9 @@ import pytest
 import yaml
 
 from workflow_scripts import adapters, detic, embed, knn, synthetic, text_reference, utility
+from workflow_scripts.metrics.ssl import SSLMetricParams
+from workflow_scripts.ssl.embed import SSLEmbedParams
+from workflow_scripts.ssl.params import SSLTrainingParams
 from workflow_scripts.training.params import TrainingParams
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,12 +42,31 @@ REFERENCE_OPTIONS = {
     **ONE_MODEL.get("reference_options", {}),
 }
 DETIC = schema_defaults(DATASET_SCHEMA["properties"]["detic"])
+SSL_SCHEMA = SCHEMA["properties"]["ssl"]["properties"]
+SSL_CONFIG = CONFIG.get("ssl", {})
+
+
+def ssl_settings(name: str) -> dict:
+    """A block of `ssl` as the workflow sees it: config.yaml's keys over the schema's defaults."""
+    return {**schema_defaults(SSL_SCHEMA[name]), **SSL_CONFIG.get(name, {})}
+
+
+SSL_METRICS = ssl_settings("metrics")
+SSL_BOOTSTRAP = {**schema_defaults(SSL_SCHEMA["metrics"]["properties"]["bootstrap"]), **SSL_METRICS["bootstrap"]}
 
 # stage -> (parameter dataclass, the settings it must default to, fields the config does not set)
 DATACLASSES = {
     "training": (TrainingParams, settings("training"), {"save_epochs"}),  # save_epochs: from the sweep plan
     "synthetic": (synthetic.SyntheticConfig, settings("synthetic"), set()),
     "datasets": (adapters.Validation, schema_defaults(DATASET_SCHEMA), {"training_pool"}),  # set by the rules
+    "ssl.training": (SSLTrainingParams, ssl_settings("training"), {"save_epochs"}),
+    "ssl.metrics": (
+        SSLMetricParams,
+        {"k": SSL_METRICS["k"], "top_p": tuple(SSL_METRICS["top_p"]), **SSL_BOOTSTRAP},
+        set(),
+    ),
+    # the SSL embedding rules run on the embedding block's execution settings
+    "ssl.embedding": (SSLEmbedParams, settings("embedding"), set()),
 }
 
 

@@ -8,10 +8,12 @@ import polars as pl
 import pytest
 import torch
 
-from conftest import POINT, SHORT_POINT, TINY, planned_jobs, run_snakemake
+from conftest import POINT, REPO, SHORT_POINT, TINY, planned_jobs, run_snakemake
 from workflow_scripts import paramspace, summary, utility
 
-FIGURE_RULES = ("figures_point", "figures_qualitative", "summary", "figures_sweep", "figures")
+# `make figures`'s rules, read from the Makefile (the one place they are listed).
+_MAKEFILE = (REPO / "Makefile").read_text().replace("\\\n", " ")
+FIGURE_RULES = tuple(re.search(r"^FIGURE_RULES := (.*)$", _MAKEFILE, re.M)[1].split())
 
 
 def with_sweep(**sweep):
@@ -120,14 +122,18 @@ def test_summary_has_one_row_per_point_matching_the_metric_tables(tiny_workflow)
 def test_figures_and_report_rebuild_from_the_tables_alone(tiny_workflow, tmp_path):
     workdir = tmp_path / "copy"
     shutil.copytree(tiny_workflow, workdir, symlinks=True)
-    for cached in ("models", "embeddings", "figures"):
-        shutil.rmtree(workdir / "results" / cached)
+    cached = ("models", "embeddings", "figures", "ssl/scenes_pool/models", "ssl/scenes_pool/embeddings")
+    for folder in (*cached, "ssl/scenes_pool/figures"):
+        shutil.rmtree(workdir / "results" / folder)
     run_snakemake(workdir, TINY, "figures", "--forcerun", *FIGURE_RULES, "--allowed-rules", *FIGURE_RULES)
     figures = workdir / "results" / "figures"
     for name in ("recall_cdf", "gap_vs_top_l", "qualitative"):
         assert (figures / "scenes" / POINT / f"{name}.png").stat().st_size > 1000
     assert (figures / "sweep" / "scenes" / "epochs.svg").exists()
-    assert not (workdir / "results" / "models").exists()
+    ssl_figures = workdir / "results" / "ssl" / "scenes_pool" / "figures" / "method~vicreg" / "epochs~2" / "seed~0"
+    for name in ("accuracy", "qualitative"):
+        assert (ssl_figures / "projector" / f"{name}.png").stat().st_size > 1000
+    assert not any((workdir / "results" / folder).exists() for folder in cached)
     run_snakemake(workdir, TINY, "--report", "report.html")
     report = (workdir / "report.html").read_text()
     assert "qualitative.png" in report and "scenes.csv" in report and "agreement.png" in report

@@ -124,3 +124,42 @@ def test_default_config_finds_memorization_and_a_clean_control(tmp_path):
         one_holdout = population("one_model~t2i/", "holdout", label_mode)
         for metric in ("PPG", "PRG", "AUCG"):
             assert one_target[metric]["value"] - one_holdout[metric]["value"] > 0, (label_mode, metric)
+
+
+SSL_POINT = "method~vicreg/epochs~2/seed~0"
+SSL_CONTRACTS = {
+    "ssl/scenes_pool/crops.parquet": {"id": "string", "label": "string", "x_min": "int32", "drop_reason": "string"},
+    f"ssl/scenes_pool/models/{SSL_POINT}/A/run/train_log.parquet": {"epoch": "int64", "embedding_std": "double"},
+    f"ssl/scenes_pool/embeddings/{SSL_POINT}/A/projector/public.parquet": {
+        "id": "string",
+        "embedding": "fixed_size_list<element: float>[32]",
+    },
+    f"ssl/scenes_pool/neighbors/{SSL_POINT}/B/projector/A.parquet": {"query_id": "string", "rank": "int16"},
+    f"ssl/scenes_pool/metrics/{SSL_POINT}/projector/records.parquet": {
+        "crop_set": "string",
+        "predicted_A": "string",
+        "correct_top1_B": "bool",
+    },
+    f"ssl/scenes_pool/metrics/{SSL_POINT}/projector/population.parquet": {"statistic": "string", "std": "double"},
+    f"ssl/scenes_pool/metrics/{SSL_POINT}/projector/sample_level.parquet": {"entropy_gap": "double"},
+    "ssl/scenes_pool/summary.parquet": {"point": "string", "epochs": "int64", "layer": "string"},
+}
+
+
+def test_tiny_dag_runs_the_ssl_test(tiny_workflow):
+    results = tiny_workflow / "results"
+    for relative, columns in SSL_CONTRACTS.items():
+        found = {field.name: str(field.type) for field in pq.read_schema(results / relative)}
+        for name, type_ in columns.items():
+            assert found.get(name) == type_, f"{relative}: column {name} is {found.get(name)}, expected {type_}"
+    for figure in ("accuracy", "qualitative"):
+        for ext in ("png", "svg"):
+            assert (results / f"ssl/scenes_pool/figures/{SSL_POINT}/projector/{figure}.{ext}").stat().st_size > 1000
+    # the shorter point's model is the run's checkpoint, not a second run
+    short = results / "ssl/scenes_pool/models/method~vicreg/epochs~1/seed~0/A/model.pt"
+    assert short.resolve() == (results / f"ssl/scenes_pool/models/{SSL_POINT}/A/run/model_epoch1.pt").resolve()
+    summary = pl.read_parquet(results / "ssl/scenes_pool/summary.parquet")
+    assert sorted(summary["epochs"].unique()) == [1, 2] and set(summary["statistic"]) >= {"gap", "holdout_gap"}
+    crops = pl.read_parquet(results / "ssl/scenes_pool/crops.parquet")
+    records = pl.read_parquet(results / f"ssl/scenes_pool/metrics/{SSL_POINT}/projector/records.parquet")
+    assert records.height == crops.filter(pl.col("drop_reason").is_null()).height  # one row per kept crop

@@ -142,7 +142,7 @@ class SceneWorld:
         return rng.choice(len(self.classes), size=n, replace=False, p=weights / weights.sum())
 
     def render(
-        self, scene: int, objects: np.ndarray, rng: np.random.Generator, style: SceneStyle = None
+        self, scene: int, objects: np.ndarray, rng: np.random.Generator, style: SceneStyle | None = None
     ) -> tuple[Image.Image, int, tuple[int, int, int, int]]:
         """Draw the scene in `style`; return the image, the class of its dominant object (the largest, or with
         `style.foreground_radius` the foreground object, `objects[0]`) and that object's box (x_min, y_min,
@@ -154,25 +154,31 @@ class SceneWorld:
         _draw_pattern(draw, self.patterns[scene], size, self.backgrounds[scene])
         _draw_marks(draw, style.background_marks, size, rng)
         foreground = style.foreground_radius is not None
-        # Objects sit in distinct cells of a 3x3 grid so none hides another (a foreground object may).
-        cells = rng.choice(9, size=len(objects) - foreground, replace=False)
-        cell = size / 3
-        dominant, dominant_shape = int(objects[0]), ("", 0.0, 0.0, 0.0)  # (shape, cx, cy, radius)
-        for class_index, cell_index in zip(objects[int(foreground) :], cells):
+        dominant, dominant_shape = self._draw_grid_objects(draw, objects[int(foreground) :], rng)
+        if foreground:
+            dominant = int(objects[0])
+            shape = self.classes[dominant].split(" ")[1]
+            radius = size / 3 * style.foreground_radius
+            cx, cy = rng.uniform(radius, size - radius, 2)
+            _draw_shape(draw, shape, cx, cy, radius, COLOURS[self.classes[dominant].split(" ")[0]])
+            dominant_shape = (shape, cx, cy, radius)
+        return image, dominant, drawn_box(size, *dominant_shape)
+
+    def _draw_grid_objects(self, draw: ImageDraw.ImageDraw, objects: np.ndarray, rng: np.random.Generator):
+        """Draw each object in its own cell of a 3x3 grid (none hides another); return the largest's class and
+        (shape, cx, cy, radius)."""
+        cells = rng.choice(9, size=len(objects), replace=False)
+        cell = self.config.image_size / 3
+        dominant, dominant_shape = int(objects[0]) if len(objects) else -1, ("", 0.0, 0.0, 0.0)
+        for class_index, cell_index in zip(objects, cells):
             colour_name, shape = self.classes[class_index].split(" ")
             radius = cell * rng.uniform(0.3, 0.45)
             cx = (cell_index % 3 + 0.5) * cell + rng.uniform(-0.1, 0.1) * cell
             cy = (cell_index // 3 + 0.5) * cell + rng.uniform(-0.1, 0.1) * cell
             _draw_shape(draw, shape, cx, cy, radius, COLOURS[colour_name])
-            if radius > dominant_shape[3] and not foreground:
+            if radius > dominant_shape[3]:
                 dominant, dominant_shape = int(class_index), (shape, cx, cy, radius)
-        if foreground:
-            colour_name, shape = self.classes[dominant].split(" ")
-            radius = cell * style.foreground_radius
-            cx, cy = rng.uniform(radius, size - radius, 2)
-            _draw_shape(draw, shape, cx, cy, radius, COLOURS[colour_name])
-            dominant_shape = (shape, cx, cy, radius)
-        return image, dominant, drawn_box(size, *dominant_shape)
+        return dominant, dominant_shape
 
     def caption(self, scene: int, objects: np.ndarray, rng: np.random.Generator) -> str:
         cfg = self.config
@@ -262,58 +268,60 @@ def drawn_box(size: int, shape: str, cx: float, cy: float, r: float) -> tuple[in
 
 
 def generate(
-    dataset: str, n_records: int, seed: int, config: SyntheticConfig, out_dir: str | Path, style: SceneStyle = None
+    dataset: str,
+    n_records: int,
+    seed: int,
+    config: SyntheticConfig,
+    out_dir: str | Path,
+    style: SceneStyle | None = None,
 ) -> None:
     """Write `records.parquet`, `ground_truth.parquet`, `boxes.parquet` and `images/` under out_dir, each image
     drawn in `style` (default: the VLM test's scenes)."""
     style = style or SceneStyle()
     out_dir = Path(out_dir)
-    world = SceneWorld(config)
-    rng = np.random.default_rng(seed)
-    ids, paths, captions, hashes, scenes, dominants, labels, boxes = [], [], [], [], [], [], [], []
     with atomic_path(out_dir / "images") as image_dir:
         image_dir.mkdir(parents=True)
-        for index in tqdm(range(n_records), desc=f"generating {dataset}", unit="img", mininterval=2):
-            scene = int(rng.integers(len(SCENES)))
-            objects = world.sample_objects(scene, rng)
-            image, dominant, box = world.render(scene, objects, rng, style)
-            record_id = f"{dataset}-{index:07d}"
-            image.save(image_dir / f"{record_id}.png")
-            ids.append(record_id)
-            paths.append(f"images/{record_id}.png")
-            captions.append([world.caption(scene, objects, rng)])
-            hashes.append(content_hash(image))
-            scenes.append(SCENES[scene])
-            dominants.append(world.classes[dominant])
-            labels.append(sorted(world.classes[i] for i in objects))
-            boxes.append(box)
+        drawn = draw_records(dataset, n_records, np.random.default_rng(seed), SceneWorld(config), style, image_dir)
     params = {"dataset": dataset, "n_records": n_records, "seed": seed, **config.__dict__}
     params |= {key: value for key, value in style.__dict__.items() if value != SceneStyle.__dict__[key]}
+    record_columns = ["id", "image_path", "captions", "image_sha256", "scene", "dominant_object"]
     records = pl.DataFrame(
-        {
-            "id": ids,
-            "image_path": paths,
-            "captions": captions,
-            "image_sha256": hashes,
-            "scene": scenes,
-            "dominant_object": dominants,
-        },
-        schema=RECORDS.polars([*RECORDS.names, "image_sha256", "scene", "dominant_object"]),
+        {name: drawn[name] for name in record_columns}, schema=RECORDS.polars([*RECORDS.names, *record_columns[3:]])
     )
+    labels = drawn["labels"]
     ground_truth = pl.DataFrame(
-        {"id": ids, "labels": labels, "scores": [[1.0] * len(row) for row in labels]}, schema=GROUND_TRUTH.polars()
+        {"id": drawn["id"], "labels": labels, "scores": [[1.0] * len(row) for row in labels]},
+        schema=GROUND_TRUTH.polars(),
     )
-    write_parquet(
-        ground_truth, out_dir / "ground_truth.parquet", stage="datasets", params=params, contract=GROUND_TRUTH
-    )
-    write_parquet(records, out_dir / "records.parquet", stage="datasets", params=params, contract=RECORDS)
-    write_parquet(
-        boxes_table(ids, boxes, config.image_size),
-        out_dir / "boxes.parquet",
-        stage="datasets",
-        params=params,
-        contract=BOXES,
-    )
+    boxes = boxes_table(drawn["id"], drawn["box"], config.image_size)
+    for name, table, contract in (
+        ("ground_truth", ground_truth, GROUND_TRUTH),
+        ("records", records, RECORDS),
+        ("boxes", boxes, BOXES),
+    ):
+        write_parquet(table, out_dir / f"{name}.parquet", stage="datasets", params=params, contract=contract)
+
+
+def draw_records(dataset: str, n_records: int, rng, world: SceneWorld, style: SceneStyle, image_dir: Path) -> dict:
+    """Draw and save `n_records` scenes; return their columns (id, image_path, captions, image_sha256, scene,
+    dominant_object, labels, box), each a list in record order."""
+    drawn: dict[str, list] = {name: [] for name in ("id", "image_path", "captions", "image_sha256", "scene")}
+    drawn |= {"dominant_object": [], "labels": [], "box": []}
+    for index in tqdm(range(n_records), desc=f"generating {dataset}", unit="img", mininterval=2):
+        scene = int(rng.integers(len(SCENES)))
+        objects = world.sample_objects(scene, rng)
+        image, dominant, box = world.render(scene, objects, rng, style)
+        record_id = f"{dataset}-{index:07d}"
+        image.save(image_dir / f"{record_id}.png")
+        drawn["id"].append(record_id)
+        drawn["image_path"].append(f"images/{record_id}.png")
+        drawn["captions"].append([world.caption(scene, objects, rng)])
+        drawn["image_sha256"].append(content_hash(image))
+        drawn["scene"].append(SCENES[scene])
+        drawn["dominant_object"].append(world.classes[dominant])
+        drawn["labels"].append(sorted(world.classes[i] for i in objects))
+        drawn["box"].append(box)
+    return drawn
 
 
 def boxes_table(ids: list[str], boxes: list[tuple[int, int, int, int]], size: int) -> pl.DataFrame:

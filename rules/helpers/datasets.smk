@@ -90,3 +90,13 @@ def mix_part_flags(wildcards):
         shlex.quote(f"{part['dataset']}={path('records', dataset=part['dataset'])}={part.get('n_records', 'all')}")
         for part in parts
     )
+
+
+def datasets_with_boxes():
+    """Wildcard regex of the real data sets whose config names box annotations (`boxes`)."""
+    names = [name for name, spec in config["datasets"].items() if spec["source"] != "synthetic" and "boxes" in spec]
+    return "|".join(map(re.escape, names)) or match_nothing()
+
+
+# A synthetic data set's drawing options (workflow_scripts.synthetic.SceneStyle), set per data set.
+SCENE_STYLE = ("background_marks", "foreground_radius")

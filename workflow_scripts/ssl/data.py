@@ -39,7 +39,7 @@ IMAGE_COLUMNS = ("id", "image_path", "image_offset", "image_size")
 
 def view_transform(params):
     """lightly's two-view augmentation of `params.method` (Barlow Twins uses BYOL's asymmetric views, as its paper),
-    at `params.image_size`, with the colour jitter, grayscale and crop-scale settings of `params`."""
+    at `params.image_size`, with the colour jitter, grayscale, blur and crop-scale settings of `params`."""
     views = dict(
         input_size=params.image_size,
         cj_prob=params.colour_jitter_prob,
@@ -47,11 +47,15 @@ def view_transform(params):
         min_scale=params.min_scale,
     )
     if params.method == "vicreg":
-        return VICRegTransform(**views)
+        return VICRegTransform(**views, gaussian_blur=params.blur_prob)
     if params.method == "simclr":
-        return SimCLRTransform(**views)
+        return SimCLRTransform(**views, gaussian_blur=params.blur_prob)
     if params.method in ("byol", "barlowtwins"):
-        return BYOLTransform(BYOLView1Transform(**views), BYOLView2Transform(**views))
+        # BYOL's views blur asymmetrically (1.0 and 0.1): `blur_prob` is the first view's, scaled for the second.
+        return BYOLTransform(
+            BYOLView1Transform(**views, gaussian_blur=params.blur_prob),
+            BYOLView2Transform(**views, gaussian_blur=params.blur_prob / 10),
+        )
     raise ValueError(f"unknown method {params.method!r}")
 
 

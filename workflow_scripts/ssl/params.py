@@ -24,10 +24,12 @@ class SSLTrainingParams:
     projector_hidden_dim: int = 512
     projector_output_dim: int = 128
     image_size: int = 64  # the views' side in pixels (lightly's input_size)
-    # Augmentation strength (lightly's cj_prob, random_gray_scale, min_scale; the papers' are 0.8, 0.2, 0.08).
-    # The synthetic classes are colour-and-shape names: colour jitter and grayscale would erase half of each.
+    # Augmentation strength (lightly's cj_prob, random_gray_scale, gaussian_blur, min_scale; the papers' are
+    # 0.8, 0.2, 0.5 (VICReg, SimCLR; BYOL 1.0) and 0.08). The synthetic classes are colour-and-shape names, and
+    # their backgrounds thin strokes: jitter and grayscale would erase the colour, blur the strokes.
     colour_jitter_prob: float = 0.0
     grayscale_prob: float = 0.0
+    blur_prob: float = 0.0
     min_scale: float = 0.08
     epochs: int = 40
     save_epochs: str = ""  # extra checkpoint epochs, comma-separated (the last is always kept)

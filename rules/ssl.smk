@@ -1,0 +1,237 @@
+# The SSL test (Meehan et al., NeurIPS 2023): image-only models f_A, f_B train on A ∪ shared and B ∪ shared;
+# each measured image's periphery crop retrieves public images whose labels vote for its foreground object.
+# splits -> crops -> train -> embed (public X, crops) -> knn (the VLM test's search) -> metrics -> figures, summary.
+# `snakemake ssl` runs this test alone; docs/DESIGN.md §9 defines its metrics.
+
+
+include: "helpers/ssl.smk"
+
+
+wildcard_constraints:
+    ssl_dataset="|".join(map(re.escape, SSL_DATASETS)) or match_nothing(),
+    ssl_point=segment_regex(SSL_POINT_KEYS),
+    layer="projector|backbone",
+    crop_set="|".join(SSL_CROP_SETS),
+
+
+rule ssl:
+    """Every SSL table and figure of the config."""
+    input:
+        ssl_targets(),
+
+
+rule ssl_split:
+    input:
+        records=ssl_records,
+        boxes=ssl_boxes,
+    output:
+        **{name: path("ssl_split", name=name) for name in SSL_SPLIT_NAMES},
+    log:
+        f"{RESULTS}/logs/ssl/{{ssl_dataset}}/splits.log",
+    conda:
+        "../envs/dejavu.yaml"
+    params:
+        label_column=SSL["label_column"],
+        split=to_cli_flags(SSL["split"]),
+        out_dir=lambda wc, output: os.path.dirname(output.A),
+    shell:
+        "python -m workflow_scripts.ssl.splits --records {input.records} --boxes {input.boxes}"
+        " --label-column {params.label_column} {params.split} --out-dir {params.out_dir} > {log} 2>&1"
+
+
+rule ssl_crops:
+    input:
+        records=ssl_records,
+        boxes=ssl_boxes,
+        ids=[path("ssl_split", name=name) for name in SSL_CROP_SETS],
+    output:
+        PATHS["ssl_crops"],
+    log:
+        f"{RESULTS}/logs/ssl/{{ssl_dataset}}/crops.log",
+    conda:
+        "../envs/dejavu.yaml"
+    params:
+        label_column=SSL["label_column"],
+        crop=to_cli_flags(SSL["crop"]),
+        ids=lambda wc, input: " ".join(f"--ids {file}" for file in input.ids),
+    shell:
+        "python -m workflow_scripts.ssl.crops --records {input.records} --boxes {input.boxes}"
+        " --label-column {params.label_column} {params.ids} {params.crop} --out {output} > {log} 2>&1"
+
+
+rule ssl_train:
+    input:
+        records=ssl_records,
+        side=path("ssl_split", name="{side}"),
+        shared=path("ssl_split", name="shared"),
+    output:
+        model=PATHS["ssl_run_model"],
+        log_table=PATHS["ssl_train_log"],
+    log:
+        f"{RESULTS}/logs/ssl/{{ssl_dataset}}/train/{{ssl_point}}/{{side}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/ssl/{{ssl_dataset}}/train/{{ssl_point}}/{{side}}.tsv"
+    conda:
+        "../envs/dejavu.yaml"
+    threads: SSL["training"]["threads"]
+    resources:
+        gpu=gpus_for(SSL["training"]["device"]),
+    params:
+        flags=ssl_training_flags,
+        out_dir=lambda wc, output: os.path.dirname(output.model),
+        execution=execution_flags(**{key: SSL["training"][key] for key in SSL_TRAINING_EXECUTION}),
+    shell:
+        "python -m workflow_scripts.ssl.train --records {input.records} --ids {input.side} --ids {input.shared}"
+        " --out-dir {params.out_dir} {params.flags} {params.execution} > {log} 2>&1"
+
+
+rule ssl_model:
+    """A point's model.pt: a relative symbolic link to its run's model or checkpoint (as rule `model`)."""
+    input:
+        ssl_run_model,
+    output:
+        PATHS["ssl_model"],
+    log:
+        f"{RESULTS}/logs/ssl/{{ssl_dataset}}/train/{{ssl_point}}/{{side}}.model.log",
+    localrule: True
+    conda:
+        "../envs/dejavu.yaml"
+    params:
+        target=lambda wc, output: os.path.relpath(ssl_model_source(wc), os.path.dirname(output[0])),
+    shell:
+        "ln -sfn {params.target:q} {output:q} > {log} 2>&1"
+
+
+rule ssl_embed:
+    """X's full images and the kept crops of A, B and the holdout, under one model and layer (loaded once)."""
+    input:
+        model=PATHS["ssl_model"],
+        records=ssl_records,
+        public=path("ssl_split", name="public"),
+        crop_sets=[path("ssl_split", name=name) for name in SSL_CROP_SETS],
+        crops=PATHS["ssl_crops"],
+    output:
+        public=path("ssl_embeddings", collection="public"),
+        crop_sets=[path("ssl_embeddings", collection=f"crops_{name}") for name in SSL_CROP_SETS],
+    log:
+        f"{RESULTS}/logs/ssl/{{ssl_dataset}}/embed/{{ssl_point}}/{{side}}/{{layer}}.log",
+    conda:
+        "../envs/dejavu.yaml"
+    threads: config["embedding"]["threads"]
+    resources:
+        gpu=EMBED_GPUS,
+    params:
+        crop_sets=lambda wc, input, output: keyed_flags("crop-images", input.crop_sets, output.crop_sets),
+        execution=execution_flags(**SSL_EMBEDDING_EXECUTION),
+    shell:
+        "python -m workflow_scripts.ssl.embed --model {input.model} --records {input.records}"
+        " --images {input.public}={output.public} {params.crop_sets} --crops {input.crops}"
+        " --layer {wildcards.layer} {params.execution} > {log} 2>&1"
+
+
+rule ssl_knn:
+    """The VLM test's exact search (workflow_scripts.knn), P in one shard: X is small next to a caption pool."""
+    input:
+        queries=path("ssl_embeddings", collection="crops_{crop_set}"),
+        public=path("ssl_embeddings", collection="public"),
+    output:
+        PATHS["ssl_neighbors"],
+    log:
+        f"{RESULTS}/logs/ssl/{{ssl_dataset}}/knn/{{ssl_point}}/{{side}}/{{layer}}/{{crop_set}}.log",
+    conda:
+        KNN_ENV
+    threads: config["knn"]["threads"]
+    resources:
+        gpu=KNN_GPUS,
+    params:
+        k=SSL["knn"]["k"],
+        execution=execution_flags(batch_size=config["knn"]["batch_size"], use_gpu=config["knn"]["use_gpu"]),
+    shell:
+        "python -m workflow_scripts.knn search --queries {input.queries} --public {input.public}"
+        " --k {params.k} {params.execution} --out {output} > {log} 2>&1"
+
+
+rule ssl_metrics:
+    input:
+        unpack(lambda wc: {"neighbors": list(ssl_neighbor_files(wc).values())}),
+        crops=PATHS["ssl_crops"],
+        records=ssl_records,
+        splits=[path("ssl_split", name=name) for name in SSL_CROP_SETS],
+    output:
+        **{table: path("ssl_metrics", table=table) for table in SSL_TABLES},
+    log:
+        f"{RESULTS}/logs/ssl/{{ssl_dataset}}/metrics/{{ssl_point}}/{{layer}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/ssl/{{ssl_dataset}}/metrics/{{ssl_point}}/{{layer}}.tsv"
+    conda:
+        "../envs/dejavu.yaml"
+    params:
+        label_column=SSL["label_column"],
+        metrics=ssl_metric_flags(),
+        neighbors=lambda wc: keyed_flags("neighbors", *zip(*ssl_neighbor_files(wc).items())),
+        splits=lambda wc, input: keyed_flags("split", SSL_CROP_SETS, input.splits),
+    shell:
+        "python -m workflow_scripts.metrics.ssl --crops {input.crops} --records {input.records}"
+        " --label-column {params.label_column} {params.splits} {params.neighbors} {params.metrics}"
+        " --records-out {output.records} --population-out {output.population}"
+        " --sample-level-out {output.sample_level} > {log} 2>&1"
+
+
+rule ssl_figure_accuracy:
+    input:
+        path("ssl_metrics", table="population"),
+    output:
+        report(
+            expand(path("ssl_figure", figure="accuracy"), ext=("png", "svg"), allow_missing=True),
+            caption="../report/ssl_accuracy.rst",
+            category="SSL",
+        ),
+    log:
+        f"{RESULTS}/logs/ssl/{{ssl_dataset}}/figures/{{ssl_point}}/{{layer}}/accuracy.log",
+    conda:
+        "../envs/dejavu.yaml"
+    shell:
+        "python -m workflow_scripts.ssl.figures accuracy --population {input} --out {output} > {log} 2>&1"
+
+
+rule ssl_figure_qualitative:
+    input:
+        records=path("ssl_metrics", table="records"),
+        crops=PATHS["ssl_crops"],
+        images=ssl_records,
+        target=path("ssl_neighbors", side="A", crop_set="A"),
+        reference=path("ssl_neighbors", side="B", crop_set="A"),
+    output:
+        report(
+            expand(path("ssl_figure", figure="qualitative"), ext=("png", "svg"), allow_missing=True),
+            caption="../report/ssl_qualitative.rst",
+            category="SSL",
+        ),
+    log:
+        f"{RESULTS}/logs/ssl/{{ssl_dataset}}/figures/{{ssl_point}}/{{layer}}/qualitative.log",
+    conda:
+        "../envs/dejavu.yaml"
+    params:
+        label_column=SSL["label_column"],
+    shell:
+        "python -m workflow_scripts.ssl.figures qualitative --records {input.records} --crops {input.crops}"
+        " --images-records {input.images} --neighbors-target {input.target} --neighbors-reference {input.reference}"
+        " --public-records {input.images} --label-column {params.label_column} --out {output} > {log} 2>&1"
+
+
+rule ssl_summary:
+    """Every point and layer's top-1 population rows in one table (`workflow_scripts.ssl.summary`)."""
+    input:
+        populations=lambda wc: ssl_population_files(wc).values(),
+    output:
+        table=path("ssl_summary", ext="parquet"),
+        csv=report(path("ssl_summary", ext="csv"), caption="../report/ssl_summary.rst", category="SSL"),
+    log:
+        f"{RESULTS}/logs/ssl/{{ssl_dataset}}/summary.log",
+    conda:
+        "../envs/dejavu.yaml"
+    params:
+        populations=lambda wc: keyed_flags("population", *zip(*ssl_population_files(wc).items())),
+    shell:
+        "python -m workflow_scripts.ssl.summary {params.populations}"
+        " --out {output.table} --out-csv {output.csv} > {log} 2>&1"
