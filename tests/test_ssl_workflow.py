@@ -74,7 +74,7 @@ def test_measured_images_are_boxed_and_bad_boxes_are_counted(image_folder_run):
 
 def test_the_summary_covers_the_point(image_folder_run):
     summary = pl.read_parquet(image_folder_run / "ssl/inet/summary.parquet")
-    assert set(summary["point"]) == {"method~vicreg/epochs~1/seed~0"}
+    assert set(summary["point"]) == {"method~simclr/epochs~1/seed~0"}
     assert set(summary["layer"]) == {"projector"}
 
 

@@ -130,7 +130,7 @@ def test_figures_and_report_rebuild_from_the_tables_alone(tiny_workflow, tmp_pat
     for name in ("recall_cdf", "gap_vs_top_l", "qualitative"):
         assert (figures / "scenes" / POINT / f"{name}.png").stat().st_size > 1000
     assert (figures / "sweep" / "scenes" / "epochs.svg").exists()
-    ssl_figures = workdir / "results" / "ssl" / "scenes_pool" / "figures" / "method~vicreg" / "epochs~2" / "seed~0"
+    ssl_figures = workdir / "results" / "ssl" / "scenes_pool" / "figures" / "method~simclr" / "epochs~2" / "seed~0"
     for name in ("accuracy", "qualitative"):
         assert (ssl_figures / "projector" / f"{name}.png").stat().st_size > 1000
     assert not any((workdir / "results" / folder).exists() for folder in cached)

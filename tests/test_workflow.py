@@ -126,7 +126,7 @@ def test_default_config_finds_memorization_and_a_clean_control(tmp_path):
             assert one_target[metric]["value"] - one_holdout[metric]["value"] > 0, (label_mode, metric)
 
 
-SSL_POINT = "method~vicreg/epochs~2/seed~0"
+SSL_POINT = "method~simclr/epochs~2/seed~0"
 SSL_CONTRACTS = {
     "ssl/scenes_pool/crops.parquet": {"id": "string", "label": "string", "x_min": "int32", "drop_reason": "string"},
     f"ssl/scenes_pool/models/{SSL_POINT}/A/run/train_log.parquet": {"epoch": "int64", "embedding_std": "double"},
@@ -156,7 +156,7 @@ def test_tiny_dag_runs_the_ssl_test(tiny_workflow):
         for ext in ("png", "svg"):
             assert (results / f"ssl/scenes_pool/figures/{SSL_POINT}/projector/{figure}.{ext}").stat().st_size > 1000
     # the shorter point's model is the run's checkpoint, not a second run
-    short = results / "ssl/scenes_pool/models/method~vicreg/epochs~1/seed~0/A/model.pt"
+    short = results / "ssl/scenes_pool/models/method~simclr/epochs~1/seed~0/A/model.pt"
     assert short.resolve() == (results / f"ssl/scenes_pool/models/{SSL_POINT}/A/run/model_epoch1.pt").resolve()
     summary = pl.read_parquet(results / "ssl/scenes_pool/summary.parquet")
     assert sorted(summary["epochs"].unique()) == [1, 2] and set(summary["statistic"]) >= {"gap", "holdout_gap"}

@@ -1,6 +1,6 @@
 """Parameters of the SSL training stage (`python -m workflow_scripts.ssl.train`), each a --flag.
 
-The defaults train the embedded default on a CPU: a small CNN on the synthetic 64-pixel images with VICReg.
+The defaults train the embedded default on a CPU: a small CNN with SimCLR on the synthetic scenes, at 32 pixels.
 The paper's models (ResNet-50 with VICReg, Barlow Twins, SimCLR or BYOL at 224 pixels) are the same code
 with `backbone: resnet50`, `image_size: 224` and the projector sizes of the method's paper.
 """
@@ -19,25 +19,25 @@ PRECISIONS = ("fp32", "amp", "amp_bf16")
 
 @dataclass(frozen=True)
 class SSLTrainingParams:
-    method: str = "vicreg"  # vicreg | barlowtwins | simclr | byol
+    method: str = "simclr"  # vicreg | barlowtwins | simclr | byol
     backbone: str = "tiny_cnn"  # tiny_cnn | resnet18 | resnet50 (torchvision, random init)
     projector_hidden_dim: int = 512
     projector_output_dim: int = 128
-    image_size: int = 64  # the views' side in pixels (lightly's input_size)
+    image_size: int = 32  # the views' side in pixels (lightly's input_size)
     # Augmentation strength (lightly's cj_prob, random_gray_scale, gaussian_blur, min_scale; the papers' are
-    # 0.8, 0.2, 0.5 (VICReg, SimCLR; BYOL 1.0) and 0.08). The synthetic classes are colour-and-shape names, and
-    # their backgrounds thin strokes: jitter and grayscale would erase the colour, blur the strokes.
+    # 0.8, 0.2, 0.5 (VICReg, SimCLR; BYOL 1.0) and 0.08). The synthetic classes are colour-and-shape names:
+    # colour jitter and grayscale would erase half of each.
     colour_jitter_prob: float = 0.0
     grayscale_prob: float = 0.0
-    blur_prob: float = 0.0
+    blur_prob: float = 0.5
     min_scale: float = 0.08
-    epochs: int = 40
+    epochs: int = 400
     save_epochs: str = ""  # extra checkpoint epochs, comma-separated (the last is always kept)
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 1e-4
     warmup_steps: int = 50
-    temperature: float = 0.5  # simclr: NT-Xent temperature
+    temperature: float = 0.2  # simclr: NT-Xent temperature
     momentum: float = 0.99  # byol: the target encoder's momentum at step 0 (cosine to 1 at the end)
     seed: int = 0
     precision: str = "amp_bf16"  # on a GPU (fp32 on the CPU): fp32 | amp (fp16 with loss scaling) | amp_bf16
