@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from workflow_scripts.contracts import SSL_POPULATION, SSL_RECORDS, SSL_SAMPLE_LEVEL
-from workflow_scripts.io import DataError, read_metadata
+from workflow_scripts.io import DataError, read_metadata, write_parquet
 from workflow_scripts.metrics.ssl import (
     CROP_SETS,
     MODELS,
@@ -28,6 +28,7 @@ from workflow_scripts.metrics.ssl import (
 )
 from workflow_scripts.metrics.ssl_main import main
 from workflow_scripts.ssl import figures
+from workflow_scripts.ssl import summary as ssl_summary
 
 LN2, LN3 = math.log(2), math.log(3)
 H_TWO_ONE = LN3 - 2 / 3 * LN2  # entropy of the vote shares (2/3, 1/3)
@@ -365,3 +366,31 @@ def test_the_figures_are_written_in_both_formats(tmp_path):
         assert (out / name).read_bytes().startswith(b"\x89PNG")
     for name in ("a.svg", "q.svg"):
         assert b"<svg" in (out / name).read_bytes()[:1000]
+
+
+# --- summary ---
+
+
+def test_summary_keeps_top1_rows_with_the_point_and_layer(tmp_path):
+    files = {}
+    for point, gap in (("method~simclr/epochs~100/seed~0", 0.1), ("method~simclr/epochs~400/seed~0", 0.3)):
+        rows = [
+            {"prediction": prediction, "statistic": "gap", "top_p": 20.0, "value": gap + (prediction == "top5")}
+            for prediction in ("top1", "top5")
+        ]
+        table = pl.DataFrame(rows).with_columns(mean=pl.col("value"), std=pl.lit(0.01), n_boot=pl.lit(10))
+        table = table.with_columns(frac=pl.lit(1.0), n_records=pl.lit(8), k=pl.lit(3))
+        path = tmp_path / f"{gap}.parquet"
+        write_parquet(table, path, stage="test", params={}, contract=SSL_POPULATION)
+        files[f"{point}/projector"] = str(path)
+    out = tmp_path / "summary.parquet"
+    ssl_summary.main(
+        [arg for key, file in files.items() for arg in ("--population", f"{key}={file}")]
+        + ["--out", str(out), "--out-csv", str(tmp_path / "summary.csv")]
+    )
+    table = pl.read_parquet(out)
+    assert table.select("epochs", "layer", "statistic", "value").rows() == [
+        (100, "projector", "gap", 0.1),
+        (400, "projector", "gap", 0.3),
+    ]
+    assert table["method"].to_list() == ["simclr"] * 2 and (tmp_path / "summary.csv").read_text().count("\n") == 3
