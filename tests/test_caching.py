@@ -34,32 +34,17 @@ def scheduled(workdir: Path, config: dict, *targets: str) -> Counter:
 
 # Execution settings of the default config, grouped by block: a dry run with all of a block's values changed
 # schedules nothing only if none of them would schedule a job on its own (changes to params only add up).
+# Both trainers (CLIP and SSL) take the same execution settings.
+TRAINING_EXECUTION = {"threads": 2, "device": "cpu", "allow_cpu_fallback": False, "preload_images": False}
+TRAINING_EXECUTION |= {"num_workers": 1}
 EXECUTION_SETTINGS = {
     "datasets": {"datasets": {"scenes_pool": {"threads": 2}, "scenes_public": {"threads": 3}}},
-    "training": {
-        "training": {
-            "threads": 2,
-            "device": "cpu",
-            "allow_cpu_fallback": False,
-            "preload_images": False,
-            "num_workers": 1,
-        }
-    },
+    "training": {"training": TRAINING_EXECUTION},
     "embedding": {"embedding": {"threads": 3, "batch_size": 7, "device": "cpu", "allow_cpu_fallback": True}},
     "knn": {"knn": {"threads": 2, "batch_size": 3, "use_gpu": "never"}},
     "metrics": {"metrics": {"batch_rows": 17, "part_records": 5}},
     "one_model": {"one_model": {"batch_size": 5}},
-    "ssl": {
-        "ssl": {
-            "training": {
-                "threads": 2,
-                "device": "cpu",
-                "allow_cpu_fallback": False,
-                "preload_images": False,
-                "num_workers": 1,
-            }
-        }
-    },
+    "ssl": {"ssl": {"training": TRAINING_EXECUTION}},
 }
 
 
