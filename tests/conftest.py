@@ -1,3 +1,4 @@
+import copy
 import os
 import re
 import subprocess
@@ -15,6 +16,14 @@ TINY_CONFIG = REPO / ".test" / "config.yaml"
 TINY = yaml.safe_load(TINY_CONFIG.read_text())
 POINT = "n_train~all/epochs~2/temperature~learned/weight_decay~0.1/mask_ratio~0.0/seed~0"
 SHORT_POINT = POINT.replace("epochs~2", "epochs~1")
+
+
+def merged(base: dict, overlay: dict) -> dict:
+    """`overlay` merged key by key over `base` (as Snakemake merges a --configfile), `base` left unchanged."""
+    result = copy.deepcopy(base)
+    for key, value in overlay.items():
+        result[key] = merged(result.get(key, {}), value) if isinstance(value, dict) else value
+    return result
 
 
 def snakemake_env() -> dict:

@@ -5,7 +5,6 @@ inputs, its shell command) and so does everything downstream; threads, devices, 
 key order never do.
 """
 
-import copy
 import shutil
 import subprocess
 import sys
@@ -16,15 +15,8 @@ import polars as pl
 import pytest
 import yaml
 
-from conftest import REPO, TINY, planned_jobs, run_snakemake, snakemake_env
+from conftest import REPO, TINY, merged, planned_jobs, run_snakemake, snakemake_env
 from real_data import build_coco, build_image_folder, jpeg_bytes
-
-
-def merged(base: dict, overlay: dict) -> dict:
-    result = copy.deepcopy(base)
-    for key, value in overlay.items():
-        result[key] = merged(result.get(key, {}), value) if isinstance(value, dict) else value
-    return result
 
 
 def scheduled(workdir: Path, config: dict, *targets: str) -> Counter:

@@ -5,9 +5,8 @@ from collections import Counter
 import polars as pl
 import pytest
 
-from conftest import REPO, TINY, planned_jobs, run_snakemake
+from conftest import REPO, TINY, merged, planned_jobs, run_snakemake
 from real_data import CATEGORIES, build_image_folder
-from test_caching import merged
 
 CLASSES = CATEGORIES[:4]
 PER_CLASS = 12  # images per class; the first BOXED have a LOC row
