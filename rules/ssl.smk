@@ -75,13 +75,15 @@ rule ssl_train:
         "../envs/dejavu.yaml"
     threads: SSL["training"]["threads"]
     resources:
-        gpu=gpus_for(SSL["training"]["device"]),
+        **launch_resources(SSL["training"]),
     params:
         flags=ssl_training_flags,
         out_dir=lambda wc, output: os.path.dirname(output.model),
+        # One process per GPU: plain python, torchrun on one node, srun over several (workflow_scripts.launch).
+        launcher=lambda wc, threads: launch_command(SSL["training"]),
         execution=execution_flags(**{key: SSL["training"][key] for key in SSL_TRAINING_EXECUTION}),
     shell:
-        "python -m workflow_scripts.ssl.train --records {input.records} --ids {input.side} --ids {input.shared}"
+        "{params.launcher} workflow_scripts.ssl.train --records {input.records} --ids {input.side} --ids {input.shared}"
         " --out-dir {params.out_dir} {params.flags} {params.execution} > {log} 2>&1"
 
 

@@ -16,7 +16,7 @@ from workflow_scripts import embed, knn, models
 from workflow_scripts.contracts import EMBEDDINGS
 from workflow_scripts.io import DataError, embeddings_table, read_embeddings, write_parquet
 
-GPU_RULES = ("train", "embed_public_shard", "embed_captions", "knn_shard")
+GPU_RULES = ("train", "embed_public_shard", "embed_captions", "knn_shard", "ssl_train", "ssl_embed", "ssl_knn")
 
 
 def unit_rows(rng: np.random.Generator, n: int, d: int) -> np.ndarray:

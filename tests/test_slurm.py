@@ -28,13 +28,14 @@ CPU_ONLY = {
     "knn": {**TINY["knn"], "use_gpu": "never"},
     "sweep": {"epochs": [2], "mask_ratio": [0.0]},
     "one_model": {"enabled": False},
+    "ssl": {**TINY["ssl"], "training": {**TINY["ssl"]["training"], "device": "cpu"}, "sweep": {"epochs": [2]}},
 }
 # The plugin's first status check comes 40 s after a submission and the delay grows by 10 s per check while no job
 # finishes: on a tiny DAG of short jobs that waiting is most of the run. From 2 s it stays short.
 FAST_POLLING = ("--slurm-init-seconds-before-status-checks", "2")
-TABLE_DIRS = ("metrics", "utility")
-# Jobs Snakemake runs itself, never submitted: the target `all` (no command) and `model` (a symbolic link).
-LOCAL_RULES = ("all", "model")
+TABLE_DIRS = ("metrics", "utility", "ssl/scenes_pool/metrics")
+# Jobs Snakemake runs itself, never submitted: the target `all` (no command), `model` and `ssl_model` (links).
+LOCAL_RULES = ("all", "model", "ssl_model")
 # Two DDP processes (gloo, CPU) started by srun inside the job, as on several nodes (workflow_scripts.launch).
 SRUN_TRAINING = {**CPU_ONLY, "training": {**CPU_ONLY["training"], "gpus_per_node": 2, "use_srun": True}}
 

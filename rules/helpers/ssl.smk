@@ -11,6 +11,8 @@ SSL_CROP_SETS = ("A", "B", "holdout")
 SSL_TABLES = ("records", "population", "sample_level")
 # Settings that choose where and how fast a model trains, not what it learns (execution flags: no rerun).
 SSL_TRAINING_EXECUTION = ("device", "allow_cpu_fallback", "num_workers", "preload_images")
+# How the job starts its processes (workflow_scripts.launch), as for the CLIP trainer: never a flag.
+SSL_TRAINING_LAUNCH = ("nodes", "gpus_per_node", "use_srun")
 # The embedding block's execution settings serve the SSL embedding jobs too.
 SSL_EMBEDDING_EXECUTION = {key: config["embedding"][key] for key in ("batch_size", "device", "allow_cpu_fallback")}
 
@@ -36,7 +38,7 @@ def ssl_boxes(wildcards):
 def ssl_training_flags(wildcards):
     """CLI flags of the SSL trainer: the run's point over `ssl.training`, and the checkpoints shorter points take."""
     settings = {**SSL["training"], **SSL_POINTS[wildcards.ssl_point]}
-    for setting in ("threads", *SSL_TRAINING_EXECUTION):
+    for setting in ("threads", *SSL_TRAINING_EXECUTION, *SSL_TRAINING_LAUNCH):
         settings.pop(setting, None)
     settings["save_epochs"] = ",".join(map(str, save_epochs(SSL_PLAN, wildcards.ssl_point)))
     return to_cli_flags(settings)
