@@ -4,6 +4,9 @@ the run, and full images and kept crops embed into L2-normalised rows."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import polars as pl
 import pytest
@@ -11,6 +14,7 @@ import torch
 
 from workflow_scripts.contracts import CROPS, SSL_TRAIN_LOG
 from workflow_scripts.io import DataError, read_embeddings, read_metadata
+from workflow_scripts.launch import launch_command
 from workflow_scripts.ssl import embed as ssl_embed
 from workflow_scripts.ssl import train as ssl_train
 from workflow_scripts.ssl.models import load_ssl_checkpoint, save_ssl_checkpoint
@@ -195,3 +199,17 @@ def test_embed_refuses_missing_crop_rows_and_boxes_outside_the_image(data, model
     with pytest.raises(DataError, match="outside its 32x32 image"):
         embed(data, model_path, tmp_path / "e.parquet", crops=tmp_path / "wide.parquet")
     assert not (tmp_path / "e.parquet").exists()
+
+
+def test_two_processes_under_torchrun_train_one_model(data, tmp_path):
+    """The launch the rule uses for ssl.training.gpus_per_node 2 (workflow_scripts.launch): two CPU processes
+    (gloo) split each batch and write one model, as the CLIP trainer does."""
+    command = launch_command({"gpus_per_node": 2}).replace("python", sys.executable, 1).split()
+    files = ["--records", str(data / "data" / "records.parquet"), "--out-dir", str(tmp_path / "ddp")]
+    files += [arg for name in ("A", "shared") for arg in ("--ids", str(data / f"{name}.parquet"))]
+    flags = ["--image-size", "32", "--projector-hidden-dim", "32", "--projector-output-dim", "16"]
+    flags += ["--batch-size", "8", "--epochs", "1", "--device", "cpu", "--threads", "1"]
+    result = subprocess.run([*command, "workflow_scripts.ssl.train", *files, *flags], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    model, checkpoint = load_ssl_checkpoint(tmp_path / "ddp" / "model.pt", torch.device("cpu"))
+    assert checkpoint["epoch"] == 1 and SSL_TRAIN_LOG.read(tmp_path / "ddp" / "train_log.parquet").height == 1
