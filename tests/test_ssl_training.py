@@ -213,3 +213,4 @@ def test_two_processes_under_torchrun_train_one_model(data, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     model, checkpoint = load_ssl_checkpoint(tmp_path / "ddp" / "model.pt", torch.device("cpu"))
     assert checkpoint["epoch"] == 1 and SSL_TRAIN_LOG.read(tmp_path / "ddp" / "train_log.parquet").height == 1
+    assert all(torch.isfinite(tensor).all() for tensor in model.state_dict().values())
