@@ -139,7 +139,7 @@ rule imagenet_boxes:
     """A real data set's foreground boxes (the SSL test's): ILSVRC's LOC_train_solution.csv and/or XML folder."""
     input:
         records=PATHS["records"],
-        loc_csv=lambda wc: [dataset_spec(wc)["boxes"]["loc_csv"]] if "loc_csv" in dataset_spec(wc)["boxes"] else [],
+        loc_csv=box_source("loc_csv"),
     output:
         PATHS["boxes"],
     log:
@@ -151,9 +151,7 @@ rule imagenet_boxes:
     threads: lambda wc: dataset_spec(wc)["threads"]
     params:
         loc_csv=lambda wc, input: optional_flag("loc-csv", input.loc_csv),
-        xml_dir=lambda wc: optional_flag(
-            "xml-dir", [dataset_spec(wc)["boxes"]["xml_dir"]] if "xml_dir" in dataset_spec(wc)["boxes"] else []
-        ),
+        xml_dir=lambda wc: optional_flag("xml-dir", box_source("xml_dir")(wc)),
         label_column=lambda wc: dataset_spec(wc)["boxes"]["label_column"],
     shell:
         "python -m workflow_scripts.boxes imagenet --records {input.records} {params.loc_csv} {params.xml_dir}"

@@ -72,6 +72,11 @@ def optional_input(key):
     return lambda wildcards: [dataset_spec(wildcards)[key]] if key in dataset_spec(wildcards) else []
 
 
+def box_source(key):
+    """As `optional_input`, for a key of the data set's `boxes` block (loc_csv, xml_dir)."""
+    return lambda wildcards: [dataset_spec(wildcards)["boxes"][key]] if key in dataset_spec(wildcards)["boxes"] else []
+
+
 def optional_flag(flag, files):
     return f"--{flag} {shlex.quote(files[0])}" if files else ""
 
