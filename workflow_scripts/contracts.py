@@ -204,6 +204,13 @@ BOXES = Contract(
     _fields(id=STRING, image_width=INT32, image_height=INT32)
     + _fields(x_min=FLOAT32, y_min=FLOAT32, x_max=FLOAT32, y_max=FLOAT32),
 )
+# Every object a synthetic image holds (workflow_scripts/synthetic.py): one row per drawn object, its class and the
+# box of its drawn pixels (pixels, x_max/y_max exclusive; also those a later object paints over).
+OBJECTS = Contract(
+    "objects",
+    "data/{dataset}/objects.parquet",
+    _fields(id=STRING, label=STRING, x_min=INT32, y_min=INT32, x_max=INT32, y_max=INT32),
+)
 # One row per measured id; the crop's columns are null and drop_reason names why when the id has no crop.
 CROPS = Contract(
     "crops",
@@ -266,6 +273,13 @@ SSL_TRAIN_LOG = Contract(
     "ssl/{dataset}/models/{point}/{side}/run/train_log.parquet",
     _fields(epoch=INT64, loss=FLOAT64, lr=FLOAT64, embedding_std=FLOAT64, seconds=FLOAT64),
 )
+# The crop classifier's training log (workflow_scripts/ssl/crop_classifier.py), one row per epoch: the mean
+# cross-entropy and accuracy on the augmented training crops, the accuracy on the validation crops (null without).
+CROP_CLASSIFIER_LOG = Contract(
+    "crop classifier log",
+    "ssl/{dataset}/references/crop_classifier/{side}/run/train_log.parquet",
+    _fields(epoch=INT64, loss=FLOAT64, train_accuracy=FLOAT64, val_accuracy=FLOAT64, lr=FLOAT64, seconds=FLOAT64),
+)
 METRICS_PATH = "metrics/{split}/{point}[/one_model~{mode}]/{queries}"
 _SCORES = dict(n_predicted=INT32, n_correct=INT32, precision=FLOAT64, recall=FLOAT64, f1=FLOAT64, nn_score=FLOAT32)
 METRIC_RECORDS = Contract(
@@ -286,14 +300,26 @@ SAMPLE_LEVEL = Contract(
     _fields(order=STRING, oracle=BOOL, top_l=INT64, precision_gap=FLOAT64, recall_gap=FLOAT64, f1_gap=FLOAT64),
 )
 
-# The SSL test's metric tables (workflow_scripts/metrics/ssl.py; docs/DESIGN.md §9). Per model f_A, f_B (suffix).
-SSL_METRICS_PATH = "ssl/{dataset}/metrics/{point}/{layer}"
+# A one-model reference's outputs on one crop set (workflow_scripts/ssl/predictions.py): per kept crop, the
+# classifier's most probable label, its probability, the entropy of its distribution over the classes, and
+# `votes`: its distribution as k votes (largest remainders), most probable label first, the kNN's support.
+SSL_PREDICTIONS = Contract(
+    "ssl predictions",
+    "ssl/{dataset}/references/{reference}/{side}/{crop_set}.parquet",
+    _fields(id=STRING, predicted=STRING, probability=FLOAT64, entropy=FLOAT64, votes=STRINGS),
+)
+# The tags an annotator finds in each crop (workflow_scripts/ssl/crop_tags.py), highest score first.
+CROP_TAGS = Contract("crop tags", "ssl/{dataset}/crop_tags.parquet", _fields(id=STRING, labels=STRINGS, scores=FLOATS))
+
+# The SSL test's metric tables (workflow_scripts/metrics/ssl.py; docs/DESIGN.md §9), one set per test (two_model,
+# crop_classifier, naive_bayes). Records: each crop's target (target_model: f_A or f_B) and reference votes.
+SSL_METRICS_PATH = "ssl/{dataset}/metrics/{point}/{layer}/{test}"
 _SSL_VOTES = dict(predicted=STRING, vote_share=FLOAT64, entropy=FLOAT64, correct_top1=BOOL, correct_top5=BOOL)
 SSL_RECORDS = Contract(
     "ssl records",
     f"{SSL_METRICS_PATH}/records.parquet",
-    _fields(id=STRING, crop_set=STRING, label=STRING)
-    + _fields(**{f"{name}_{model}": type_ for name, type_ in _SSL_VOTES.items() for model in ("A", "B")}),
+    _fields(id=STRING, crop_set=STRING, target_model=STRING, label=STRING)
+    + _fields(**{f"{name}_{role}": type_ for role in ("target", "reference") for name, type_ in _SSL_VOTES.items()}),
 )
 # Long: one row per prediction (top1, top5), statistic and top_p (quadrants: top_p 100, all records).
 SSL_POPULATION = Contract(
@@ -306,8 +332,16 @@ SSL_POPULATION = Contract(
 SSL_SUMMARY = Contract(
     "ssl summary",
     "ssl/{dataset}/summary.parquet",
-    _fields(point=STRING, method=STRING, epochs=INT64, seed=INT64, layer=STRING, statistic=STRING, top_p=FLOAT64)
+    _fields(point=STRING, method=STRING, epochs=INT64, seed=INT64, layer=STRING, test=STRING, statistic=STRING)
+    + _fields(top_p=FLOAT64)
     + _fields(value=FLOAT64, mean=FLOAT64, std=FLOAT64, n_records=INT64),
+)
+# The SSL tests side by side (workflow_scripts/ssl/agreement.py): each test's top-1 population rows.
+SSL_AGREEMENT_POPULATION = Contract(
+    "ssl agreement population",
+    "ssl/{dataset}/agreement/{point}/{layer}/population.parquet",
+    _fields(test=STRING, statistic=STRING, top_p=FLOAT64, value=FLOAT64, mean=FLOAT64, std=FLOAT64)
+    + _fields(n_records=INT64),
 )
 _SSL_SIDES = _names("{}_{}", ("predicted", "vote_share", "entropy"), ("target", "reference"))
 SSL_SAMPLE_LEVEL = Contract(

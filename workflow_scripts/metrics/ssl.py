@@ -19,7 +19,6 @@ import polars as pl
 
 CROP_SETS = ("A", "B", "holdout")
 MODELS = ("A", "B")  # f_A (trained on A ∪ shared), f_B (on B ∪ shared)
-TARGET_OF = {"A": "A", "B": "B", "H1": "A", "H2": "B"}  # a set's (or holdout half's) target model
 HALVES = ("H1", "H2")
 TOP = 5  # labels of the top-5 prediction
 PREDICTIONS = ("top1", "top5")  # which prediction counts as right: row 0 and 1 of `Votes.correct`
@@ -125,51 +124,83 @@ class Ranked:
         return hits.cumsum(axis=2, dtype=np.int64)[:, :, cuts - 1] / cuts
 
 
-def measures(by_model: dict[str, Votes], ranked: dict[str, Ranked], target: str, draws, cuts) -> dict:
-    """Of each row of `draws` (record indices of a set whose target model is `target`): the target's and the
-    reference's top-p accuracies [2, rows, len(cuts)] and the quadrants' shares [2, rows, 4]."""
-    reference = MODELS[1 - MODELS.index(target)]
-    right, other = by_model[target].correct[:, draws], by_model[reference].correct[:, draws]
-    quadrants = [right & ~other, right & other, ~right & other, ~right & ~other]
+TARGET_KEYS = ("A:A", "B:B", "A:holdout", "B:holdout")  # MODEL:CROPSET of the target's votes
+REFERENCE_KEYS = ("B:A", "A:B", "B:holdout", "A:holdout")  # of the reference trained on MODEL's side
+# Each measured set: its crop set, its target model, and which reference is the other side's.
+MEASURED = {"A": ("A", "A"), "B": ("B", "B"), "H1": ("holdout", "A"), "H2": ("holdout", "B")}
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A measured set's target and reference votes on the same records: rows `rows` of crop set `crop_set`."""
+
+    crop_set: str
+    target_model: str
+    rows: np.ndarray
+    target: Votes
+    reference: Votes
+
+
+def other(model: str) -> str:
+    return MODELS[1 - MODELS.index(model)]
+
+
+def measured_pairs(target: dict[str, Votes], reference: dict[str, Votes], rng: np.random.Generator) -> dict:
+    """{A, B, H1, H2: Pair} from the votes by MODEL:CROPSET (TARGET_KEYS, REFERENCE_KEYS). The holdout's records
+    split by a permutation drawn with `rng`: H1 the first ceil(n/2) (target f_A), H2 the rest (f_B), each in id
+    order. A two-model test's reference on a set is the other model; a one-model test's, the reference
+    classifier trained on the other side's crops."""
+    n = len(target["A:holdout"].entropy)
+    shuffled = rng.permutation(n)
+    rows = {"H1": np.sort(shuffled[: (n + 1) // 2]), "H2": np.sort(shuffled[(n + 1) // 2 :])}
+    pairs = {}
+    for name, (crop_set, model) in MEASURED.items():
+        index = rows.get(name, np.arange(len(target[f"{model}:{crop_set}"].entropy)))
+        votes = (target[f"{model}:{crop_set}"], reference[f"{other(model)}:{crop_set}"])
+        pairs[name] = Pair(crop_set, model, index, *(side.take(index) for side in votes))
+    return pairs
+
+
+def measures(pair: Pair, ranked: tuple[Ranked, Ranked], draws, cuts) -> dict:
+    """Of each row of `draws` (record indices of the pair's set): the target's and the reference's top-p
+    accuracies [2, rows, len(cuts)] and the quadrants' shares [2, rows, 4]."""
+    right, other_right = pair.target.correct[:, draws], pair.reference.correct[:, draws]
+    quadrants = [right & ~other_right, right & other_right, ~right & other_right, ~right & ~other_right]
     return {
-        "target": ranked[target].accuracy(draws, cuts),
-        "reference": ranked[reference].accuracy(draws, cuts),
+        "target": ranked[0].accuracy(draws, cuts),
+        "reference": ranked[1].accuracy(draws, cuts),
         "quadrants": np.stack([share.mean(axis=-1) for share in quadrants], axis=-1),
     }
 
 
-def set_measures(by_model: dict[str, Votes], target: str, params: SSLMetricParams, rng: np.random.Generator) -> dict:
+def set_measures(pair: Pair, params: SSLMetricParams, rng: np.random.Generator) -> dict:
     """`measures` of a set on all its records (row 0), then on `n_boot` resamples of round(frac · n) records drawn
     with replacement by `rng` (rows 1..); NaN for an empty set, which draws nothing."""
-    n = len(by_model[target].entropy)
+    n = len(pair.rows)
     if n == 0:
         nan = np.full((2, 1 + params.n_boot, len(params.top_p)), np.nan)
         return {"target": nan, "reference": nan, "quadrants": np.full((2, 1 + params.n_boot, 4), np.nan), "n": 0}
-    ranked = {model: Ranked.of(votes) for model, votes in by_model.items()}
-    rows = [measures(by_model, ranked, target, np.arange(n)[None], cutoffs(params.top_p, n))]
+    ranked = (Ranked.of(pair.target), Ranked.of(pair.reference))
+    rows = [measures(pair, ranked, np.arange(n)[None], cutoffs(params.top_p, n))]
     size = max(1, round(params.frac * n))
     block = max(1, DRAW_VALUES // size)
     for first in range(0, params.n_boot, block):
         draws = rng.integers(0, n, size=(min(block, params.n_boot - first), size))
-        rows.append(measures(by_model, ranked, target, draws, cutoffs(params.top_p, size)))
+        rows.append(measures(pair, ranked, draws, cutoffs(params.top_p, size)))
     return {name: np.concatenate([row[name] for row in rows], axis=1) for name in rows[0]} | {"n": n}
 
 
-def holdout_halves(by_model: dict[str, Votes], rng: np.random.Generator) -> dict[str, dict[str, Votes]]:
-    """The holdout's records split by a permutation drawn with `rng`: H1 the first ceil(n/2), H2 the rest (each in
-    id order). H1 takes f_A as its "target", H2 f_B."""
-    n = len(by_model[MODELS[0]].entropy)
-    shuffled = rng.permutation(n)
-    halves = np.sort(shuffled[: (n + 1) // 2]), np.sort(shuffled[(n + 1) // 2 :])
-    return {name: {model: votes.take(half) for model, votes in by_model.items()} for name, half in zip(HALVES, halves)}
-
-
-def population(votes: dict[str, dict[str, Votes]], params: SSLMetricParams) -> pl.DataFrame:
-    """The population table (contract SSL_POPULATION) of each crop set's votes by model. One generator seeded with
-    `params.seed` draws the holdout halves, then the resamples of A, B, H1 and H2 in turn."""
+def evaluate(target: dict[str, Votes], reference: dict[str, Votes], params: SSLMetricParams):
+    """(the measured pairs, the population table): one generator seeded with `params.seed` draws the holdout
+    halves, then the resamples of A, B, H1 and H2 in turn."""
     rng = np.random.default_rng(params.seed)
-    sets = {"A": votes["A"], "B": votes["B"], **holdout_halves(votes["holdout"], rng)}
-    measured = {name: set_measures(by_model, TARGET_OF[name], params, rng) for name, by_model in sets.items()}
+    pairs = measured_pairs(target, reference, rng)
+    return pairs, population(pairs, params, rng)
+
+
+def population(pairs: dict[str, Pair], params: SSLMetricParams, rng: np.random.Generator) -> pl.DataFrame:
+    """The population table (contract SSL_POPULATION) of the measured pairs, resampled with `rng`."""
+    measured = {name: set_measures(pair, params, rng) for name, pair in pairs.items()}
     rows = []
     for prefix, (first, second) in (("", ("A", "B")), ("holdout_", HALVES)):
         one, two = measured[first], measured[second]
@@ -209,45 +240,39 @@ def _row(prediction: str, statistic: str, top_p: float, values: np.ndarray, n: i
 
 
 VOTE_COLUMNS = ("predicted", "vote_share", "entropy", "correct_top1", "correct_top5")
+ROLES = ("target", "reference")
 
 
-def records_table(sets: dict[str, pl.DataFrame], votes: dict[str, dict[str, Votes]], vocabulary: pl.Series):
-    """The records table (contract SSL_RECORDS) in id order: each set's kept crops (`sets`: id, label, in id order)
-    with each model's votes on them."""
+def records_table(sets: dict[str, pl.DataFrame], pairs: dict[str, Pair], vocabulary: pl.Series) -> pl.DataFrame:
+    """The records table (contract SSL_RECORDS) in id order: each crop set's kept crops (`sets`: id, label, in id
+    order) with the target's and the reference's votes on them, and which model was the target."""
     frames = []
-    for crop_set, frame in sets.items():
+    for pair in pairs.values():
         columns = {}
-        for model, model_votes in votes[crop_set].items():
-            values = (vocabulary.gather(model_votes.predicted), model_votes.vote_share, model_votes.entropy)
-            columns |= {f"{name}_{model}": pl.Series(value) for name, value in zip(VOTE_COLUMNS, values)}
-            columns |= {f"{name}_{model}": pl.Series(model_votes.correct[i]) for i, name in enumerate(VOTE_COLUMNS[3:])}
-        frames.append(frame.select("id", crop_set=pl.lit(crop_set), label="label").with_columns(**columns))
-    names = ["id", "crop_set", "label", *(f"{name}_{model}" for name in VOTE_COLUMNS for model in MODELS)]
-    return pl.concat([frame.select(names) for frame in frames]).sort("id")
-
-
-def _of_model(name: str, target: bool) -> pl.Expr:
-    """Column `name` of the record's target model (its crop set's) or of its reference."""
-    first, second = (f"{name}_{model}" for model in (MODELS if target else MODELS[::-1]))
-    return pl.when(pl.col("crop_set") == MODELS[0]).then(pl.col(first)).otherwise(pl.col(second))
+        for role, votes in zip(ROLES, (pair.target, pair.reference)):
+            values = (vocabulary.gather(votes.predicted), votes.vote_share, votes.entropy, *votes.correct)
+            columns |= {f"{name}_{role}": pl.Series(value) for name, value in zip(VOTE_COLUMNS, values)}
+        frame = sets[pair.crop_set][pair.rows]
+        frames.append(
+            frame.select(
+                "id", crop_set=pl.lit(pair.crop_set), target_model=pl.lit(pair.target_model), label="label"
+            ).with_columns(**columns)
+        )
+    return pl.concat(frames).sort("id")
 
 
 def sample_level(records: pl.DataFrame) -> pl.DataFrame:
-    """The memorized records of A and B (target right, reference wrong, top-1) ranked by H_reference − H_target
-    descending, ties by id; `rank` 1 is the most confident memorization (contract SSL_SAMPLE_LEVEL)."""
-    per_side = {
-        f"{name}_{side}": _of_model(name, side == "target")
-        for name in ("predicted", "vote_share", "entropy", "correct_top1")
-        for side in ("target", "reference")
-    }
+    """The memorized records of A and B (target right, reference wrong, top-1) ranked by their memorization
+    confidence H_reference − H_target descending, ties by id; `rank` 1 is the most confident (SSL_SAMPLE_LEVEL)."""
     chosen = (
-        records.filter(pl.col("crop_set").is_in(MODELS))
-        .select("id", "crop_set", "label", **per_side)
-        .filter(pl.col("correct_top1_target") & ~pl.col("correct_top1_reference"))
+        records.filter(
+            pl.col("crop_set").is_in(MODELS) & pl.col("correct_top1_target") & ~pl.col("correct_top1_reference")
+        )
+        .select("id", "crop_set", "label", *(f"{name}_{role}" for name in VOTE_COLUMNS[:3] for role in ROLES))
         .with_columns(entropy_gap=pl.col("entropy_reference") - pl.col("entropy_target"))
         .sort(["entropy_gap", "id"], descending=[True, False])
     )
-    return chosen.select(pl.int_range(1, pl.len() + 1, dtype=pl.Int64).alias("rank"), pl.exclude("^correct_.*$"))
+    return chosen.select(pl.int_range(1, pl.len() + 1, dtype=pl.Int64).alias("rank"), pl.all())
 
 
 if __name__ == "__main__":

@@ -1,15 +1,17 @@
 """`python -m workflow_scripts.metrics.ssl`: the SSL metric stage's command line, its inputs read and checked.
 
 Inputs: the crops table (its kept crops are the queries, their labels the truth), the split files of A, B and the
-holdout, the records table whose label column labels the public ids, and six neighbours files, one per model and
-crop set (`--neighbors MODEL:CROPSET=FILE`). Bad input is a DataError naming the file and example ids.
+holdout, the records table whose label column labels the public ids, the target's neighbours files (`--target
+MODEL:CROPSET=FILE`: f_A on A and the holdout, f_B on B and the holdout) and the reference's (`--reference
+MODEL:CROPSET=FILE`, the reference of MODEL's side on the other side's crops and the holdout): neighbours files
+for the two-model test, SSL_PREDICTIONS tables of a reference classifier for a one-model test
+(`--reference-kind predictions`). Bad input is a DataError naming the file and example ids.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import logging
 
 import numpy as np
@@ -22,23 +24,25 @@ from workflow_scripts.contracts import (
     RECORDS,
     SPLIT_IDS,
     SSL_POPULATION,
+    SSL_PREDICTIONS,
     SSL_RECORDS,
     SSL_SAMPLE_LEVEL,
 )
 from workflow_scripts.io import DataError, check_unique_ids, write_parquet
 from workflow_scripts.metrics.ssl import (
     CROP_SETS,
-    MODELS,
+    REFERENCE_KEYS,
     TABLES,
+    TARGET_KEYS,
     SSLMetricParams,
     Votes,
-    population,
+    evaluate,
     records_table,
     sample_level,
     vote,
 )
 
-NEIGHBOR_KEYS = [f"{model}:{crop_set}" for model, crop_set in itertools.product(MODELS, CROP_SETS)]
+REFERENCE_KINDS = ("knn", "predictions")
 CONTRACTS = dict(zip(TABLES, (SSL_RECORDS, SSL_POPULATION, SSL_SAMPLE_LEVEL)))
 SHOWN_IDS = 5  # example ids a refusal names
 
@@ -149,38 +153,65 @@ def neighbour_labels(path: str, crop_set: str, ids: pl.Series, public: pl.DataFr
     return labels
 
 
+def prediction_labels(path: str, crop_set: str, ids: pl.Series, vocabulary: pl.Series, k: int) -> np.ndarray:
+    """[len(ids), k] label codes of a reference classifier's k votes on each kept crop of `crop_set` (in the order
+    of `ids`). Refuses missing or extra ids, an id listed twice, votes of another length than k, unknown labels."""
+    table = SSL_PREDICTIONS.read(path, ["id", "votes"])
+    check_unique_ids(table["id"], path)
+    joined = pl.DataFrame({"id": ids}).join(table, on="id", how="left", maintain_order="left")
+    refuse(path, f"kept crop(s) of set {crop_set} without a prediction", joined.filter(pl.col("votes").is_null())["id"])
+    refuse(
+        path, f"id(s) that are not kept crops of set {crop_set}", table.filter(~pl.col("id").is_in(ids.implode()))["id"]
+    )
+    refuse(path, f"prediction(s) without exactly k={k} votes", joined.filter(pl.col("votes").list.len() != k)["id"])
+    votes = joined.select("id", "votes").explode("votes")
+    known = votes["votes"].is_in(vocabulary.implode())
+    refuse(path, "prediction(s) voting for a label that is no record's or crop's", votes.filter(~known)["id"])
+    return codes(votes["votes"], vocabulary).to_numpy().reshape(len(ids), k)
+
+
+def read_votes(files: dict[str, str], sets, vocabulary, public, params, records: str, kind: str) -> dict[str, Votes]:
+    """The votes of each MODEL:CROPSET file on its crop set's kept crops: neighbours' labels, or predictions."""
+    votes = {}
+    for key, path in files.items():
+        frame = sets[key.split(":")[1]]
+        if kind == "knn":
+            labels = neighbour_labels(path, key.split(":")[1], frame["id"], public, params.k, records)
+        else:
+            labels = prediction_labels(path, key.split(":")[1], frame["id"], vocabulary, params.k)
+        votes[key] = vote(labels, codes(frame["label"], vocabulary).to_numpy())
+        logging.info("voted on the %d kept crops of %s (%s)", len(frame), key, path)
+    return votes
+
+
 def compute(
     crops: str,
     records: str,
     label_column: str,
     splits: dict[str, str],
-    neighbors: dict[str, str],
+    target: dict[str, str],
+    reference: dict[str, str],
     outputs: dict[str, str],
     params: SSLMetricParams | None = None,
+    reference_kind: str = "knn",
 ) -> None:
     """Write the records, population and sample-level tables (`outputs`: table name -> file)."""
     params = params or SSLMetricParams()
     sets = read_sets(splits, crops)
     vocabulary, public = read_public(records, label_column, sets)
-    votes: dict[str, dict[str, Votes]] = {}
-    for crop_set, frame in sets.items():
-        truth = codes(frame["label"], vocabulary).to_numpy()
-        votes[crop_set] = {
-            model: vote(
-                neighbour_labels(neighbors[f"{model}:{crop_set}"], crop_set, frame["id"], public, params.k, records),
-                truth,
-            )
-            for model in MODELS
-        }
-        logging.info("voted on the %d kept crops of set %s", len(frame), crop_set)
-    table = records_table(sets, votes, vocabulary)
-    tables = dict(zip(TABLES, (table, population(votes, params), sample_level(table))))
+    target_votes = read_votes(target, sets, vocabulary, public, params, records, "knn")
+    reference_votes = read_votes(reference, sets, vocabulary, public, params, records, reference_kind)
+    pairs, population = evaluate(target_votes, reference_votes, params)
+    table = records_table(sets, pairs, vocabulary)
+    tables = dict(zip(TABLES, (table, population, sample_level(table))))
     provenance = {
         "crops": crops,
         "records": records,
         "label_column": label_column,
         "splits": splits,
-        "neighbors": neighbors,
+        "target": target,
+        "reference": reference,
+        "reference_kind": reference_kind,
         **dataclasses.asdict(params),
     }
     for name, frame in tables.items():
@@ -194,8 +225,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--records", required=True, help="records Parquet labelling the public ids")
     parser.add_argument("--label-column", required=True, help="the records' label column")
     add_keyed_file_arguments(parser, {"split": "ids of a crop set: A=, B=, holdout=FILE"}, metavar="CROPSET=FILE")
-    neighbors_help = f"a neighbours Parquet per model and crop set: {', '.join(NEIGHBOR_KEYS)}"
-    add_keyed_file_arguments(parser, {"neighbors": neighbors_help}, metavar="MODEL:CROPSET=FILE")
+    keyed_help = {
+        "target": f"the target's neighbours Parquet per model and crop set: {', '.join(TARGET_KEYS)}",
+        "reference": f"the reference's neighbours (or predictions) per side and crop set: {', '.join(REFERENCE_KEYS)}",
+    }
+    add_keyed_file_arguments(parser, keyed_help, metavar="MODEL:CROPSET=FILE")
+    parser.add_argument(
+        "--reference-kind",
+        choices=REFERENCE_KINDS,
+        default="knn",
+        help="neighbours files, or a classifier's predictions",
+    )
     for table in TABLES:
         parser.add_argument(f"--{table.replace('_', '-')}-out", required=True, help=f"the {table} table's file")
     for field in dataclasses.fields(SSLMetricParams):
@@ -231,7 +271,9 @@ def main(argv: list[str] | None = None) -> None:
         records=args.records,
         label_column=args.label_column,
         splits=keyed(parser, args, "split", list(CROP_SETS)),
-        neighbors=keyed(parser, args, "neighbors", NEIGHBOR_KEYS),
+        target=keyed(parser, args, "target", list(TARGET_KEYS)),
+        reference=keyed(parser, args, "reference", list(REFERENCE_KEYS)),
+        reference_kind=args.reference_kind,
         outputs={table: getattr(args, f"{table}_out") for table in TABLES},
         params=params,
     )
