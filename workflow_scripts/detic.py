@@ -7,7 +7,9 @@ classes, score threshold 0.5. Three steps, each a CLI command:
   text embeddings, prompt ``a {}``, L2-normalised, as Detic's classifier expects: a Parquet of (class_name,
   embedding) in class order, computed once per vocabulary from a local OpenAI CLIP weights file
 - ``detect``: the records whose row number is ``chunk`` modulo ``n_chunks`` -> a chunk table (id, labels, scores),
-  images decoded by DataLoader workers and run through the model in batches
+  images decoded by DataLoader workers and run through the model in batches. With ``--crops`` (the SSL test's
+  crops) the records with a kept crop, cropped to it as the SSL models see it (stored orientation, no EXIF
+  transpose); ``workflow_scripts.ssl.crop_tags detic`` merges such chunks
 - ``merge``: every chunk table -> annotations.parquet, one row per record (a record no chunk covers is an error)
 
 detectron2 and Detic are not on PyPI: their conda env is envs/detic.yaml, and Detic itself is a git checkout
@@ -38,8 +40,8 @@ from tqdm import tqdm
 
 from workflow_scripts.annotate import check_complete, read_record_ids, write_annotations, write_conformed
 from workflow_scripts.cli import LOG_FORMAT, add_dataclass_arguments, dataclass_from_args
-from workflow_scripts.contracts import ANNOTATIONS, DETIC_VOCABULARY
-from workflow_scripts.images import load_rgb, resolve_image_paths
+from workflow_scripts.contracts import ANNOTATIONS, CROPS, DETIC_VOCABULARY
+from workflow_scripts.images import crop, load_rgb, resolve_image_paths
 from workflow_scripts.io import DataError, embeddings_from_table, embeddings_table, params_hash, write_parquet
 
 log = logging.getLogger(__name__)
@@ -241,10 +243,12 @@ def chunk_of(records: pl.DataFrame, chunk: int, n_chunks: int) -> pl.DataFrame:
 
 class ModelInputs:
     """Dataset of (record id, detectron2 model input) pairs: the image EXIF-transposed (as detectron2's read_image
-    does), in the model's channel order, resized for test, with its original height and width."""
+    does), or with `boxes` its box's pixels (x_min, y_min, x_max, y_max, max exclusive, in the stored orientation),
+    in the model's channel order, resized for test, with its (cropped) height and width."""
 
-    def __init__(self, ids: list[str], paths: list[str], resize, input_format: str):
+    def __init__(self, ids: list[str], paths: list[str], resize, input_format: str, boxes: list | None = None):
         self.ids, self.paths, self.resize, self.input_format = ids, paths, resize, input_format
+        self.boxes = boxes
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -252,13 +256,28 @@ class ModelInputs:
     def __getitem__(self, index: int) -> tuple[str, dict]:
         import torch
 
-        image = np.asarray(ImageOps.exif_transpose(load_rgb(self.paths[index], self.ids[index])))
+        image = load_rgb(self.paths[index], self.ids[index])
+        image = np.asarray(
+            ImageOps.exif_transpose(image) if self.boxes is None else crop(image, self.boxes[index], self.ids[index])
+        )
         if self.input_format == "BGR":
             image = image[:, :, ::-1]
         height, width = image.shape[:2]
         resized = self.resize.get_transform(image).apply_image(image)
         tensor = torch.as_tensor(np.ascontiguousarray(resized).astype("float32").transpose(2, 0, 1))
         return self.ids[index], {"image": tensor, "height": height, "width": width}
+
+
+def kept_crop_records(records: pl.DataFrame, crops_path: str) -> pl.DataFrame:
+    """The records with a kept crop (drop_reason null), in the records' order, with the crop's box as `box`; a
+    kept crop without a record is a DataError."""
+    box = ["x_min", "y_min", "x_max", "y_max"]
+    crops = CROPS.read(crops_path, ["id", *box, "drop_reason"]).filter(pl.col("drop_reason").is_null())
+    unknown = crops.join(records, on="id", how="anti")["id"]
+    if len(unknown):
+        raise DataError(f"{crops_path}: {len(unknown)} kept crop(s) of no record, e.g. {unknown.head(5).to_list()}")
+    crops = crops.select("id", box=pl.concat_list(box))
+    return records.join(crops, on="id", how="inner", maintain_order="left")
 
 
 def _detect_all(dataset: ModelInputs, detector: Detector, class_names: list[str], params: DetectParams, desc: str):
@@ -288,14 +307,18 @@ def detect(
     class_names: list[str],
     out_path: str,
     params: DetectParams = DetectParams(),
+    crops_path: str | None = None,
 ) -> None:
-    """Run `detector` on one chunk of the records into a chunk table of the annotations contract."""
+    """Run `detector` on one chunk of the records (with `crops_path`: of the records with a kept crop, each cropped
+    to it) into a chunk table of the annotations contract."""
     records = read_record_ids(records_path, ("id", "image_path"))
-    records = chunk_of(
-        records.with_columns(resolve_image_paths(records, records_path).alias("image_path")), chunk, n_chunks
-    )
+    records = records.with_columns(resolve_image_paths(records, records_path).alias("image_path"))
+    if crops_path is not None:
+        records = kept_crop_records(records, crops_path)
+    records = chunk_of(records, chunk, n_chunks)
+    boxes = [tuple(box) for box in records["box"].to_list()] if crops_path is not None else None
     dataset = ModelInputs(
-        records["id"].to_list(), records["image_path"].to_list(), detector.resize, detector.input_format
+        records["id"].to_list(), records["image_path"].to_list(), detector.resize, detector.input_format, boxes
     )
     rows = _detect_all(dataset, detector, class_names, params, desc=f"detic chunk {chunk}/{n_chunks}")
     write_annotations(
@@ -308,7 +331,8 @@ def detect(
             "n_chunks": n_chunks,
             "threshold": params.score_threshold,
             "vocabulary_size": len(class_names),
-        },
+        }
+        | ({"crops": crops_path} if crops_path is not None else {}),
     )
 
 
@@ -387,6 +411,7 @@ def _parser() -> argparse.ArgumentParser:
     detect_parser.add_argument("--detic-repo", required=True, help="Detic git checkout (with third_party/CenterNet2)")
     detect_parser.add_argument("--weights", required=True, help="Detic model weights file")
     detect_parser.add_argument("--class-embeddings", required=True, help="Parquet written by the vocabulary command")
+    detect_parser.add_argument("--crops", help="the SSL test's crops table: detect in each kept crop only")
     add_dataclass_arguments(detect_parser, DetectParams)
     detect_parser.add_argument("--out", required=True)
     merge_parser = commands.add_parser("merge", help="chunk tables -> annotations.parquet")
@@ -403,7 +428,7 @@ def _detect_command(args: argparse.Namespace) -> None:
         detector = build_predictor(args.detic_repo, args.weights, class_embeddings, params)
     except MissingDependencyError as error:
         sys.exit(f"error: {error}")
-    detect(args.records, args.chunk, args.n_chunks, detector, class_names, args.out, params)
+    detect(args.records, args.chunk, args.n_chunks, detector, class_names, args.out, params, args.crops)
 
 
 def main(argv: list[str] | None = None) -> None:

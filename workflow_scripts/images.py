@@ -148,3 +148,12 @@ def resolved_image_path(records_path: str | os.PathLike) -> pl.Expr:
 
 def resolve_image_paths(records: pl.DataFrame, records_path: str | os.PathLike) -> pl.Series:
     return records.select(resolved_image_path(records_path)).to_series()
+
+
+def crop(image: Image.Image, box: tuple[int, int, int, int] | None, record_id: str) -> Image.Image:
+    """The box's pixels (max exclusive, as PIL crops); the whole image when `box` is None."""
+    if box is None:
+        return image
+    if box[2] > image.width or box[3] > image.height or min(box[:2]) < 0 or box[2] <= box[0] or box[3] <= box[1]:
+        raise DataError(f"record {record_id!r}: crop {box} empty or outside its {image.width}x{image.height} image")
+    return image.crop(box)

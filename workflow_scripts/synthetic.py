@@ -14,7 +14,9 @@ public set follow one distribution; the samples themselves depend on the
 dataset's own seed.
 
 Besides the records and ground truth, `boxes.parquet` holds each image's dominant object's box (the SSL
-test's foreground box): the generator knows where it draws it.
+test's foreground box) and `objects.parquet` every drawn object's box (the crop tags of the SSL test's naive Bayes
+reference): the generator knows where it draws them. An object's box is that of all its drawn pixels, also those
+the foreground object later paints over.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from workflow_scripts.cli import add_dataclass_arguments, dataclass_from_args
-from workflow_scripts.contracts import BOXES, GROUND_TRUTH, RECORDS
+from workflow_scripts.contracts import BOXES, GROUND_TRUTH, OBJECTS, RECORDS
 from workflow_scripts.images import content_hash
 from workflow_scripts.io import atomic_path, write_parquet
 
@@ -147,6 +149,15 @@ class SceneWorld:
         """Draw the scene in `style`; return the image, the class of its dominant object (the largest, or with
         `style.foreground_radius` the foreground object, `objects[0]`) and that object's box (x_min, y_min,
         x_max, y_max in pixels, max exclusive)."""
+        image, dominant, box, _ = self.render_objects(scene, objects, rng, style)
+        return image, dominant, box
+
+    def render_objects(
+        self, scene: int, objects: np.ndarray, rng: np.random.Generator, style: SceneStyle | None = None
+    ) -> tuple[Image.Image, int, tuple[int, int, int, int], list[tuple[int, tuple[int, int, int, int]]]]:
+        """`render`'s image, dominant class and box, and (class, drawn box) of every object, in `objects` order.
+
+        The same random draws as `render`: the boxes come from masks (`drawn_box`), not from the generator."""
         style = style or SceneStyle()
         size = self.config.image_size
         image = Image.new("RGB", (size, size), self.backgrounds[scene])
@@ -154,7 +165,7 @@ class SceneWorld:
         _draw_pattern(draw, self.patterns[scene], size, self.backgrounds[scene])
         _draw_marks(draw, style.background_marks, size, rng)
         foreground = style.foreground_radius is not None
-        dominant, dominant_shape = self._draw_grid_objects(draw, objects[int(foreground) :], rng)
+        dominant, dominant_shape, shapes = self._draw_grid_objects(draw, objects[int(foreground) :], rng)
         if foreground:
             dominant = int(objects[0])
             shape = self.classes[dominant].split(" ")[1]
@@ -162,23 +173,27 @@ class SceneWorld:
             cx, cy = rng.uniform(radius, size - radius, 2)
             _draw_shape(draw, shape, cx, cy, radius, COLOURS[self.classes[dominant].split(" ")[0]])
             dominant_shape = (shape, cx, cy, radius)
-        return image, dominant, drawn_box(size, *dominant_shape)
+            shapes.insert(0, dominant_shape)
+        boxes = [(int(class_index), drawn_box(size, *drawn)) for class_index, drawn in zip(objects, shapes)]
+        return image, dominant, drawn_box(size, *dominant_shape), boxes
 
     def _draw_grid_objects(self, draw: ImageDraw.ImageDraw, objects: np.ndarray, rng: np.random.Generator):
         """Draw each object in its own cell of a 3x3 grid (none hides another); return the largest's class and
-        (shape, cx, cy, radius)."""
+        (shape, cx, cy, radius), and every object's (shape, cx, cy, radius) in `objects` order."""
         cells = rng.choice(9, size=len(objects), replace=False)
         cell = self.config.image_size / 3
         dominant, dominant_shape = int(objects[0]) if len(objects) else -1, ("", 0.0, 0.0, 0.0)
+        shapes = []
         for class_index, cell_index in zip(objects, cells):
             colour_name, shape = self.classes[class_index].split(" ")
             radius = cell * rng.uniform(0.3, 0.45)
             cx = (cell_index % 3 + 0.5) * cell + rng.uniform(-0.1, 0.1) * cell
             cy = (cell_index // 3 + 0.5) * cell + rng.uniform(-0.1, 0.1) * cell
             _draw_shape(draw, shape, cx, cy, radius, COLOURS[colour_name])
+            shapes.append((shape, cx, cy, radius))
             if radius > dominant_shape[3]:
                 dominant, dominant_shape = int(class_index), (shape, cx, cy, radius)
-        return dominant, dominant_shape
+        return dominant, dominant_shape, shapes
 
     def caption(self, scene: int, objects: np.ndarray, rng: np.random.Generator) -> str:
         cfg = self.config
@@ -275,13 +290,14 @@ def generate(
     out_dir: str | Path,
     style: SceneStyle | None = None,
 ) -> None:
-    """Write `records.parquet`, `ground_truth.parquet`, `boxes.parquet` and `images/` under out_dir, each image
-    drawn in `style` (default: the VLM test's scenes)."""
+    """Write `records.parquet`, `ground_truth.parquet`, `boxes.parquet`, `objects.parquet` and `images/` under
+    out_dir, each image drawn in `style` (default: the VLM test's scenes)."""
     style = style or SceneStyle()
     out_dir = Path(out_dir)
     with atomic_path(out_dir / "images") as image_dir:
         image_dir.mkdir(parents=True)
-        drawn = draw_records(dataset, n_records, np.random.default_rng(seed), SceneWorld(config), style, image_dir)
+        world = SceneWorld(config)
+        drawn = draw_records(dataset, n_records, np.random.default_rng(seed), world, style, image_dir)
     params = {"dataset": dataset, "n_records": n_records, "seed": seed, **config.__dict__}
     params |= {key: value for key, value in style.__dict__.items() if value != SceneStyle.__dict__[key]}
     record_columns = ["id", "image_path", "captions", "image_sha256", "scene", "dominant_object"]
@@ -294,23 +310,25 @@ def generate(
         schema=GROUND_TRUTH.polars(),
     )
     boxes = boxes_table(drawn["id"], drawn["box"], config.image_size)
+    objects = objects_table(drawn["id"], drawn["objects"], world.classes)
     for name, table, contract in (
         ("ground_truth", ground_truth, GROUND_TRUTH),
         ("records", records, RECORDS),
         ("boxes", boxes, BOXES),
+        ("objects", objects, OBJECTS),
     ):
         write_parquet(table, out_dir / f"{name}.parquet", stage="datasets", params=params, contract=contract)
 
 
 def draw_records(dataset: str, n_records: int, rng, world: SceneWorld, style: SceneStyle, image_dir: Path) -> dict:
     """Draw and save `n_records` scenes; return their columns (id, image_path, captions, image_sha256, scene,
-    dominant_object, labels, box), each a list in record order."""
+    dominant_object, labels, box, objects: [(class index, drawn box)]), each a list in record order."""
     drawn: dict[str, list] = {name: [] for name in ("id", "image_path", "captions", "image_sha256", "scene")}
-    drawn |= {"dominant_object": [], "labels": [], "box": []}
+    drawn |= {"dominant_object": [], "labels": [], "box": [], "objects": []}
     for index in tqdm(range(n_records), desc=f"generating {dataset}", unit="img", mininterval=2):
         scene = int(rng.integers(len(SCENES)))
         objects = world.sample_objects(scene, rng)
-        image, dominant, box = world.render(scene, objects, rng, style)
+        image, dominant, box, object_boxes = world.render_objects(scene, objects, rng, style)
         record_id = f"{dataset}-{index:07d}"
         image.save(image_dir / f"{record_id}.png")
         drawn["id"].append(record_id)
@@ -321,6 +339,7 @@ def draw_records(dataset: str, n_records: int, rng, world: SceneWorld, style: Sc
         drawn["dominant_object"].append(world.classes[dominant])
         drawn["labels"].append(sorted(world.classes[i] for i in objects))
         drawn["box"].append(box)
+        drawn["objects"].append(object_boxes)
     return drawn
 
 
@@ -332,13 +351,26 @@ def boxes_table(ids: list[str], boxes: list[tuple[int, int, int, int]], size: in
     return pl.DataFrame(columns, schema=BOXES.polars())
 
 
+def objects_table(
+    ids: list[str], objects: list[list[tuple[int, tuple[int, int, int, int]]]], classes: list[str]
+) -> pl.DataFrame:
+    """The OBJECTS table: one row per drawn object (records in order, each image's objects in `objects` order),
+    its class name and drawn box."""
+    rows = [
+        (record_id, classes[class_index], *box) for record_id, drawn in zip(ids, objects) for class_index, box in drawn
+    ]
+    return pl.DataFrame(rows, schema=OBJECTS.polars(), orient="row") if rows else OBJECTS.empty()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", required=True, help="dataset name, used as the id prefix")
     parser.add_argument("--n-records", type=int, required=True)
     parser.add_argument("--seed", type=int, required=True)
     parser.add_argument(
-        "--out-dir", required=True, help="folder for records.parquet, ground_truth.parquet, boxes.parquet, images/"
+        "--out-dir",
+        required=True,
+        help="folder for records.parquet, ground_truth.parquet, boxes.parquet, objects.parquet, images/",
     )
     add_dataclass_arguments(parser, SyntheticConfig)
     add_dataclass_arguments(parser, SceneStyle)

@@ -1,4 +1,4 @@
-"""Embed full images, or the periphery crops of the SSL test, with a model of workflow_scripts.ssl.train.
+"""Embed full images, or the periphery crops of the SSL test, with an SSL model (trained or imported).
 
 `python -m workflow_scripts.ssl.embed --model M --records R [--images IDS=OUT ...] [--crop-images IDS=OUT ...
 --crops crops.parquet] --layer projector|backbone [--batch-size --device --threads --allow-cpu-fallback]`
@@ -6,11 +6,13 @@
 One job embeds every collection of a model and layer (the model loads once): `--images` the full images of
 the ids in IDS (the public set X), `--crop-images` the crop of each id in IDS that the crops table keeps (its
 `x_min`, `y_min`, `x_max`, `y_max` pixels, max exclusive); dropped ids are left out and counted in the log,
-and an id the table lacks is an error. Either way the image goes
-through the evaluation transform of the paper (Resize 256, CenterCrop 224) at the model's `image_size`:
+and an id the table lacks is an error. The model is a checkpoint of workflow_scripts.ssl.train or one that
+workflow_scripts.ssl.published imported; `load_ssl_encoder` reads either. A trained model's images go through
+the evaluation transform of the paper (Resize 256, CenterCrop 224) at the model's `image_size`:
 Resize(round(image_size·256/224)) → CenterCrop(image_size) → ToTensor → ImageNet normalisation (the
-training views' normalisation). `--layer projector` embeds the projector output, `backbone` the backbone's
-features. Rows are L2-normalised float32 (the embeddings contract), in the order of I.
+training views' normalisation); an imported model's through its published preprocessing. `--layer projector`
+embeds the projector output, `backbone` the backbone's features (an imported model has only `backbone`). Rows
+are L2-normalised float32 (the embeddings contract), in the order of I.
 """
 
 from __future__ import annotations
@@ -23,17 +25,15 @@ from functools import partial
 import numpy as np
 import polars as pl
 import torch
-from lightly.transforms.utils import IMAGENET_NORMALIZE
-from PIL import Image
-from torchvision import transforms
 
 from workflow_scripts.cli import LOG_FORMAT, add_dataclass_arguments, dataclass_from_args, keyed_files
 from workflow_scripts.contracts import CROPS
 from workflow_scripts.embed import embed_batches, select_records, write_embeddings
-from workflow_scripts.images import load_rgb, resolve_image_paths
+from workflow_scripts.images import crop, load_rgb, resolve_image_paths
 from workflow_scripts.io import DataError
 from workflow_scripts.models import select_device
-from workflow_scripts.ssl.models import LAYERS, load_ssl_checkpoint
+from workflow_scripts.ssl.models import LAYERS
+from workflow_scripts.ssl.published import check_layer, load_ssl_encoder
 
 log = logging.getLogger(__name__)
 BOX = ["x_min", "y_min", "x_max", "y_max"]
@@ -47,18 +47,6 @@ class SSLEmbedParams:
     device: str = "auto"  # auto | cpu | cuda[:N]
     threads: int = 1  # torch CPU threads
     allow_cpu_fallback: bool = False  # true: --device cuda without a GPU runs on the CPU instead of failing
-
-
-def eval_transform(image_size: int) -> transforms.Compose:
-    """The paper's evaluation transform (Resize 256, CenterCrop 224) scaled to `image_size`."""
-    return transforms.Compose(
-        [
-            transforms.Resize(round(image_size * 256 / 224)),
-            transforms.CenterCrop(image_size),
-            transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_NORMALIZE["mean"], IMAGENET_NORMALIZE["std"]),
-        ]
-    )
 
 
 def kept_crops(records: pl.DataFrame, crops_path: str) -> pl.DataFrame:
@@ -82,15 +70,6 @@ def kept_crops(records: pl.DataFrame, crops_path: str) -> pl.DataFrame:
     return kept.drop("drop_reason", "in_crops")
 
 
-def crop(image: Image.Image, box: tuple[int, int, int, int] | None, record_id: str) -> Image.Image:
-    """The box's pixels (max exclusive, as PIL crops); the whole image when `box` is None."""
-    if box is None:
-        return image
-    if box[2] > image.width or box[3] > image.height or min(box[:2]) < 0:
-        raise DataError(f"record {record_id!r}: crop {box} outside its {image.width}x{image.height} image")
-    return image.crop(box)
-
-
 @dataclass(frozen=True)
 class Collection:
     """One output of an embedding job: the ids of `ids_path`, as full images or (`cropped`) their kept crops."""
@@ -109,33 +88,40 @@ def embed(
     crops_path: str | None = None,
     params: SSLEmbedParams = SSLEmbedParams(),
 ) -> None:
-    """Embed each collection's full images, or kept crops, at `layer` of an SSL checkpoint loaded once."""
+    """Embed each collection's full images, or kept crops, at `layer` of an SSL model loaded once."""
     if layer not in LAYERS:
         raise ValueError(f"layer must be one of {LAYERS}, not {layer!r}")
     if crops_path is None and any(collection.cropped for collection in collections):
         raise ValueError("cropped collections need the crops table (--crops)")
     torch.set_num_threads(params.threads)
     device = select_device(params.device, params.allow_cpu_fallback)
-    model, checkpoint = load_ssl_checkpoint(model_path, device)
-    provenance = {
-        "model": model_path,
-        "model_epoch": checkpoint.get("epoch"),
-        "method": checkpoint["method"],
-        "backbone": checkpoint["backbone"],
-        "layer": layer,
-        "records": records_path,
-        "image_size": checkpoint["params"]["image_size"],
-    }
-    encode, transform = partial(model.encode, layer=layer), eval_transform(int(checkpoint["params"]["image_size"]))
+    encode, transform, checkpoint = load_ssl_encoder(model_path, device)
+    check_layer(checkpoint, layer)
+    provenance = model_provenance(model_path, checkpoint) | {"layer": layer, "records": records_path}
+    encode = partial(encode, layer=layer)
     for collection in collections:
         crops = crops_path if collection.cropped else None
         ids, embeddings = embed_collection(encode, transform, records_path, collection.ids_path, crops, params, device)
         if not ids:
             log.warning("%s: nothing to embed: %s is written without rows", model_path, collection.out_path)
-            embeddings = np.zeros((0, model.dims[layer]), dtype=np.float32)
+            embeddings = np.zeros((0, checkpoint["dims"][layer]), dtype=np.float32)
         write_embeddings(
             ids, embeddings, collection.out_path, {**provenance, "ids": [collection.ids_path], "crops": crops}
         )
+
+
+def model_provenance(model_path: str, checkpoint: dict) -> dict:
+    """What the embeddings' metadata says of the model: a trained one's epoch, method, backbone and image size; an
+    imported one's source, architecture and preprocessing."""
+    provenance = {"model": model_path, "model_kind": checkpoint["kind"], "model_name": checkpoint["name"]}
+    if checkpoint["kind"] == "ssl":
+        return provenance | {
+            "model_epoch": checkpoint.get("epoch"),
+            "method": checkpoint["method"],
+            "backbone": checkpoint["backbone"],
+            "image_size": checkpoint["params"]["image_size"],
+        }
+    return provenance | {key: checkpoint[key] for key in ("source", "architecture", "weights", "preprocess")}
 
 
 def embed_collection(encode, transform, records_path: str, ids_path: str, crops_path: str | None, params, device):
@@ -162,7 +148,7 @@ def embed_collection(encode, transform, records_path: str, ids_path: str, crops_
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="model.pt of workflow_scripts.ssl.train")
+    parser.add_argument("--model", required=True, help="model.pt of workflow_scripts.ssl.train or .published")
     parser.add_argument("--records", required=True, help="records Parquet of the dataset")
     parser.add_argument("--images", action="append", default=[], metavar="IDS=OUT", help="embed these full images")
     parser.add_argument(
