@@ -3,10 +3,12 @@
 import functools
 import glob
 import hashlib
+import json
 import os
 import re
 import shlex
 import sys
+from pathlib import Path
 
 from snakemake.utils import validate
 
@@ -75,6 +77,7 @@ PATHS = {
     # the SSL test (rules/ssl.smk), under ssl/{ssl_dataset}/: {name} is A, B, shared, holdout or public;
     # {collection} public or crops_{crop_set}; {crop_set} A, B or holdout; {layer} projector or backbone
     "boxes": f"{RESULTS}/data/{{dataset}}/boxes.parquet",
+    "objects": f"{RESULTS}/data/{{dataset}}/objects.parquet",
     "ssl_split": f"{RESULTS}/ssl/{{ssl_dataset}}/splits/{{name}}.parquet",
     "ssl_crops": f"{RESULTS}/ssl/{{ssl_dataset}}/crops.parquet",
     "ssl_model": f"{RESULTS}/ssl/{{ssl_dataset}}/models/{{ssl_point}}/{{side}}/model.pt",
@@ -83,8 +86,13 @@ PATHS = {
     "ssl_checkpoint": f"{RESULTS}/ssl/{{ssl_dataset}}/models/{{ssl_point}}/{{side}}/run/model_epoch{{epoch}}.pt",
     "ssl_embeddings": f"{RESULTS}/ssl/{{ssl_dataset}}/embeddings/{{ssl_point}}/{{side}}/{{layer}}/{{collection}}.parquet",
     "ssl_neighbors": f"{RESULTS}/ssl/{{ssl_dataset}}/neighbors/{{ssl_point}}/{{side}}/{{layer}}/{{crop_set}}.parquet",
-    "ssl_metrics": f"{RESULTS}/ssl/{{ssl_dataset}}/metrics/{{ssl_point}}/{{layer}}/{{table}}.parquet",
-    "ssl_figure": f"{RESULTS}/ssl/{{ssl_dataset}}/figures/{{ssl_point}}/{{layer}}/{{figure}}.{{ext}}",
+    "ssl_metrics": f"{RESULTS}/ssl/{{ssl_dataset}}/metrics/{{ssl_point}}/{{layer}}/{{test}}/{{table}}.parquet",
+    "ssl_figure": f"{RESULTS}/ssl/{{ssl_dataset}}/figures/{{ssl_point}}/{{layer}}/{{test}}/{{figure}}.{{ext}}",
+    "ssl_agreement": f"{RESULTS}/ssl/{{ssl_dataset}}/agreement/{{ssl_point}}/{{layer}}/{{name}}",
+    "ssl_crop_tags": f"{RESULTS}/ssl/{{ssl_dataset}}/crop_tags.parquet",
+    "ssl_detic_chunk": f"{RESULTS}/ssl/{{ssl_dataset}}/detic/chunk-{{chunk}}.parquet",
+    "ssl_classifier_run": f"{RESULTS}/ssl/{{ssl_dataset}}/references/crop_classifier/{{side}}/run/{{name}}",
+    "ssl_predictions": f"{RESULTS}/ssl/{{ssl_dataset}}/references/{{reference}}/{{side}}/{{crop_set}}.parquet",
     "ssl_summary": f"{RESULTS}/ssl/{{ssl_dataset}}/summary.{{ext}}",
 }
 METRIC_TABLES = ("records", "population", "sample_level")

@@ -10,6 +10,7 @@ rule synthetic_dataset:
         records=PATHS["records"],
         ground_truth=PATHS["ground_truth"],
         boxes=PATHS["boxes"],
+        objects=PATHS["objects"],
         images=directory(PATHS["synthetic_images"]),
     log:
         f"{RESULTS}/logs/datasets/{{dataset}}.log",

@@ -1,17 +1,21 @@
 # The SSL test (Meehan et al., NeurIPS 2023): image-only models f_A, f_B train on A ∪ shared and B ∪ shared;
 # each measured image's periphery crop retrieves public images whose labels vote for its foreground object.
 # splits -> crops -> train -> embed (public X, crops) -> knn (the VLM test's search) -> metrics -> figures, summary.
-# `snakemake ssl` runs this test alone; docs/DESIGN.md §9 defines its metrics.
+# The one-model tests (rules/ssl_references.smk) replace f_B by a reference classifier of the crop's label.
+# `snakemake ssl` runs these tests alone; docs/DESIGN.md §9 and §10 define their metrics.
 
 
 include: "helpers/ssl.smk"
+include: "ssl_references.smk"
 
 
 wildcard_constraints:
     ssl_dataset="|".join(map(re.escape, SSL_DATASETS)) or match_nothing(),
-    ssl_point=segment_regex(SSL_POINT_KEYS),
+    ssl_point=f"{segment_regex(SSL_POINT_KEYS)}|external~[A-Za-z0-9_.-]+",
     layer="projector|backbone",
     crop_set="|".join(SSL_CROP_SETS),
+    test="two_model|crop_classifier|naive_bayes",
+    reference="crop_classifier|naive_bayes",
 
 
 rule ssl:
@@ -95,6 +99,8 @@ rule ssl_model:
         PATHS["ssl_model"],
     log:
         f"{RESULTS}/logs/ssl/{{ssl_dataset}}/train/{{ssl_point}}/{{side}}.model.log",
+    wildcard_constraints:
+        ssl_point=segment_regex(SSL_POINT_KEYS),
     localrule: True
     conda:
         "../envs/dejavu.yaml"
@@ -154,27 +160,29 @@ rule ssl_knn:
 
 
 rule ssl_metrics:
+    """One test's tables at one point and layer: the two-model test (f_B's neighbours as the reference) or a
+    one-model test (a reference classifier's predictions)."""
     input:
-        unpack(lambda wc: {"neighbors": list(ssl_neighbor_files(wc).values())}),
+        unpack(lambda wc: {role: list(files.values()) for role, files in ssl_metric_files(wc).items()}),
         crops=PATHS["ssl_crops"],
         records=ssl_records,
         splits=[path("ssl_split", name=name) for name in SSL_CROP_SETS],
     output:
         **{table: path("ssl_metrics", table=table) for table in SSL_TABLES},
     log:
-        f"{RESULTS}/logs/ssl/{{ssl_dataset}}/metrics/{{ssl_point}}/{{layer}}.log",
+        f"{RESULTS}/logs/ssl/{{ssl_dataset}}/metrics/{{ssl_point}}/{{layer}}/{{test}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/ssl/{{ssl_dataset}}/metrics/{{ssl_point}}/{{layer}}.tsv"
+        f"{RESULTS}/benchmarks/ssl/{{ssl_dataset}}/metrics/{{ssl_point}}/{{layer}}/{{test}}.tsv"
     conda:
         "../envs/dejavu.yaml"
     params:
         label_column=SSL["label_column"],
         metrics=ssl_metric_flags(),
-        neighbors=lambda wc: keyed_flags("neighbors", *zip(*ssl_neighbor_files(wc).items())),
+        votes=ssl_metric_flags_of,
         splits=lambda wc, input: keyed_flags("split", SSL_CROP_SETS, input.splits),
     shell:
         "python -m workflow_scripts.metrics.ssl --crops {input.crops} --records {input.records}"
-        " --label-column {params.label_column} {params.splits} {params.neighbors} {params.metrics}"
+        " --label-column {params.label_column} {params.splits} {params.votes} {params.metrics}"
         " --records-out {output.records} --population-out {output.population}"
         " --sample-level-out {output.sample_level} > {log} 2>&1"
 
@@ -189,28 +197,30 @@ rule ssl_figure_accuracy:
             category="SSL",
         ),
     log:
-        f"{RESULTS}/logs/ssl/{{ssl_dataset}}/figures/{{ssl_point}}/{{layer}}/accuracy.log",
+        f"{RESULTS}/logs/ssl/{{ssl_dataset}}/figures/{{ssl_point}}/{{layer}}/{{test}}/accuracy.log",
     conda:
         "../envs/dejavu.yaml"
     shell:
-        "python -m workflow_scripts.ssl.figures accuracy --population {input} --out {output} > {log} 2>&1"
+        "python -m workflow_scripts.ssl.figures accuracy --population {input} --test {wildcards.test}"
+        " --out {output} > {log} 2>&1"
 
 
 rule ssl_figure_qualitative:
+    """The two-model test's most confident memorized crops of A and their neighbours under f_A and f_B."""
     input:
-        records=path("ssl_metrics", table="records"),
+        records=path("ssl_metrics", test="two_model", table="records"),
         crops=PATHS["ssl_crops"],
         images=ssl_records,
         target=path("ssl_neighbors", side="A", crop_set="A"),
         reference=path("ssl_neighbors", side="B", crop_set="A"),
     output:
         report(
-            expand(path("ssl_figure", figure="qualitative"), ext=("png", "svg"), allow_missing=True),
+            expand(path("ssl_figure", test="two_model", figure="qualitative"), ext=("png", "svg"), allow_missing=True),
             caption="../report/ssl_qualitative.rst",
             category="SSL",
         ),
     log:
-        f"{RESULTS}/logs/ssl/{{ssl_dataset}}/figures/{{ssl_point}}/{{layer}}/qualitative.log",
+        f"{RESULTS}/logs/ssl/{{ssl_dataset}}/figures/{{ssl_point}}/{{layer}}/two_model/qualitative.log",
     conda:
         "../envs/dejavu.yaml"
     params:
@@ -222,7 +232,7 @@ rule ssl_figure_qualitative:
 
 
 rule ssl_summary:
-    """Every point and layer's top-1 population rows in one table (`workflow_scripts.ssl.summary`)."""
+    """Every point, layer and test's top-1 population rows in one table (`workflow_scripts.ssl.summary`)."""
     input:
         populations=lambda wc: ssl_population_files(wc).values(),
     output:
@@ -237,3 +247,38 @@ rule ssl_summary:
     shell:
         "python -m workflow_scripts.ssl.summary {params.populations}"
         " --out {output.table} --out-csv {output.csv} > {log} 2>&1"
+
+
+rule ssl_agreement:
+    """The two-model and one-model tests side by side on the same crops: population rows, the pairwise
+    sample-level agreement (heat map) and the memorization confidence of the crops each flags (histograms)."""
+    input:
+        records=lambda wc: ssl_agreement_tables(wc, "records").values(),
+        population=lambda wc: ssl_agreement_tables(wc, "population").values(),
+        sample_level=lambda wc: ssl_agreement_tables(wc, "sample_level").values(),
+    output:
+        agreement=path("ssl_agreement", name="agreement.parquet"),
+        population=path("ssl_agreement", name="population.parquet"),
+        heatmap=report(
+            expand(path("ssl_agreement", name="agreement.{ext}"), ext=("png", "svg"), allow_missing=True),
+            caption="../report/ssl_agreement.rst",
+            category="SSL",
+        ),
+        confidence=report(
+            expand(path("ssl_agreement", name="confidence.{ext}"), ext=("png", "svg"), allow_missing=True),
+            caption="../report/ssl_confidence.rst",
+            category="SSL",
+        ),
+    log:
+        f"{RESULTS}/logs/ssl/{{ssl_dataset}}/agreement/{{ssl_point}}/{{layer}}.log",
+    conda:
+        "../envs/dejavu.yaml"
+    params:
+        tables=lambda wc: " ".join(
+            keyed_flags(flag, *zip(*ssl_agreement_tables(wc, table).items()))
+            for flag, table in (("records", "records"), ("population", "population"), ("sample-level", "sample_level"))
+        ),
+    shell:
+        "python -m workflow_scripts.ssl.agreement {params.tables} --out-agreement {output.agreement}"
+        " --out-population {output.population} --out-heatmap {output.heatmap}"
+        " --out-confidence {output.confidence} > {log} 2>&1"

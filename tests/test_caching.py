@@ -36,7 +36,7 @@ EXECUTION_SETTINGS = {
     "knn": {"knn": {"threads": 2, "batch_size": 3, "use_gpu": "never"}},
     "metrics": {"metrics": {"batch_rows": 17, "part_records": 5}},
     "one_model": {"one_model": {"batch_size": 5}},
-    "ssl": {"ssl": {"training": TRAINING_EXECUTION}},
+    "ssl": {"ssl": {"training": TRAINING_EXECUTION, "one_model": {"crop_classifier": TRAINING_EXECUTION}}},
 }
 
 
@@ -62,20 +62,34 @@ MODELS_DOWN = {
 TRAINING_DOWN = {"train": 2, "model": 4, **MODELS_DOWN}
 SPLITS_DOWN = {"splits": 1, "embed_reference": 1, **TRAINING_DOWN, "knn_captions": 3}
 
-# The SSL test's (tiny: 2 points, one training run, one layer, sides A and B, crop sets A, B and holdout).
-SSL_FIGURES = {"ssl_figure_accuracy": 2, "ssl_figure_qualitative": 2, "ssl_summary": 1, "all": 1}
-SSL_METRICS = {"ssl_metrics": 2, **SSL_FIGURES}
-SSL_SEARCH = {"ssl_knn": 12, **SSL_METRICS}
+# The SSL tests' (tiny: 2 points, one training run, one layer, sides A and B, crop sets A, B and holdout; the
+# two-model test and the one-model tests of two references, each reference trained once per side).
+SSL_FIGURES = {"ssl_figure_accuracy": 6, "ssl_figure_qualitative": 2, "ssl_agreement": 2, "ssl_summary": 1, "all": 1}
+SSL_METRICS = {"ssl_metrics": 6, **SSL_FIGURES}
+SSL_SEARCH = {**SSL_METRICS, "ssl_knn": 12}
 SSL_EMBEDDING_DOWN = {"ssl_embed": 4, **SSL_SEARCH}
 SSL_TRAINING_DOWN = {"ssl_train": 2, "ssl_model": 4, **SSL_EMBEDDING_DOWN}
+SSL_ONE_REFERENCE = {"ssl_metrics": 2, "ssl_figure_accuracy": 2, "ssl_agreement": 2, "ssl_summary": 1, "all": 1}
+SSL_REFERENCES = {"ssl_crop_classifier_predict": 2, "ssl_naive_bayes": 2}
+SSL_CROPS_DOWN = {**SSL_EMBEDDING_DOWN, "ssl_crop_tags": 1, "ssl_crop_classifier_train": 2, **SSL_REFERENCES}
 
 RESULT_SETTINGS = [
     ({"ssl": {"metrics": {"bootstrap": {"seed": 1}}}}, SSL_METRICS),
-    ({"ssl": {"knn": {"k": 6}}}, SSL_SEARCH),
-    ({"ssl": {"crop": {"min_px": 4}}}, {"ssl_crops": 1, **SSL_EMBEDDING_DOWN}),
+    ({"ssl": {"metrics": {"k": 4}}}, {**SSL_METRICS, **SSL_REFERENCES}),
+    ({"ssl": {"knn": {"k": 6}}}, SSL_SEARCH),  # every test's target votes
+    ({"ssl": {"one_model": {"naive_bayes": {"tags_k": 2}}}}, {"ssl_naive_bayes": 2, **SSL_ONE_REFERENCE}),
+    (
+        {"ssl": {"one_model": {"naive_bayes": {"min_visible": 0.5}}}},
+        {"ssl_crop_tags": 1, "ssl_naive_bayes": 2, **SSL_ONE_REFERENCE},
+    ),
+    (
+        {"ssl": {"one_model": {"crop_classifier": {"lr": 2.0e-3}}}},
+        {"ssl_crop_classifier_train": 2, "ssl_crop_classifier_predict": 2, **SSL_ONE_REFERENCE},
+    ),
+    ({"ssl": {"crop": {"min_px": 4}}}, {"ssl_crops": 1, **SSL_CROPS_DOWN}),
     ({"ssl": {"training": {"lr": 2.0e-3}}}, SSL_TRAINING_DOWN),
     ({"ssl": {"training": {"method": "barlowtwins"}}}, SSL_TRAINING_DOWN),
-    ({"ssl": {"split": {"seed": 1}}}, {"ssl_split": 1, "ssl_crops": 1, **SSL_TRAINING_DOWN}),
+    ({"ssl": {"split": {"seed": 1}}}, {"ssl_split": 1, "ssl_crops": 1, **SSL_CROPS_DOWN, **SSL_TRAINING_DOWN}),
     ({"metrics": {"bootstrap": {"seed": 1}}}, METRICS),
     ({"metrics": {"top_l": [10, 20]}}, METRICS),
     ({"knn": {"k": 6}}, {**SEARCH, "knn_captions": 3}),

@@ -28,7 +28,12 @@ CPU_ONLY = {
     "knn": {**TINY["knn"], "use_gpu": "never"},
     "sweep": {"epochs": [2], "mask_ratio": [0.0]},
     "one_model": {"enabled": False},
-    "ssl": {**TINY["ssl"], "training": {**TINY["ssl"]["training"], "device": "cpu"}, "sweep": {"epochs": [2]}},
+    "ssl": {
+        **TINY["ssl"],
+        "training": {**TINY["ssl"]["training"], "device": "cpu"},
+        "one_model": {"crop_classifier": {**TINY["ssl"]["one_model"]["crop_classifier"], "device": "cpu"}},
+        "sweep": {"epochs": [2]},
+    },
 }
 # The plugin's first status check comes 40 s after a submission and the delay grows by 10 s per check while no job
 # finishes: on a tiny DAG of short jobs that waiting is most of the run. From 2 s it stays short.

@@ -12,23 +12,36 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
-from workflow_scripts.contracts import SSL_POPULATION, SSL_RECORDS, SSL_SAMPLE_LEVEL
+from workflow_scripts.contracts import (
+    AGREEMENT,
+    SSL_AGREEMENT_POPULATION,
+    SSL_POPULATION,
+    SSL_PREDICTIONS,
+    SSL_RECORDS,
+    SSL_SAMPLE_LEVEL,
+)
 from workflow_scripts.io import DataError, read_metadata, write_parquet
 from workflow_scripts.metrics.ssl import (
     CROP_SETS,
     MODELS,
+    REFERENCE_KEYS,
+    TARGET_KEYS,
     SSLMetricParams,
     cutoffs,
-    population,
+    evaluate,
     records_table,
     sample_level,
     vote,
 )
 from workflow_scripts.metrics.ssl_main import main
+from workflow_scripts.ssl import agreement as ssl_agreement
 from workflow_scripts.ssl import figures
 from workflow_scripts.ssl import summary as ssl_summary
+from workflow_scripts.ssl.predictions import apportion, predictions_table
 
 LN2, LN3 = math.log(2), math.log(3)
 H_TWO_ONE = LN3 - 2 / 3 * LN2  # entropy of the vote shares (2/3, 1/3)
@@ -68,6 +81,16 @@ def example_votes(example=EXAMPLE, vocabulary=VOCABULARY):
             for model in MODELS
         }
     return sets, votes
+
+
+def two_model(votes) -> tuple[dict, dict]:
+    """The two-model test's (target, reference) votes by MODEL:CROPSET: each model's votes on each crop set."""
+    by_key = {f"{model}:{crop_set}": votes[crop_set][model] for crop_set in votes for model in MODELS}
+    return {key: by_key[key] for key in TARGET_KEYS}, {key: by_key[key] for key in REFERENCE_KEYS}
+
+
+def population(votes, params):
+    return evaluate(*two_model(votes), params)[1]
 
 
 def stat(table: pl.DataFrame, statistic: str, top_p: float = 100.0, prediction: str = "top1", column="value"):
@@ -130,15 +153,24 @@ def check_example_population(table: pl.DataFrame) -> None:
 def test_the_worked_example_by_hand():
     sets, votes = example_votes()
     params = SSLMetricParams(k=3, top_p=(25, 50, 100), n_boot=0)
-    table = population(votes, params)
+    pairs, table = evaluate(*two_model(votes), params)
     check_example_population(table)
     assert table["k"].unique().to_list() == [3] and table["mean"].is_nan().all()
-    records = records_table(sets, votes, pl.Series(VOCABULARY))
+    records = records_table(sets, pairs, pl.Series(VOCABULARY))
     assert records["id"].to_list() == ["a1", "a2", "b1", "b2", "h1", "h2"]
+    assert records["target_model"].to_list()[:4] == ["A", "A", "B", "B"]
+    assert sorted(records["target_model"].to_list()[4:]) == ["A", "B"]  # one holdout half each
     a1 = records.row(0, named=True)
-    assert (a1["predicted_A"], a1["vote_share_A"], a1["entropy_A"], a1["correct_top1_A"]) == ("cat", 1.0, 0.0, True)
-    assert (a1["predicted_B"], a1["correct_top1_B"], a1["correct_top5_B"]) == ("dog", False, True)
-    assert a1["vote_share_B"] == pytest.approx(1 / 3) and a1["entropy_B"] == pytest.approx(LN3)
+    assert (a1["predicted_target"], a1["vote_share_target"], a1["entropy_target"]) == ("cat", 1.0, 0.0)
+    assert a1["correct_top1_target"] and records.columns == SSL_RECORDS.names
+    assert (a1["predicted_reference"], a1["correct_top1_reference"], a1["correct_top5_reference"]) == (
+        "dog",
+        False,
+        True,
+    )
+    assert a1["vote_share_reference"] == pytest.approx(1 / 3) and a1["entropy_reference"] == pytest.approx(LN3)
+    b1 = records.row(2, named=True)  # on B the target is f_B: fox fox cat
+    assert (b1["predicted_target"], b1["predicted_reference"]) == ("fox", "cat")
     memorized = sample_level(records)
     assert memorized.select("rank", "id", "crop_set").rows() == [(1, "a1", "A"), (2, "b1", "B")]
     assert memorized["entropy_gap"].to_list() == pytest.approx([LN3, 0.0])
@@ -271,7 +303,9 @@ def neighbours_file(rows, path) -> str:
 def cli_arguments(files: dict, out, k: int = 3) -> list[str]:
     arguments = ["--crops", files["crops"], "--records", files["records"], "--label-column", "label"]
     arguments += [item for s in CROP_SETS for item in ("--split", f"{s}={files[s]}")]
-    arguments += [item for m in MODELS for s in CROP_SETS for item in ("--neighbors", f"{m}:{s}={files[f'{m}:{s}']}")]
+    arguments += [item for key in TARGET_KEYS for item in ("--target", f"{key}={files[key]}")]
+    references = {key: files.get(f"reference {key}", files[key]) for key in REFERENCE_KEYS}  # default: two-model
+    arguments += [item for key, file in references.items() for item in ("--reference", f"{key}={file}")]
     arguments += ["--k", str(k), "--top-p", "25", "50", "100", "--n-boot", "10", "--frac", "1", "--seed", "0"]
     tables = ("records", "population", "sample_level")
     return arguments + [item for t in tables for item in (f"--{t.replace('_', '-')}-out", f"{out}/{t}.parquet")]
@@ -344,7 +378,7 @@ def test_a_kept_crop_without_neighbours_and_ids_in_two_splits_are_refused(tmp_pa
 
 def test_the_cli_wants_every_neighbours_file(tmp_path):
     arguments = cli_arguments(example_files(tmp_path), tmp_path / "out")
-    at = arguments.index("--neighbors")
+    at = arguments.index("--reference")
     with pytest.raises(SystemExit):
         main(arguments[:at] + arguments[at + 2 :])
 
@@ -382,7 +416,7 @@ def test_summary_keeps_top1_rows_with_the_point_and_layer(tmp_path):
         table = table.with_columns(frac=pl.lit(1.0), n_records=pl.lit(8), k=pl.lit(3))
         path = tmp_path / f"{gap}.parquet"
         write_parquet(table, path, stage="test", params={}, contract=SSL_POPULATION)
-        files[f"{point}/projector"] = str(path)
+        files[f"{point}/projector/two_model"] = str(path)
     out = tmp_path / "summary.parquet"
     ssl_summary.main(
         [arg for key, file in files.items() for arg in ("--population", f"{key}={file}")]
@@ -393,4 +427,107 @@ def test_summary_keeps_top1_rows_with_the_point_and_layer(tmp_path):
         (100, "projector", "gap", 0.1),
         (400, "projector", "gap", 0.3),
     ]
+    assert table["test"].to_list() == ["two_model"] * 2
     assert table["method"].to_list() == ["simclr"] * 2 and (tmp_path / "summary.csv").read_text().count("\n") == 3
+
+
+# --- one-model references: a classifier's distribution as k votes ---
+
+
+def test_a_classifier_distribution_becomes_k_votes_by_largest_remainders():
+    probabilities = np.array([[0.5, 0.3, 0.2], [0.34, 0.33, 0.33], [0.1, 0.45, 0.45], [0.0, 0.0, 1.0]])
+    # k = 4: quotas (2, 1.2, 0.8) -> floors (2, 1, 0), the one vote left to the largest remainder, fox;
+    # (1.36, 1.32, 1.32) -> (1, 1, 1) + cat. k = 3 on the third: (0.3, 1.35, 1.35) -> (0, 1, 1), the vote left to
+    # the tied remainders' lower index, dog; one-hot: every vote.
+    assert apportion(probabilities[:2], 4).tolist() == [[0, 0, 1, 2], [0, 0, 1, 2]]
+    assert apportion(probabilities[2:], 3).tolist() == [[1, 1, 2], [2, 2, 2]]
+    table = predictions_table(["a", "b", "c", "d"], probabilities, VOCABULARY, 3)
+    assert table["predicted"].to_list() == ["cat", "cat", "dog", "fox"] and table.columns == SSL_PREDICTIONS.names
+    assert table["probability"].to_list() == [0.5, 0.34, 0.45, 1.0] and table["entropy"][3] == 0.0
+    assert table["entropy"][0] == pytest.approx(-(0.5 * math.log(0.5) + 0.3 * math.log(0.3) + 0.2 * math.log(0.2)))
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, 8), st.integers(1, 30), st.integers(0, 2**32 - 1))
+def test_apportioned_votes_are_k_and_within_one_of_each_quota(n_classes, k, seed):
+    probabilities = np.random.default_rng(seed).dirichlet(np.ones(n_classes), size=5)
+    votes = apportion(probabilities, k)
+    counts = np.stack([np.bincount(row, minlength=n_classes) for row in votes])
+    assert votes.shape == (5, k) and (np.abs(counts - k * probabilities) < 1).all()
+    assert (np.diff(counts[np.arange(5)[:, None], votes], axis=1) <= 0).all()  # most votes first
+
+
+ONE_MODEL_REFERENCE = {  # MODEL:CROPSET -> {id: the reference classifier's distribution over cat, dog, fox}
+    "B:A": {"a1": (0.2, 0.7, 0.1), "a2": (0.0, 1.0, 0.0)},
+    "A:B": {"b1": (1.0, 0.0, 0.0), "b2": (1.0, 0.0, 0.0)},
+    "B:holdout": {"h1": (1.0, 0.0, 0.0), "h2": (0.0, 1.0, 0.0)},
+    "A:holdout": {"h1": (1.0, 0.0, 0.0), "h2": (0.0, 1.0, 0.0)},
+}
+
+
+def predictions_files(tmp_path, reference=ONE_MODEL_REFERENCE, k=3) -> dict[str, str]:
+    files = {}
+    for key, by_id in reference.items():
+        table = predictions_table(list(by_id), np.array(list(by_id.values())), VOCABULARY, k)
+        files[f"reference {key}"] = str(tmp_path / f"predictions_{key.replace(':', '_')}.parquet")
+        write_parquet(table, files[f"reference {key}"], stage="test", params={}, contract=SSL_PREDICTIONS)
+    return files
+
+
+def test_a_one_model_test_scores_a_classifier_reference_by_hand(tmp_path):
+    # a1 (cat): k·p = (0.6, 2.1, 0.3) -> dog, dog, cat: wrong, share 2/3; a2: dog x 3, right. On B: cat x 3, wrong
+    # on b1 (fox), right on b2. Targets (the example's f_A on A, f_B on B): a1 right, a2 wrong, b1 and b2 right.
+    files = {**example_files(tmp_path), **predictions_files(tmp_path)}
+    main([*cli_arguments(files, tmp_path / "out"), "--reference-kind", "predictions"])
+    table = SSL_POPULATION.read(tmp_path / "out/population.parquet")
+    assert (stat(table, "target"), stat(table, "reference"), stat(table, "gap")) == (0.75, 0.5, 0.25)
+    shares = {q: stat(table, q) for q in ("memorized", "correlated", "forgotten", "misrepresented")}
+    assert shares == {"memorized": 0.5, "correlated": 0.25, "forgotten": 0.25, "misrepresented": 0.0}
+    records = SSL_RECORDS.read(tmp_path / "out/records.parquet")
+    a1 = records.row(0, named=True)
+    assert (a1["predicted_reference"], a1["vote_share_reference"]) == ("dog", pytest.approx(2 / 3))
+    memorized = SSL_SAMPLE_LEVEL.read(tmp_path / "out/sample_level.parquet")
+    assert memorized["id"].to_list() == ["a1", "b1"]
+    assert memorized["entropy_gap"].to_list() == pytest.approx([H_TWO_ONE, -H_TWO_ONE])
+
+
+@pytest.mark.parametrize(
+    "reference, k, message",
+    [
+        ({**ONE_MODEL_REFERENCE, "B:A": {"a1": (1.0, 0.0, 0.0)}}, 3, r"1 kept crop\(s\) of set A without a .*a2$"),
+        ({**ONE_MODEL_REFERENCE, "B:A": {**ONE_MODEL_REFERENCE["B:A"], "b1": (1, 0, 0)}}, 3, r"not kept crops .*b1$"),
+        (ONE_MODEL_REFERENCE, 4, r"predictions_B_A\.parquet: 2 prediction\(s\) without exactly k=3 votes"),
+    ],
+)
+def test_bad_predictions_are_refused_naming_the_file_and_id(tmp_path, reference, k, message):
+    files = {**example_files(tmp_path), **predictions_files(tmp_path, reference, k)}
+    with pytest.raises(DataError, match=message):
+        main([*cli_arguments(files, tmp_path / "out"), "--reference-kind", "predictions"])
+
+
+def test_the_tests_side_by_side_agree_as_counted_by_hand(tmp_path):
+    # Two-model flags (target right, reference wrong) on a1, a2, b1, b2: T F T F. The one-model reference is
+    # right on b1 here: T F F F. Agreement 3/4, Jaccard 1/2; the one-model gap (0.75 − 0.75) is 0.
+    files = example_files(tmp_path)
+    right_on_b1 = {**ONE_MODEL_REFERENCE, "A:B": {"b1": (0.0, 0.0, 1.0), "b2": (1.0, 0.0, 0.0)}}
+    one_model = {**files, **predictions_files(tmp_path, right_on_b1)}
+    main(cli_arguments(files, tmp_path / "two_model"))
+    main([*cli_arguments(one_model, tmp_path / "naive_bayes"), "--reference-kind", "predictions"])
+    arguments = [
+        item
+        for test in ("two_model", "naive_bayes")
+        for flag, table in (("records", "records"), ("population", "population"), ("sample-level", "sample_level"))
+        for item in (f"--{flag}", f"{test}={tmp_path / test / table}.parquet")
+    ]
+    out = tmp_path / "agreement"
+    outputs = ["--out-agreement", f"{out}/a.parquet", "--out-population", f"{out}/p.parquet"]
+    outputs += ["--out-heatmap", f"{out}/h.png", "--out-confidence", f"{out}/c.png", f"{out}/c.svg"]
+    ssl_agreement.main([*arguments, *outputs])
+    agreement = AGREEMENT.read(out / "a.parquet").filter(pl.col("test_a") != pl.col("test_b"))
+    assert agreement["agreement"].to_list() == [0.75, 0.75] and agreement["jaccard"].to_list() == [0.5, 0.5]
+    assert agreement.select("n_flagged_a", "n_flagged_b", "n_both_flagged").row(0) == (2, 1, 1)
+    side_by_side = SSL_AGREEMENT_POPULATION.read(out / "p.parquet").filter(pl.col("statistic") == "gap")
+    gaps = dict(side_by_side.filter(pl.col("top_p") == 100.0).select("test", "value").iter_rows())
+    assert gaps == {"two_model": 0.25, "naive_bayes": 0.0}
+    for name in ("h.png", "c.png"):
+        assert (out / name).read_bytes().startswith(b"\x89PNG")

@@ -4,6 +4,9 @@ from collections import Counter
 
 import polars as pl
 import pytest
+import torch
+import torchvision
+import yaml
 
 from conftest import REPO, TINY, merged, planned_jobs, run_snakemake
 from real_data import CATEGORIES, build_image_folder
@@ -44,6 +47,7 @@ def image_folder_run(tmp_path_factory):
                 "sweep": {"epochs": [1]},
                 "knn": {"k": 2},
                 "metrics": {"k": 2},
+                "one_model": {"references": []},  # no objects table (image folder); the references: other tests
             },
         },
     )
@@ -81,10 +85,31 @@ def test_the_imagenet_config_plans_the_papers_dag(tmp_path):
     """config/ssl_imagenet.yaml validates and plans one 1000-epoch run per side, its 50 and 250 checkpoints."""
     build_image_folder(tmp_path / "data/imagenet/train", 2, classes=CLASSES)
     loc_csv(tmp_path / "data/imagenet/LOC_train_solution.csv")
+    (tmp_path / "data/imagenet/crop_tags_ram.parquet").write_bytes(b"")  # named by the config, read by no dry run
     config = str(REPO / "config" / "ssl_imagenet.yaml")
     result = run_snakemake(tmp_path, None, "ssl", "--dry-run", "--configfile", config)
     jobs = Counter(rule for rule, _ in planned_jobs(result.stdout))
     assert jobs["imagenet_boxes"] == 1 and jobs["ssl_train"] == 2 and jobs["ssl_model"] == 6
-    assert jobs["ssl_embed"] == 12 and jobs["ssl_metrics"] == 6  # 3 points x 2 sides (x 2 layers)
+    assert jobs["ssl_embed"] == 12 and jobs["ssl_metrics"] == 18  # 3 points x 2 sides (x 2 layers) (x 3 tests)
+    assert jobs["ssl_crop_classifier_train"] == 2 and jobs["ssl_naive_bayes"] == 2 and jobs["ssl_crop_tags"] == 1
     trains = [wildcards for rule, wildcards in planned_jobs(result.stdout) if rule == "ssl_train"]
     assert {wildcards["ssl_point"] for wildcards in trains} == {"method~vicreg/epochs~1000/seed~0"}
+
+
+def test_the_audit_config_runs_on_a_locally_saved_model(tmp_path):
+    """config/audit_ssl.yaml over the tiny config: nothing trains an SSL model; a (random) ResNet-18 state dict saved
+    where the config names it is imported, embedded, searched and measured by both one-model tests."""
+    torch.manual_seed(0)
+    (tmp_path / "models").mkdir()
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "models" / "resnet18.pth")
+    config = merged(TINY, yaml.safe_load((REPO / "config" / "audit_ssl.yaml").read_text()))
+    run_snakemake(tmp_path, config, "ssl")
+    results = tmp_path / "results" / "ssl" / "scenes_pool"
+    assert sorted(path.name for path in (results / "models").iterdir()) == ["external~local_resnet18"]
+    point = results / "metrics" / "external~local_resnet18" / "backbone"
+    assert sorted(path.name for path in point.iterdir()) == ["crop_classifier", "naive_bayes"]  # no two-model test
+    embeddings = pl.read_parquet(results / "embeddings/external~local_resnet18/A/backbone/public.parquet")
+    assert len(embeddings["embedding"][0]) == 512  # ResNet-18's pooled features: the published backbone output
+    summary = pl.read_parquet(results / "summary.parquet")
+    assert set(summary["test"]) == {"crop_classifier", "naive_bayes"} and summary["method"].is_null().all()
+    assert (results / "agreement/external~local_resnet18/backbone/confidence.png").stat().st_size > 1000

@@ -135,14 +135,26 @@ SSL_CONTRACTS = {
         "embedding": "fixed_size_list<element: float>[32]",
     },
     f"ssl/scenes_pool/neighbors/{SSL_POINT}/B/projector/A.parquet": {"query_id": "string", "rank": "int16"},
-    f"ssl/scenes_pool/metrics/{SSL_POINT}/projector/records.parquet": {
+    f"ssl/scenes_pool/metrics/{SSL_POINT}/projector/two_model/records.parquet": {
         "crop_set": "string",
-        "predicted_A": "string",
-        "correct_top1_B": "bool",
+        "target_model": "string",
+        "predicted_target": "string",
+        "correct_top1_reference": "bool",
     },
-    f"ssl/scenes_pool/metrics/{SSL_POINT}/projector/population.parquet": {"statistic": "string", "std": "double"},
-    f"ssl/scenes_pool/metrics/{SSL_POINT}/projector/sample_level.parquet": {"entropy_gap": "double"},
-    "ssl/scenes_pool/summary.parquet": {"point": "string", "epochs": "int64", "layer": "string"},
+    f"ssl/scenes_pool/metrics/{SSL_POINT}/projector/two_model/population.parquet": {
+        "statistic": "string",
+        "std": "double",
+    },
+    f"ssl/scenes_pool/metrics/{SSL_POINT}/projector/two_model/sample_level.parquet": {"entropy_gap": "double"},
+    f"ssl/scenes_pool/metrics/{SSL_POINT}/projector/naive_bayes/population.parquet": {"statistic": "string"},
+    f"ssl/scenes_pool/metrics/{SSL_POINT}/projector/crop_classifier/records.parquet": {"entropy_reference": "double"},
+    "ssl/scenes_pool/references/crop_classifier/B/A.parquet": {"votes": "list<element: string>"},
+    "ssl/scenes_pool/references/crop_classifier/A/run/train_log.parquet": {"val_accuracy": "double"},
+    "ssl/scenes_pool/references/naive_bayes/A/B.parquet": {"predicted": "string", "entropy": "double"},
+    "ssl/scenes_pool/crop_tags.parquet": {"id": "string"},
+    f"ssl/scenes_pool/agreement/{SSL_POINT}/projector/agreement.parquet": {"test_a": "string", "jaccard": "double"},
+    f"ssl/scenes_pool/agreement/{SSL_POINT}/projector/population.parquet": {"test": "string", "value": "double"},
+    "ssl/scenes_pool/summary.parquet": {"point": "string", "epochs": "int64", "layer": "string", "test": "string"},
 }
 
 
@@ -152,14 +164,22 @@ def test_tiny_dag_runs_the_ssl_test(tiny_workflow):
         found = {field.name: str(field.type) for field in pq.read_schema(results / relative)}
         for name, type_ in columns.items():
             assert found.get(name) == type_, f"{relative}: column {name} is {found.get(name)}, expected {type_}"
-    for figure in ("accuracy", "qualitative"):
+    figures = [f"{test}/accuracy" for test in ("two_model", "crop_classifier", "naive_bayes")] + [
+        "two_model/qualitative"
+    ]
+    for figure in figures:
         for ext in ("png", "svg"):
             assert (results / f"ssl/scenes_pool/figures/{SSL_POINT}/projector/{figure}.{ext}").stat().st_size > 1000
+    for figure in ("agreement", "confidence"):
+        assert (results / f"ssl/scenes_pool/agreement/{SSL_POINT}/projector/{figure}.png").stat().st_size > 1000
     # the shorter point's model is the run's checkpoint, not a second run
     short = results / "ssl/scenes_pool/models/method~simclr/epochs~1/seed~0/A/model.pt"
     assert short.resolve() == (results / f"ssl/scenes_pool/models/{SSL_POINT}/A/run/model_epoch1.pt").resolve()
     summary = pl.read_parquet(results / "ssl/scenes_pool/summary.parquet")
     assert sorted(summary["epochs"].unique()) == [1, 2] and set(summary["statistic"]) >= {"gap", "holdout_gap"}
     crops = pl.read_parquet(results / "ssl/scenes_pool/crops.parquet")
-    records = pl.read_parquet(results / f"ssl/scenes_pool/metrics/{SSL_POINT}/projector/records.parquet")
-    assert records.height == crops.filter(pl.col("drop_reason").is_null()).height  # one row per kept crop
+    kept = crops.filter(pl.col("drop_reason").is_null()).height
+    for test in ("two_model", "crop_classifier", "naive_bayes"):
+        records = pl.read_parquet(results / f"ssl/scenes_pool/metrics/{SSL_POINT}/projector/{test}/records.parquet")
+        assert records.height == kept  # one row per kept crop
+    assert set(summary["test"]) == {"two_model", "crop_classifier", "naive_bayes"}

@@ -16,9 +16,16 @@ def detic_gpus(wildcards):
     return gpus_for(detic_spec(wildcards)["device"])
 
 
+def runs_detic(name, spec):
+    """Whether Detic annotates the data set's images, or (SSL naive Bayes tags) its periphery crops."""
+    ssl = config.get("ssl", {})
+    tags = ssl.get("one_model", {}).get("naive_bayes", {}).get("tags")
+    return spec["annotator"] == "detic" or (ssl.get("enabled") and ssl.get("dataset") == name and tags == "detic")
+
+
 # Detic's vocabularies by key (name and a hash of what shapes their embeddings): one detic_vocabulary job each.
 DETIC_VOCABULARIES = {
-    vocabulary_key(spec["detic"]): spec["detic"] for spec in config["datasets"].values() if spec["annotator"] == "detic"
+    vocabulary_key(spec["detic"]): spec["detic"] for name, spec in config["datasets"].items() if runs_detic(name, spec)
 }
 
 

@@ -1,7 +1,8 @@
 """SSL déjà vu figures, from the SSL metric tables and the inputs they name (no model is touched).
 
-- `accuracy`: label-inference accuracy of the target and the reference against the most confident top p % of the
-  crops (paper Fig. 3), bootstrap std as error bars, the holdout control beside them, and the quadrants.
+- `accuracy`: label-inference accuracy of the target and the reference (of any test) against the most confident
+  top p % of the crops (paper Fig. 3), bootstrap std as error bars, the holdout control beside them, and the
+  quadrants.
 - `qualitative`: memorized crops (target right, reference wrong; largest H_reference − H_target first): the image
   with its periphery crop's box, and its nearest public images under the target and the reference (paper Fig. 1).
 """
@@ -21,18 +22,28 @@ from workflow_scripts.figures import labelled_image, records_with_image_paths, s
 from workflow_scripts.images import load_rgb
 from workflow_scripts.metrics.ssl import MODELS, PREDICTIONS, QUADRANTS, sample_level
 
-SIDE_STYLES = {
-    "target": ("target (f_A on A, f_B on B)", "tab:red"),
-    "reference": ("reference (f_B on A, f_A on B)", "tab:blue"),
-}
-HOLDOUT_LABELS = {"target": "'target' (f_A on H1, f_B on H2)", "reference": "'reference' (f_B on H1, f_A on H2)"}
+COLOURS = {"target": "tab:red", "reference": "tab:blue"}
+TESTS = ("two_model", "crop_classifier", "naive_bayes")
+
+
+def side_labels(test: str) -> tuple[dict[str, str], dict[str, str]]:
+    """Legend labels of the target and the reference on A and B, and on the holdout halves, for `test`."""
+    reference = "f_{}" if test == "two_model" else f"{test}" + "_{}"
+    on_sets = {"target": "target (f_A on A, f_B on B)", "reference": f"reference ({reference.format('B')} on A, "}
+    on_sets["reference"] += f"{reference.format('A')} on B)"
+    holdout = {"target": "'target' (f_A on H1, f_B on H2)"}
+    holdout["reference"] = f"'reference' ({reference.format('B')} on H1, {reference.format('A')} on H2)"
+    return on_sets, holdout
+
+
 QUADRANT_COLOURS = dict(zip(QUADRANTS, ("tab:red", "tab:purple", "tab:orange", "tab:gray")))
 
 
-def _plot_accuracies(axis, population: pl.DataFrame, prediction: str) -> None:
+def _plot_accuracies(axis, population: pl.DataFrame, prediction: str, test: str) -> None:
     """One prediction's target and reference accuracies against top p %, the holdout control dotted."""
+    on_sets, holdout = side_labels(test)
     for prefix, style in (("", "-"), ("holdout_", ":")):
-        for side, (label, colour) in SIDE_STYLES.items():
+        for side, colour in COLOURS.items():
             rows = population.filter(
                 (pl.col("prediction") == prediction) & (pl.col("statistic") == prefix + side)
             ).sort("top_p")
@@ -44,7 +55,7 @@ def _plot_accuracies(axis, population: pl.DataFrame, prediction: str) -> None:
                 marker="o",
                 linestyle=style,
                 color=colour if not prefix else "gray" if side == "target" else "black",
-                label=f"holdout control, {HOLDOUT_LABELS[side]}" if prefix else label,
+                label=f"holdout control, {holdout[side]}" if prefix else on_sets[side],
             )
     axis.set(xlabel="most confident p % of the crops", ylabel=f"{prediction} accuracy", ylim=(0, 1.02))
     axis.set_title(f"{prediction} label inference (error bars: bootstrap std)", fontsize=9)
@@ -64,13 +75,15 @@ def _plot_quadrants(axis, population: pl.DataFrame) -> None:
     axis.legend(fontsize=7)
 
 
-def accuracy_figure(population: pl.DataFrame) -> plt.Figure:
+def accuracy_figure(population: pl.DataFrame, test: str = "two_model") -> plt.Figure:
     figure, axes = plt.subplots(1, len(PREDICTIONS) + 1, figsize=(15, 4.5))
     for axis, prediction in zip(axes, PREDICTIONS):
-        _plot_accuracies(axis, population, prediction)
+        _plot_accuracies(axis, population, prediction, test)
     _plot_quadrants(axes[-1], population)
     k = population["k"][0] if len(population) else "?"
-    figure.suptitle(f"SSL déjà vu (k={k}): a target above its reference infers labels the crop's context does not give")
+    figure.suptitle(
+        f"SSL déjà vu, {test} test (k={k}): a target above its reference infers labels the crop's context does not give"
+    )
     figure.tight_layout()
     return figure
 
@@ -156,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     accuracy = commands.add_parser("accuracy", help="target and reference accuracy against top p %")
     accuracy.add_argument("--population", required=True, help="the SSL population table")
+    accuracy.add_argument("--test", choices=TESTS, default="two_model", help="the test the table is of (its legend)")
     add_figure_outputs(accuracy, "out")
     qualitative = commands.add_parser("qualitative", help="memorized crops and their neighbours (paper Fig. 1)")
     inputs = {
@@ -178,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "accuracy":
-        save_figure(accuracy_figure(SSL_POPULATION.read(args.population)), args.out)
+        save_figure(accuracy_figure(SSL_POPULATION.read(args.population), args.test), args.out)
     else:
         make_qualitative_figure(args)
 
