@@ -28,6 +28,7 @@ rule ssl_split:
     input:
         records=ssl_records,
         boxes=ssl_boxes,
+        public_records=ssl_public_records,
     output:
         **{name: path("ssl_split", name=name) for name in SSL_SPLIT_NAMES},
     log:
@@ -37,9 +38,10 @@ rule ssl_split:
     params:
         label_column=SSL["label_column"],
         split=to_cli_flags(SSL["split"]),
+        public=ssl_public_flag,
         out_dir=lambda wc, output: os.path.dirname(output.A),
     shell:
-        "python -m workflow_scripts.ssl.splits --records {input.records} --boxes {input.boxes}"
+        "python -m workflow_scripts.ssl.splits --records {input.records} --boxes {input.boxes} {params.public}"
         " --label-column {params.label_column} {params.split} --out-dir {params.out_dir} > {log} 2>&1"
 
 
@@ -115,6 +117,7 @@ rule ssl_embed:
     input:
         model=PATHS["ssl_model"],
         records=ssl_records,
+        public_records=ssl_public_records,
         public=path("ssl_split", name="public"),
         crop_sets=[path("ssl_split", name=name) for name in SSL_CROP_SETS],
         crops=PATHS["ssl_crops"],
@@ -130,9 +133,10 @@ rule ssl_embed:
         gpu=EMBED_GPUS,
     params:
         crop_sets=lambda wc, input, output: keyed_flags("crop-images", input.crop_sets, output.crop_sets),
+        public_records=ssl_public_flag,
         execution=execution_flags(**SSL_EMBEDDING_EXECUTION),
     shell:
-        "python -m workflow_scripts.ssl.embed --model {input.model} --records {input.records}"
+        "python -m workflow_scripts.ssl.embed --model {input.model} --records {input.records} {params.public_records}"
         " --images {input.public}={output.public} {params.crop_sets} --crops {input.crops}"
         " --layer {wildcards.layer} {params.execution} > {log} 2>&1"
 
@@ -165,7 +169,7 @@ rule ssl_metrics:
     input:
         unpack(lambda wc: {role: list(files.values()) for role, files in ssl_metric_files(wc).items()}),
         crops=PATHS["ssl_crops"],
-        records=ssl_records,
+        records=ssl_public_records,  # the labels of X's images
         splits=[path("ssl_split", name=name) for name in SSL_CROP_SETS],
     output:
         **{table: path("ssl_metrics", table=table) for table in SSL_TABLES},
@@ -211,6 +215,7 @@ rule ssl_figure_qualitative:
         records=path("ssl_metrics", test="two_model", table="records"),
         crops=PATHS["ssl_crops"],
         images=ssl_records,
+        public_records=ssl_public_records,
         target=path("ssl_neighbors", side="A", crop_set="A"),
         reference=path("ssl_neighbors", side="B", crop_set="A"),
     output:
@@ -228,7 +233,7 @@ rule ssl_figure_qualitative:
     shell:
         "python -m workflow_scripts.ssl.figures qualitative --records {input.records} --crops {input.crops}"
         " --images-records {input.images} --neighbors-target {input.target} --neighbors-reference {input.reference}"
-        " --public-records {input.images} --label-column {params.label_column} --out {output} > {log} 2>&1"
+        " --public-records {input.public_records} --label-column {params.label_column} --out {output} > {log} 2>&1"
 
 
 rule ssl_summary:

@@ -323,3 +323,23 @@ def test_crops_stage_writes_every_id_with_its_label_and_reason(scenes, tmp_path)
     assert len(kept) >= 3 and kept.select((pl.col("x_max") - pl.col("x_min")).min()).item() > 8
     with pytest.raises(DataError, match=r"boxes\.parquet: id 'pool-0000003' has a box outside its 48x48 image"):
         ssl_crops.main([*argv, "--min-px", "8", "--invalid-boxes", "error", "--out", str(tmp_path / "c.parquet")])
+
+
+def test_ssl_split_draws_x_from_another_data_set_when_asked(tmp_path):
+    # The pool as above; another data set of 7 p's and 3 q's. X: min(5, n) per class of it; the pool's images
+    # left by the box sets all go to shared (p: 30 - 10 = 20, q: 12 - 6 = 6).
+    _pool(tmp_path)
+    other = [f"x{label}-{i:03d}" for label, n in (("p", 7), ("q", 3)) for i in range(n)]
+    public = pl.DataFrame({"id": other, "image_path": other, "captions": [[]] * 10, "label": [i[1] for i in other]})
+    public.write_parquet(tmp_path / "public_records.parquet")
+    sets = _split(tmp_path, public_records=tmp_path / "public_records.parquet")
+    assert {label: sum(i[1] == label for i in sets["public"]) for label in "pq"} == {"p": 5, "q": 3}
+    assert set(sets["public"]) <= set(other) and _per_class(sets["shared"]) == {"p": 20, "q": 6}
+    assert {name: sets[name] for name in ("A", "B", "holdout")} == {
+        name: _split(tmp_path, out="own")[name] for name in ("A", "B", "holdout")
+    }
+    pl.concat([public, pl.read_parquet(tmp_path / "records.parquet").head(1)], how="diagonal").write_parquet(
+        tmp_path / "public_records.parquet"
+    )
+    with pytest.raises(DataError, match=r"public_records\.parquet: 1 id\(s\) also in the pool"):
+        _split(tmp_path, out="overlap", public_records=tmp_path / "public_records.parquet")

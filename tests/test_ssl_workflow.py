@@ -98,11 +98,13 @@ def test_the_imagenet_config_plans_the_papers_dag(tmp_path):
 
 def test_the_audit_config_runs_on_a_locally_saved_model(tmp_path):
     """config/audit_ssl.yaml over the tiny config: nothing trains an SSL model; a (random) ResNet-18 state dict saved
-    where the config names it is imported, embedded, searched and measured by both one-model tests."""
+    where the config names it is imported, embedded, searched and measured by both one-model tests, against a
+    public set X of another data set (ssl.public_dataset)."""
     torch.manual_seed(0)
     (tmp_path / "models").mkdir()
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "models" / "resnet18.pth")
     config = merged(TINY, yaml.safe_load((REPO / "config" / "audit_ssl.yaml").read_text()))
+    config = merged(config, {"ssl": {"public_dataset": "scenes_public"}})  # X from images the target never saw
     run_snakemake(tmp_path, config, "ssl")
     results = tmp_path / "results" / "ssl" / "scenes_pool"
     assert sorted(path.name for path in (results / "models").iterdir()) == ["external~local_resnet18"]
@@ -110,6 +112,7 @@ def test_the_audit_config_runs_on_a_locally_saved_model(tmp_path):
     assert sorted(path.name for path in point.iterdir()) == ["crop_classifier", "naive_bayes"]  # no two-model test
     embeddings = pl.read_parquet(results / "embeddings/external~local_resnet18/A/backbone/public.parquet")
     assert len(embeddings["embedding"][0]) == 512  # ResNet-18's pooled features: the published backbone output
+    assert embeddings["id"].str.starts_with("scenes_public-").all() and len(embeddings) > 0
     summary = pl.read_parquet(results / "summary.parquet")
     assert set(summary["test"]) == {"crop_classifier", "naive_bayes"} and summary["method"].is_null().all()
     assert (results / "agreement/external~local_resnet18/backbone/confidence.png").stat().st_size > 1000

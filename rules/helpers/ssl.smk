@@ -28,6 +28,10 @@ NAIVE_BAYES = SSL["one_model"]["naive_bayes"]
 def _check_ssl_config():
     if SSL_DATASETS and SSL["dataset"] not in config["datasets"]:
         raise ValueError(f"config ssl.dataset: unknown dataset {SSL['dataset']!r}")
+    if SSL_DATASETS and SSL.get("public_dataset") not in (None, *config["datasets"]):
+        raise ValueError(f"config ssl.public_dataset: unknown dataset {SSL['public_dataset']!r}")
+    if SSL_DATASETS and SSL.get("public_dataset") == SSL["dataset"]:
+        raise ValueError("config ssl.public_dataset: name another data set than ssl.dataset (or null for its own)")
     if SSL_DATASETS and SSL["metrics"]["k"] > SSL["knn"]["k"]:
         raise ValueError("config ssl.metrics.k must not exceed ssl.knn.k (neighbours are searched once)")
 
@@ -37,6 +41,16 @@ _check_ssl_config()
 
 def ssl_records(wildcards):
     return path("records", dataset=wildcards.ssl_dataset)
+
+
+def ssl_public_records(wildcards):
+    """The records of X: another data set's (ssl.public_dataset) or the SSL data set's own."""
+    return path("records", dataset=SSL.get("public_dataset") or wildcards.ssl_dataset)
+
+
+def ssl_public_flag(wildcards, input):
+    """--public-records when X is another data set's (the splits and the embedding take X's images from it)."""
+    return f"--public-records {input.public_records}" if SSL.get("public_dataset") else ""
 
 
 def ssl_boxes(wildcards):

@@ -54,13 +54,3 @@ class CropClassifierParams:
     # EXECUTION_SETTINGS left out, so device, threads, loader and checkpoint choices keep a resume file).
     checkpoint_epochs = TrainingParams.checkpoint_epochs
     identity = TrainingParams.identity
-
-
-@dataclass(frozen=True)
-class CropPredictParams:
-    """Execution settings of `predict` (each a --flag): they change how fast, never what is written."""
-
-    batch_size: int = 512
-    device: str = "auto"  # auto | cpu | cuda[:N]
-    threads: int = 1  # torch CPU threads
-    allow_cpu_fallback: bool = False  # true: --device cuda without a GPU runs on the CPU instead of failing

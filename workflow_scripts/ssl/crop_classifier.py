@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -59,16 +58,16 @@ from workflow_scripts.embed import embed_batches, select_records
 from workflow_scripts.images import load_rgb, resolve_image_paths
 from workflow_scripts.io import DataError, atomic_path, check_unique_ids, params_hash, write_parquet
 from workflow_scripts.models import select_device
-from workflow_scripts.ssl.classifier_params import CropClassifierParams, CropPredictParams
+from workflow_scripts.ssl.classifier_params import CropClassifierParams
 from workflow_scripts.ssl.data import view_seeds
-from workflow_scripts.ssl.embed import BOX, crop, kept_crops
+from workflow_scripts.ssl.embed import BOX, SSLEmbedParams, crop, kept_crops
 from workflow_scripts.ssl.models import make_backbone
 from workflow_scripts.ssl.predictions import predictions_table
 from workflow_scripts.ssl.published import eval_transform  # the transform ssl.embed embeds a trained model with
-from workflow_scripts.ssl.train import restore_rng, rng_states, wait_for_all
+from workflow_scripts.ssl.train import restore_rng, rng_states, step_or_stop, wait_for_all
 from workflow_scripts.train import TrainingDiverged, start_processes
 from workflow_scripts.training.data import epoch_batches
-from workflow_scripts.training.optim import apply_gradients, global_mean
+from workflow_scripts.training.optim import global_mean
 from workflow_scripts.training.state import RESUME_FILE, Processes, TrainState, checkpoint_name, resume_state
 
 __all__ = ["CropClassifierParams", "TrainingDiverged", "load_classifier", "main", "predict", "train"]
@@ -225,12 +224,7 @@ def train_step(state: TrainState, images, codes, params, processes: Processes, w
     state.scaler.scale(loss).backward()
     right = (logits.detach().argmax(dim=1) == codes).float().mean()
     values = [global_mean(value.detach(), processes.distributed, processes.world_size) for value in (loss, right)]
-    if not math.isfinite(values[0]):
-        raise TrainingDiverged(
-            f"{where}: loss is {values[0]} at global step {state.step + 1}: training diverged, no model written "
-            f"(lower lr, or clip with grad_clip_norm)"
-        )
-    apply_gradients(state.model, state.optimizer, state.scaler, params.grad_clip_norm, learned_temperature=False)
+    step_or_stop(state, values[0], params, where)
     return values
 
 
@@ -379,10 +373,10 @@ def predict(
     crops_path: str,
     sets: dict[str, str],
     votes_k: int,
-    params: CropPredictParams | None = None,
+    params: SSLEmbedParams | None = None,
 ) -> None:
     """Write each {ids file: output} set's SSL_PREDICTIONS table on its kept crops, the model loaded once."""
-    params = params or CropPredictParams()
+    params = params or SSLEmbedParams()
     if votes_k < 1:
         raise ValueError(f"votes_k must be at least 1, not {votes_k}")
     torch.set_num_threads(params.threads)
@@ -420,7 +414,7 @@ def main(argv: list[str] | None = None) -> None:
     predicting.add_argument("--crops", required=True, help="crops Parquet (CROPS)")
     predicting.add_argument("--predict", action="append", required=True, metavar="IDS=OUT", help="a set to classify")
     predicting.add_argument("--votes-k", type=int, required=True, help="votes per crop (the kNN's k)")
-    add_dataclass_arguments(predicting, CropPredictParams)
+    add_dataclass_arguments(predicting, SSLEmbedParams)
     args = vars(parser.parse_args(argv))
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     if args["command"] == "train":
@@ -428,7 +422,7 @@ def main(argv: list[str] | None = None) -> None:
         train(args["records"], args["crops"], args["train_ids"], args["out_dir"], params, val_ids=args["val_ids"])
     else:
         sets = keyed_files(args["predict"], "predict")
-        params = dataclass_from_args(CropPredictParams, args)
+        params = dataclass_from_args(SSLEmbedParams, args)
         predict(args["model"], args["records"], args["crops"], sets, args["votes_k"], params)
 
 

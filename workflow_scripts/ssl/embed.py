@@ -4,7 +4,7 @@
 --crops crops.parquet] --layer projector|backbone [--batch-size --device --threads --allow-cpu-fallback]`
 
 One job embeds every collection of a model and layer (the model loads once): `--images` the full images of
-the ids in IDS (the public set X), `--crop-images` the crop of each id in IDS that the crops table keeps (its
+the ids in IDS (the public set X, images of `--public-records` when X is another data set's), `--crop-images` the crop of each id in IDS that the crops table keeps (its
 `x_min`, `y_min`, `x_max`, `y_max` pixels, max exclusive); dropped ids are left out and counted in the log,
 and an id the table lacks is an error. The model is a checkpoint of workflow_scripts.ssl.train or one that
 workflow_scripts.ssl.published imported; `load_ssl_encoder` reads either. A trained model's images go through
@@ -72,11 +72,13 @@ def kept_crops(records: pl.DataFrame, crops_path: str) -> pl.DataFrame:
 
 @dataclass(frozen=True)
 class Collection:
-    """One output of an embedding job: the ids of `ids_path`, as full images or (`cropped`) their kept crops."""
+    """One output of an embedding job: the ids of `ids_path`, as full images or (`cropped`) their kept crops; their
+    images are those of `records_path` (None: the job's records)."""
 
     ids_path: str
     out_path: str
     cropped: bool
+    records_path: str | None = None
 
 
 def embed(
@@ -97,16 +99,20 @@ def embed(
     device = select_device(params.device, params.allow_cpu_fallback)
     encode, transform, checkpoint = load_ssl_encoder(model_path, device)
     check_layer(checkpoint, layer)
-    provenance = model_provenance(model_path, checkpoint) | {"layer": layer, "records": records_path}
+    provenance = model_provenance(model_path, checkpoint) | {"layer": layer}
     encode = partial(encode, layer=layer)
     for collection in collections:
         crops = crops_path if collection.cropped else None
-        ids, embeddings = embed_collection(encode, transform, records_path, collection.ids_path, crops, params, device)
+        records = collection.records_path or records_path
+        ids, embeddings = embed_collection(encode, transform, records, collection.ids_path, crops, params, device)
         if not ids:
             log.warning("%s: nothing to embed: %s is written without rows", model_path, collection.out_path)
             embeddings = np.zeros((0, checkpoint["dims"][layer]), dtype=np.float32)
         write_embeddings(
-            ids, embeddings, collection.out_path, {**provenance, "ids": [collection.ids_path], "crops": crops}
+            ids,
+            embeddings,
+            collection.out_path,
+            {**provenance, "records": records, "ids": [collection.ids_path], "crops": crops},
         )
 
 
@@ -150,6 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="model.pt of workflow_scripts.ssl.train or .published")
     parser.add_argument("--records", required=True, help="records Parquet of the dataset")
+    parser.add_argument("--public-records", help="records Parquet of the --images ids (default: --records)")
     parser.add_argument("--images", action="append", default=[], metavar="IDS=OUT", help="embed these full images")
     parser.add_argument(
         "--crop-images", action="append", default=[], metavar="IDS=OUT", help="embed these ids' kept crops"
@@ -160,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     collections = [
-        Collection(ids, out, cropped)
+        Collection(ids, out, cropped, None if cropped else args.public_records)
         for flag, cropped in (("images", False), ("crop-images", True))
         for ids, out in keyed_files(getattr(args, flag.replace("-", "_")), flag).items()
     ]

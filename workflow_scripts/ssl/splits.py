@@ -22,6 +22,10 @@ join the public pool. Differences, on purpose:
   leftover box images join the rest (DejaVu's public set shrinks as per_class grows, too).
 
 Classes with too few images give smaller sets (logged); the five sets never share an id.
+
+With ``--public-records`` (another data set: for a model that trained on all of the pool, X must be images it
+never saw), X is drawn from those records instead, ``public_per_class`` per class by the same seeded rule, and
+everything the pool's box sets leave goes to shared.
 """
 
 from __future__ import annotations
@@ -105,6 +109,16 @@ def _log_sizes(assigned: pl.DataFrame, per_class: int, holdout_per_class: int, p
             log.warning("%d class(es) have fewer images than asked in %s", n_classes, name)
 
 
+def other_public(path: str, label_column: str, pool: pl.DataFrame, public_per_class: int, seed: int) -> pl.DataFrame:
+    """X drawn from another data set's labelled records (id, label, set "public"); an id of the pool is refused."""
+    public = labelled_records(path, label_column)
+    shared = public.filter(pl.col("id").is_in(pool["id"].implode()))["id"]
+    if len(shared):
+        raise DataError(f"{path}: {len(shared)} id(s) also in the pool, e.g. {shared.head(5).to_list()}")
+    drawn = assign_sets(public, pl.Series([], dtype=pl.String), 0, 0, public_per_class, seed, shared_per_class=0)
+    return drawn.filter(pl.col("set") == "public")
+
+
 def make_ssl_splits(
     records: str,
     boxes: str,
@@ -115,8 +129,9 @@ def make_ssl_splits(
     seed: int,
     out_dir: str,
     shared_per_class: int | None = None,
+    public_records: str | None = None,
 ) -> None:
-    """Write out_dir/{A,B,shared,holdout,public}.parquet (ids, sorted)."""
+    """Write out_dir/{A,B,shared,holdout,public}.parquet (ids, sorted); X from `public_records` when given."""
     sizes = {"per_class": per_class, "holdout_per_class": holdout_per_class, "public_per_class": public_per_class}
     if shared_per_class is not None:
         sizes["shared_per_class"] = shared_per_class
@@ -128,11 +143,20 @@ def make_ssl_splits(
     unknown = box_ids.filter(~box_ids.is_in(labelled["id"].implode()))
     if len(unknown):
         log.warning("%s: %d boxed id(s) are no record of %s (ignored)", boxes, len(unknown), records)
+    own_public = public_per_class if public_records is None else 0
     assigned = assign_sets(
-        labelled, box_ids, per_class, holdout_per_class, public_per_class, seed, shared_per_class=shared_per_class
+        labelled, box_ids, per_class, holdout_per_class, own_public, seed, shared_per_class=shared_per_class
     )
+    if public_records is not None:
+        assigned = pl.concat(
+            [
+                assigned.filter(pl.col("set") != "public"),
+                other_public(public_records, label_column, labelled, public_per_class, seed),
+            ]
+        )
     _log_sizes(assigned, per_class, holdout_per_class, public_per_class)
     params = {"records": records, "boxes": boxes, "label_column": label_column, "seed": seed, **sizes}
+    params |= {"public_records": public_records} if public_records is not None else {}
     for name in SETS:
         ids = assigned.filter(pl.col("set") == name).select("id").sort("id")
         write_parquet(ids, Path(out_dir) / f"{name}.parquet", stage="ssl_splits", params=params, contract=SPLIT_IDS)
@@ -150,6 +174,9 @@ def main(argv: list[str] | None = None) -> None:
         "--shared-per-class", type=lambda text: None if text.lower() in ("none", "null") else int(text), default=None
     )
     parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument(
+        "--public-records", help="records.parquet of another data set to draw X from (default: the pool)"
+    )
     parser.add_argument("--out-dir", required=True, help="folder for A, B, shared, holdout, public .parquet")
     run_stage(parser, argv, make_ssl_splits)
 

@@ -100,18 +100,23 @@ def pair_loss(state: TrainState, view_a: torch.Tensor, view_b: torch.Tensor) -> 
     return loss, spread
 
 
+def step_or_stop(state: TrainState, loss: float, params, where: str) -> None:
+    """The optimizer step of a finite loss (its gradients computed); a NaN or infinite one stops the run."""
+    if not math.isfinite(loss):
+        raise TrainingDiverged(
+            f"{where}: loss is {loss} at global step {state.step + 1}: training diverged, no model written "
+            f"(lower lr, or clip with grad_clip_norm)"
+        )
+    apply_gradients(state.model, state.optimizer, state.scaler, params.grad_clip_norm, learned_temperature=False)
+
+
 def train_step(state: TrainState, views, params: SSLTrainingParams, processes: Processes, where: str) -> list[float]:
     """One optimizer step on a batch of view pairs; returns [loss, spread], each averaged over the processes."""
     state.optimizer.zero_grad(set_to_none=True)
     loss, spread = pair_loss(state, *(view.to(processes.device, non_blocking=True) for view in views))
     state.scaler.scale(loss).backward()
     values = [global_mean(value.detach(), processes.distributed, processes.world_size) for value in (loss, spread)]
-    if not math.isfinite(values[0]):
-        raise TrainingDiverged(
-            f"{where}: loss is {values[0]} at global step {state.step + 1}: training diverged, no model written "
-            f"(lower lr, or clip with grad_clip_norm)"
-        )
-    apply_gradients(state.model, state.optimizer, state.scaler, params.grad_clip_norm, learned_temperature=False)
+    step_or_stop(state, values[0], params, where)
     total_steps = state.steps_per_epoch * params.epochs
     state.model.update_momentum(cosine_schedule(state.step, total_steps, params.momentum, 1.0))
     return values
