@@ -90,9 +90,11 @@ rule ssl_crop_tags:
     conda:
         "../envs/dejavu.yaml"
     params:
-        command=crop_tags_command,
+        source=crop_tags_command,
+        settings=crop_tags_settings(),
     shell:
-        "python -m workflow_scripts.ssl.crop_tags {params.command} --crops {input.crops} --out {output} > {log} 2>&1"
+        "python -m workflow_scripts.ssl.crop_tags {params.source} {params.settings} --crops {input.crops}"
+        " --out {output} > {log} 2>&1"
 
 
 rule ssl_detic_chunk:

@@ -133,7 +133,7 @@ def test_figures_and_report_rebuild_from_the_tables_alone(tiny_workflow, tmp_pat
     ssl_figures = workdir / "results" / "ssl" / "scenes_pool" / "figures" / "method~simclr" / "epochs~2" / "seed~0"
     for name in ("accuracy", "qualitative"):
         assert (ssl_figures / "projector" / "two_model" / f"{name}.png").stat().st_size > 1000
-    ssl_agreement = ssl_figures.parents[2] / "agreement" / "method~simclr" / "epochs~2" / "seed~0" / "projector"
+    ssl_agreement = ssl_figures.parents[3] / "agreement" / "method~simclr" / "epochs~2" / "seed~0" / "projector"
     assert (ssl_agreement / "confidence.png").stat().st_size > 1000
     assert not [folder for folder in cached if (workdir / "results" / folder).exists()]
     run_snakemake(workdir, TINY, "--report", "report.html")

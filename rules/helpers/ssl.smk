@@ -232,12 +232,17 @@ def crop_tags_input(wildcards):
 
 
 def crop_tags_command(wildcards, input):
-    """The crop tags CLI's subcommand and source flags (workflow_scripts.ssl.crop_tags)."""
+    """The crop tags CLI's subcommand and its input files (workflow_scripts.ssl.crop_tags)."""
     if NAIVE_BAYES["tags"] == "ground_truth":
-        return f"ground-truth --objects {input.objects} --min-visible {NAIVE_BAYES['min_visible']}"
+        return f"ground-truth --objects {input.objects}"
     if NAIVE_BAYES["tags"] == "precomputed":
         return f"precomputed --table {input.table}"
     return f"detic --chunks {input.chunks}"
+
+
+def crop_tags_settings():
+    """The crop tags' result settings: a plain param (a params function of the input is not recorded)."""
+    return f"--min-visible {NAIVE_BAYES['min_visible']}" if NAIVE_BAYES["tags"] == "ground_truth" else ""
 
 
 def ssl_detic_spec(wildcards):
