@@ -147,8 +147,8 @@ class CropBatches(torch.utils.data.Dataset):
     def __init__(self, crops: pl.DataFrame, classes: list[str], transform, seed: int = 0):
         self.ids, self.paths = crops["id"].to_list(), crops["image_path"].to_list()
         self.boxes, self.classes = crops.select(BOX).rows(), list(classes)
-        code = {name: index for index, name in enumerate(classes)}
-        self.codes = torch.tensor([code.get(label, -1) for label in crops["label"].to_list()], dtype=torch.long)
+        codes = crops["label"].replace_strict(self.classes, list(range(len(self.classes))), default=-1)
+        self.codes = torch.from_numpy(codes.cast(pl.Int64).to_numpy().copy())
         self.transform, self.seed = transform, seed
         self.pixels: list[np.ndarray] | None = None  # preloaded crops, row order
 

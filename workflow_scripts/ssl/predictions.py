@@ -52,6 +52,6 @@ def predictions_table(ids: list[str], probabilities: np.ndarray, classes: list[s
         "predicted": names[best].tolist(),
         "probability": probabilities[np.arange(len(ids)), best] if len(ids) else np.zeros(0),
         "entropy": entropy,
-        "votes": [names[row].tolist() for row in votes],
+        "votes": pl.Series(names[votes.reshape(-1)].tolist(), dtype=pl.String).reshape((len(ids), k)),
     }
-    return pl.DataFrame(frame, schema=SSL_PREDICTIONS.polars())
+    return pl.DataFrame(frame).with_columns(pl.col("votes").cast(pl.List(pl.String))).cast(SSL_PREDICTIONS.polars())
