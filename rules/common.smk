@@ -10,13 +10,28 @@ import shlex
 import sys
 from pathlib import Path
 
+from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import validate
+
 
 # The stage logic lives in the importable package workflow_scripts/ next to this Snakefile;
 # jobs run `python -m workflow_scripts.<stage>`, locally, in conda envs or on cluster nodes.
-# The directory is shell-quoted (a path may hold ' or spaces) and its braces doubled for Snakemake's formatting.
-_WORKFLOW_DIR = shlex.quote(workflow.basedir).replace("{", "{{").replace("}", "}}")
-shell.prefix(f"set -euo pipefail; export PYTHONPATH={_WORKFLOW_DIR}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
+def _shell_quoted(text):
+    """`text` shell-quoted (a path may hold ' or spaces), its braces doubled for Snakemake's formatting."""
+    return shlex.quote(text).replace("{", "{{").replace("}", "}}")
+
+
+# Jobs run the interpreter that runs Snakemake (`.venv/bin/snakemake` works without activating the venv), unless
+# a rule's conda env provides its own. The venv's bin folder is kept as is: resolving its python's symlink would
+# leave the venv.
+_JOB_PATH = (
+    ""
+    if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+    else f"export PATH={_shell_quoted(os.path.dirname(sys.executable))}:$PATH; "
+)
+shell.prefix(
+    f"set -euo pipefail; {_JOB_PATH}export PYTHONPATH={_shell_quoted(workflow.basedir)}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; "
+)
 sys.path.insert(0, workflow.basedir)
 
 from workflow_scripts.cli import to_cli_flags
@@ -133,9 +148,40 @@ EMBED_GPUS = gpus_for(config["embedding"]["device"])  # embed_*, utility, embed_
 KNN_GPUS = gpus_for("cpu" if config["knn"]["use_gpu"] == "never" else "cuda")
 
 
+def local_model_files(model, *files):
+    """The local files a model is read from, so that replacing one reruns its job and downstream: the given files
+    (weights, checkpoints), a `checkpoint:` path, or every file of a `local-dir:` folder (hub caches are not
+    tracked)."""
+    found = [file for file in files if file]
+    kind, _, location = model.partition(":")
+    if kind == "checkpoint":
+        found.append(location)
+    if kind == "local-dir":
+        found += sorted(str(file) for file in Path(location).rglob("*") if file.is_file())
+    return found
+
+
 def match_nothing():
     """A wildcard regex no value matches: for rules whose alternatives the config leaves empty."""
     return "(?!)"
+
+
+def _check_split_sizes(name, split):
+    """What the config alone shows cannot be drawn: more records than a synthetic pool makes, a larger n_train
+    than a side has."""
+    needed = split["n_target"] + split["n_reference"] + split["n_holdout"]
+    pool = config["datasets"][split["pool"]]
+    if pool["source"] == "synthetic" and needed > pool["n_records"]:
+        raise ValueError(
+            f"config splits.{name}: n_target + n_reference + n_holdout = {needed} records, but the pool "
+            f"{split['pool']!r} makes {pool['n_records']} (datasets.{split['pool']}.n_records)"
+        )
+    side = min(split["n_target"], split["n_reference"])
+    too_large = sorted({p["n_train"] for p in POINTS.values() if p["n_train"] is not None and p["n_train"] > side})
+    if too_large:
+        raise ValueError(
+            f"config n_train {too_large} exceeds the {side} records of a side of split {name!r} (n_target, n_reference)"
+        )
 
 
 def _check_config():
@@ -145,6 +191,7 @@ def _check_config():
                 raise ValueError(f"config splits.{name}.{role}: unknown dataset {split[role]!r}")
         if split["pool"] == split["public"]:
             raise ValueError(f"config splits.{name}: pool and public must be different data sets")
+        _check_split_sizes(name, split)
     if config["metrics"]["k"] > config["knn"]["k"]:
         raise ValueError("config metrics.k must not exceed knn.k (neighbours are searched once, at knn.k)")
 

@@ -5,6 +5,7 @@ inputs, its shell command) and so does everything downstream; threads, devices, 
 key order never do.
 """
 
+import os
 import shutil
 import subprocess
 import sys
@@ -178,6 +179,31 @@ def test_a_project_path_with_a_quote_runs(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert pl.read_parquet(workdir / "results/data/scenes_public/annotations.parquet").height == 150
+
+
+def test_jobs_run_the_interpreter_that_runs_snakemake(tmp_path):
+    """`.venv/bin/snakemake` works without the venv on PATH: jobs do not pick up another `python`."""
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    bare_path = {**os.environ, "PATH": "/usr/bin:/bin"}
+    result = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "snakemake"),
+            "results/data/scenes_public/annotations.parquet",
+            "-s",
+            str(REPO / "Snakefile"),
+            "--cores",
+            "2",
+            "--configfile",
+            str(config),
+        ],
+        cwd=tmp_path,
+        env=bare_path,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert pl.read_parquet(tmp_path / "results/data/scenes_public/annotations.parquet").height == 150
 
 
 @pytest.fixture
