@@ -23,7 +23,7 @@ rule import_target:
     """An external target (one_model.external_targets): an hf-hub:/local-dir: model, or an open_clip architecture
     with a pretrained tag and/or a weights file (models.import_target)."""
     input:
-        lambda wc: ONE_MODEL["external_targets"][wc.target].get("checkpoint", []),
+        external_target_files,
     output:
         path("imported_model", point="external~{target}", side="A"),
     log:

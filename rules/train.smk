@@ -25,6 +25,7 @@ rule train:
     input:
         records=pool_records,
         split=side_split,
+        start=local_model_files(config["training"]["model"]),  # a local-dir: model's published weights
     output:
         model=PATHS["run_model"],
         log_table=PATHS["train_log"],

@@ -1,6 +1,9 @@
 """Auditing published models: imports that rebuild the exact model, hf-hub/local-dir names, g's prompts, utility."""
 
 import json
+import shutil
+import time
+from collections import Counter
 
 import numpy as np
 import polars as pl
@@ -17,6 +20,7 @@ ARCHITECTURE = "dejavu-vit-tiny"
 PREPROCESS = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bilinear", "resize_mode": "squash"}
 TAG = {"url": "", "hf_hub": "", "quick_gelu": True, **PREPROCESS}
 TEXTS = ["a red star in a kitchen", "two blue rings", "nothing at all"]
+WEIGHTS = "open_clip_pytorch_model.bin"
 
 
 def write_published_model(folder):
@@ -27,7 +31,7 @@ def write_published_model(folder):
     torch.manual_seed(0)
     torch.save(
         models.open_clip.create_model(ARCHITECTURE, force_quick_gelu=True).state_dict(),
-        folder / "open_clip_pytorch_model.bin",
+        folder / WEIGHTS,
     )
     return folder
 
@@ -176,10 +180,11 @@ def test_linear_probe_matches_scikit_learns_logistic_regression():
 
 
 def test_audit_pretrained_config_audits_a_local_dir_model_and_trains_nothing(published, tmp_path, repo):
-    from conftest import TINY, run_snakemake
+    from conftest import TINY, planned_jobs, run_snakemake
 
     audit = yaml.safe_load((repo / "config/audit_pretrained.yaml").read_text())
-    audit["one_model"]["external_targets"] = {"published": {"model": f"local-dir:{published[0]}"}}
+    folder = shutil.copytree(published[0], tmp_path / "published")
+    audit["one_model"]["external_targets"] = {"published": {"model": f"local-dir:{folder}"}}
     run_snakemake(tmp_path, {**TINY, **audit})
 
     results = tmp_path / "results"
@@ -193,3 +198,9 @@ def test_audit_pretrained_config_audits_a_local_dir_model_and_trains_nothing(pub
     assert not (results / "summary").exists() and not (results / "figures").exists()
     imported = torch.load(results / "models/scenes/external~published/A/model.pt", weights_only=True)
     assert imported["open_clip_config"]["preprocess_cfg"]["resize_mode"] == "squash"
+    # New weights in the folder: the import and everything measured from it rerun, nothing else.
+    time.sleep(1)
+    torch.save(models.open_clip.create_model(ARCHITECTURE, force_quick_gelu=True).state_dict(), folder / WEIGHTS)
+    planned = Counter(rule for rule, _ in planned_jobs(run_snakemake(tmp_path, {**TINY, **audit}, "-n").stdout))
+    assert planned["import_target"] == 1 and planned["metrics_one_model"] == 4 and planned["utility"] == 1
+    assert not {"splits", "embed_reference", "synthetic_dataset"} & set(planned)

@@ -264,13 +264,6 @@ def external_flags(spec):
 
 
 def external_files(wildcards):
-    """The local files an external target is read from, so that replacing one reruns its import and downstream:
-    its weights file, a checkpoint, or every file of a local-dir folder (hub and timm caches are not tracked)."""
+    """The local files an external target is read from (`local_model_files`; timm caches are not tracked)."""
     spec = SSL_EXTERNAL[wildcards.ssl_point]
-    files = [spec["weights"]] if spec.get("weights") else []
-    kind, _, location = spec["model"].partition(":")
-    if kind == "checkpoint":
-        files.append(location)
-    if kind == "local-dir":
-        files += sorted(str(file) for file in Path(location).rglob("*") if file.is_file())
-    return files
+    return local_model_files(spec["model"], spec.get("weights"))
