@@ -435,6 +435,16 @@ def test_compute_refuses_neighbour_lists_shorter_than_k(tmp_path):
         compute(**{**inputs, "k": 5})
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), None])
+def test_compute_refuses_non_finite_scores_naming_the_file_and_row(tmp_path, bad):
+    nb = neighbors({"q1": ["p1", "p2"], "q2": ["p2", "p3"], "q3": ["p1", "p4"], "q4": ["p2", "p1"]})
+    scores = nb["score"].to_list()
+    scores[5] = bad  # q3's rank 1
+    nb = nb.with_columns(score=pl.Series(scores, dtype=pl.Float32))
+    with pytest.raises(DataError, match=r"nb\.parquet: 1 non-finite score\(s\).*first at row 5 \(query 'q3', rank 1\)"):
+        compute(**metric_inputs(tmp_path, nb=nb))
+
+
 def test_compute_refuses_a_query_whose_rows_are_apart(tmp_path):
     nb = neighbors({"q1": ["p1", "p2"], "q2": ["p2", "p3"], "q3": ["p1", "p4"], "q4": ["p2", "p1"]})
     apart = pl.concat([nb.slice(1), nb.slice(0, 1)])  # q1's rank 0 moved to the end

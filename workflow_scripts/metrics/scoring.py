@@ -22,6 +22,19 @@ from workflow_scripts.metrics.params import LABEL_MODES
 from workflow_scripts.metrics.plan import RunParts, run_chunks
 from workflow_scripts.spill import Spill, route
 
+
+def check_finite_scores(rows: pl.DataFrame, first_row: int, path: str) -> None:
+    """Refuse a null, NaN or infinite score: the nearest score and the `distance` order are read from them."""
+    bad = np.flatnonzero(~np.isfinite(rows["score"].fill_null(np.nan).to_numpy()))
+    if len(bad):
+        row = int(bad[0])
+        raise DataError(
+            f"{path}: {len(bad)} non-finite score(s) among rows {first_row}-{first_row + len(rows) - 1}, first at "
+            f"row {first_row + row} (query {rows['query_id'][row]!r}, rank {rows['rank'][row]}): "
+            f"{rows['score'][row]}"
+        )
+
+
 COUNT_COLUMNS = [f"{count}_{mode}" for count in ("n_predicted", "n_correct") for mode in LABEL_MODES]
 
 
@@ -126,7 +139,10 @@ def score_side(
     ("scores_SIDE": record, COUNT_COLUMNS, nn_score) to the part of their record."""
     truth = RunTruth(spill, side, run_parts, truth_schema)
     counts_type = narrowest(len(public.vocabulary))
+    first_row = 0  # chunks hold consecutive rows of the file
     for rows, run_start, first_run in run_chunks(path, NEIGHBORS.names, batch_rows, f"metrics {Path(path).name}"):
+        check_finite_scores(rows, first_row, path)
+        first_row += len(rows)
         listed = truth.take(first_run + len(run_start))
         if not len(listed):
             continue
