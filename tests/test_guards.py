@@ -1,9 +1,12 @@
 """Bad inputs a new user can hand the workflow stop at the first stage that can tell, naming the file and record."""
 
+import re
+
 import numpy as np
 import polars as pl
 import pytest
 
+from conftest import TINY, merged, run_snakemake
 from workflow_scripts import knn, splits
 from workflow_scripts.contracts import ANNOTATION_TABLE, EMBEDDINGS, RECORDS
 from workflow_scripts.io import DataError, embeddings_table, write_parquet
@@ -86,3 +89,19 @@ def test_an_empty_public_set_stops_at_the_splits_stage(tmp_path):
             seed=0,
         )
     assert not (tmp_path / "splits").exists()
+
+
+@pytest.mark.parametrize(
+    "overlay, message",
+    [
+        (
+            {"splits": {"scenes": {"n_target": 200}}},
+            r"n_target \+ n_reference \+ n_holdout = 344 records, but the pool 'scenes_pool' makes 300",
+        ),
+        ({"sweep": {"n_train": [50, 120]}}, r"n_train \[120\] exceeds the 96 records of a side of split 'scenes'"),
+    ],
+)
+def test_split_sizes_the_config_cannot_meet_stop_the_dry_run(tmp_path, overlay, message):
+    result = run_snakemake(tmp_path, merged(TINY, overlay), "--dry-run", check=False)
+    assert result.returncode != 0
+    assert re.search(message, result.stdout + result.stderr), result.stderr[-2000:]
