@@ -3,12 +3,13 @@
 import re
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from workflow_scripts import contracts
+from workflow_scripts import contracts, io
 from workflow_scripts.annotate import annotate_precomputed
 from workflow_scripts.contracts import ANNOTATIONS, EMBEDDINGS, NEIGHBORS, RECORDS
 from workflow_scripts.io import DataError, embeddings_table, write_parquet
@@ -245,3 +246,59 @@ def test_every_parquet_design_row_has_a_contract():
         if any(path.endswith(".parquet") for path in paths) and id(columns) not in claimed
     ]
     assert not orphans, f"docs/DESIGN.md §4 lists Parquet tables without a contract: {orphans}"
+
+
+def damaged_copy(path: Path, column: str, n_bytes: int = 200) -> Path:
+    """A copy of `path` with `n_bytes` zeroed in the middle of `column`'s pages (row group 0): data, not framing."""
+    chunk = pq.ParquetFile(path).metadata.row_group(0).column(pq.read_schema(path).names.index(column))
+    start = chunk.dictionary_page_offset or chunk.data_page_offset
+    middle = start + chunk.total_compressed_size // 2
+    data = bytearray(path.read_bytes())
+    data[middle : middle + n_bytes] = bytes(n_bytes)
+    damaged = path.with_name(f"damaged_{path.name}")
+    damaged.write_bytes(bytes(data))
+    return damaged
+
+
+def neighbours_table(n_queries: int = 200, k: int = 10) -> pl.DataFrame:
+    rng = np.random.default_rng(0)
+    return pl.DataFrame(
+        {
+            "query_id": [f"q{i // k}" for i in range(n_queries * k)],
+            "rank": np.tile(np.arange(k), n_queries).astype(np.int16),
+            "public_id": [f"p{i}" for i in rng.integers(0, 500, n_queries * k)],
+            "score": rng.random(n_queries * k, dtype=np.float32),
+        }
+    )
+
+
+def test_a_damaged_file_is_refused_naming_it(tmp_path):
+    """Pages carry checksums: 200 bytes overwritten inside the scores are caught, not read as other scores."""
+    path = tmp_path / "neighbors.parquet"
+    write_parquet(neighbours_table(), path, stage="test", contract=NEIGHBORS)
+    damaged = damaged_copy(path, "score")
+    with pytest.raises(DataError, match=r"damaged_neighbors\.parquet: the file is damaged"):
+        NEIGHBORS.read(damaged)
+    # Without the checksum the same damage reads back as data: what the check guards against.
+    pq.write_table(pq.read_table(path), tmp_path / "unchecked.parquet")
+    unchecked = damaged_copy(tmp_path / "unchecked.parquet", "score")
+    changed = NEIGHBORS.read(unchecked)["score"] != NEIGHBORS.read(path)["score"]
+    assert changed.sum() > 0
+
+
+def test_streamed_and_embedding_files_are_verified_too(tmp_path):
+    path = tmp_path / "embeddings.parquet"
+    rng = np.random.default_rng(1)
+    embeddings = rng.normal(size=(500, 16)).astype(np.float32)
+    write_parquet(embeddings_table([f"r{i}" for i in range(500)], embeddings), path, stage="test", contract=EMBEDDINGS)
+    damaged = damaged_copy(path, "embedding")
+    with pytest.raises(DataError, match="the file is damaged"):
+        io.verify_checksums(damaged)
+    with pytest.raises(DataError, match=r"damaged_embeddings\.parquet: the file is damaged"):
+        io.read_embeddings(damaged)
+    streamed = tmp_path / "streamed.parquet"
+    table = neighbours_table().to_arrow()
+    with io.parquet_stream(streamed, table.schema, "test", {}) as writer:
+        writer.write_table(table)
+    with pytest.raises(DataError, match="the file is damaged"):
+        io.verify_checksums(damaged_copy(streamed, "public_id"))

@@ -21,7 +21,7 @@ from pathlib import Path
 import polars as pl
 import pyarrow as pa
 
-from workflow_scripts.io import DataError, narrow
+from workflow_scripts.io import DataError, narrow, verify_checksums
 
 # The Arrow types the contracts declare, by short name.
 STRING, BOOL = pa.string(), pa.bool_()
@@ -108,6 +108,7 @@ class Contract:
         ]
         if wrong:
             raise DataError(f"{path}: {self.name} column(s) of the wrong type: {'; '.join(wrong)}")
+        verify_checksums(path, wanted)
         return wanted
 
     def scan(self, path: str | os.PathLike, columns: list[str] | None = None, *, extra: bool = False) -> pl.LazyFrame:

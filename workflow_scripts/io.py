@@ -3,7 +3,9 @@
 Every output is written to a temporary name beside its target and renamed into
 place, so a killed job never leaves a file that looks finished. Every Parquet
 file carries provenance metadata: the producing stage, the parameters that
-shaped it (and their hash) and the versions of the packages that matter.
+shaped it (and their hash) and the versions of the packages that matter, and a
+CRC checksum on every page, which readers verify (`verify_checksums`,
+`open_parquet`): a file damaged on disk is refused instead of read as data.
 """
 
 from __future__ import annotations
@@ -109,7 +111,7 @@ def write_parquet(
     metadata.update({k.encode(): v.encode() for k, v in provenance(stage, params or {}).items()})
     table = table.replace_schema_metadata(metadata)
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+        pq.write_table(table, tmp, write_page_checksum=True)
 
 
 @contextlib.contextmanager
@@ -124,8 +126,46 @@ def parquet_stream(
         **(schema.metadata or {}),
         **{key.encode(): value.encode() for key, value in provenance(stage, params).items()},
     }
-    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema.with_metadata(metadata)) as writer:
+    with (
+        atomic_path(path) as tmp,
+        pq.ParquetWriter(tmp, schema.with_metadata(metadata), write_page_checksum=True) as writer,
+    ):
         yield writer
+
+
+def open_parquet(path: str | os.PathLike) -> pq.ParquetFile:
+    """A pyarrow reader of `path` that verifies every page's checksum as it reads (pages written without one,
+    e.g. by another tool, are read unverified)."""
+    return pq.ParquetFile(path, page_checksum_verification=True)
+
+
+@contextlib.contextmanager
+def damage_named(path: str | os.PathLike) -> Iterator[None]:
+    """Reads inside it that meet a page failing its checksum raise a DataError naming `path`."""
+    try:
+        yield
+    except OSError as error:
+        if "checksum" not in str(error).lower():
+            raise
+        raise DataError(f"{path}: the file is damaged: its pages fail verification ({error})") from error
+
+
+_VERIFIED: set[tuple] = set()  # (path, size, mtime, columns) verified by this process
+VERIFY_BATCH_ROWS = 1 << 16
+
+
+def verify_checksums(path: str | os.PathLike, columns: list[str] | None = None) -> None:
+    """Read `columns` (default: all) of `path` page by page, checking each page's CRC (memory: one batch); a file
+    changed since it was written is a DataError naming it. Readers that do not verify (polars) call this first;
+    a file already verified by this process, unchanged since, is not read again."""
+    stat = os.stat(path)
+    key = (os.fspath(path), stat.st_size, stat.st_mtime_ns, tuple(columns or ()))
+    if key in _VERIFIED:
+        return
+    with damage_named(path):
+        for _ in open_parquet(path).iter_batches(batch_size=VERIFY_BATCH_ROWS, columns=columns):
+            pass
+    _VERIFIED.add(key)
 
 
 def narrow(data_type: pa.DataType) -> pa.DataType:
@@ -170,5 +210,7 @@ def embeddings_from_table(table: pa.Table, path: str | os.PathLike) -> tuple[pa.
 
 def read_embeddings(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """Return (ids as an object array, float32 matrix [n, d]) from an embeddings Parquet file."""
-    ids, matrix = embeddings_from_table(pq.read_table(path, columns=["id", "embedding"]), path)
+    with damage_named(path):
+        table = open_parquet(path).read(columns=["id", "embedding"])
+    ids, matrix = embeddings_from_table(table, path)
     return np.asarray(ids.to_pylist(), dtype=object), matrix

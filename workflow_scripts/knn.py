@@ -44,7 +44,14 @@ from tqdm import tqdm
 
 from workflow_scripts.cli import LOG_FORMAT
 from workflow_scripts.contracts import EMBEDDINGS, NEIGHBORS
-from workflow_scripts.io import DataError, embeddings_from_table, parquet_stream, read_metadata
+from workflow_scripts.io import (
+    DataError,
+    damage_named,
+    embeddings_from_table,
+    open_parquet,
+    parquet_stream,
+    read_metadata,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +79,7 @@ def parse_shard(spec: str) -> tuple[int, int]:
 def shard_range(path: str, spec: str) -> tuple[int, int]:
     """Rows [start, stop) of shard `spec` of the Parquet file `path` (P's records or P's embeddings)."""
     shard, n_shards = parse_shard(spec)
-    n_rows = pq.ParquetFile(path).metadata.num_rows
+    n_rows = open_parquet(path).metadata.num_rows
     if n_shards > n_rows:
         raise DataError(
             f"{path}: {n_rows} row(s) cannot be split into {n_shards} shards; lower embedding.public_shards"
@@ -82,13 +89,14 @@ def shard_range(path: str, spec: str) -> tuple[int, int]:
 
 def read_rows(path: str, start: int, stop: int, columns: list[str]) -> pa.Table:
     """Rows [start, stop) of a Parquet file, reading only the row groups that overlap them."""
-    file = pq.ParquetFile(path)
+    file = open_parquet(path)
     sizes = np.array([file.metadata.row_group(group).num_rows for group in range(file.num_row_groups)], np.int64)
     begins = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
     groups = np.flatnonzero((begins < stop) & (begins + sizes > start))
     if stop <= start or not len(groups):
         return file.schema_arrow.empty_table().select(columns)
-    table = file.read_row_groups(groups.tolist(), columns=columns)
+    with damage_named(path):
+        table = file.read_row_groups(groups.tolist(), columns=columns)
     return table.slice(start - int(begins[groups[0]]), stop - start)
 
 
@@ -271,9 +279,10 @@ def gather_embeddings(shard_paths: list[str], out_path: str) -> None:
     }
     with parquet_stream(out_path, schema, "embed", params) as writer:
         for path in tqdm(shard_paths, desc="gathering shards", unit="shard", mininterval=2):
-            file = pq.ParquetFile(path)
+            file = open_parquet(path)
             for group in range(file.num_row_groups):
-                writer.write_table(file.read_row_group(group), row_group_size=ROW_GROUP_ROWS)
+                with damage_named(path):
+                    writer.write_table(file.read_row_group(group), row_group_size=ROW_GROUP_ROWS)
 
 
 # --- the stage: one job per shard, one merge ---
@@ -294,7 +303,7 @@ def search_shard(
     """
     EMBEDDINGS.check(public_path)
     EMBEDDINGS.check(queries_path)
-    n_public = pq.ParquetFile(public_path).metadata.num_rows
+    n_public = open_parquet(public_path).metadata.num_rows
     if k > n_public:
         raise DataError(
             f"{public_path}: knn.k = {k} neighbours asked for, but the public set has only {n_public} "
@@ -304,7 +313,7 @@ def search_shard(
     public_ids, public_embeddings = read_embedding_rows(public_path, start, stop)
     index = ShardIndex(public_embeddings, public_ids, use_gpu)
     k = min(k, stop - start)
-    n_queries = pq.ParquetFile(queries_path).metadata.num_rows
+    n_queries = open_parquet(queries_path).metadata.num_rows
     # The merge reads `k` and `n_queries` back to address each query batch of this file.
     params = {
         "queries": queries_path,

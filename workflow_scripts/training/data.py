@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from workflow_scripts.images import decode_rgb, read_image_bytes, resolved_image_path
-from workflow_scripts.io import DataError, atomic_path
+from workflow_scripts.io import DataError, atomic_path, verify_checksums
 from workflow_scripts.training.text import draw_captions, mask_tokens, record_uniforms, special_token_ids
 
 SIDE_TABLE = "side_records.arrow"  # the memory-mapped side, removed when training ends
@@ -31,6 +31,7 @@ def write_side_table(records_path: str, split_path: str, path: Path) -> int:
     for source in (records_path, split_path):
         if not Path(source).exists():
             raise DataError(f"{source}: file does not exist")
+        verify_checksums(source)
     records = pl.scan_parquet(records_path)
     columns = records.collect_schema().names()
     missing = [c for c in ("id", "image_path", "captions") if c not in columns]
