@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 from PIL import ImageOps
 from tqdm import tqdm
 
@@ -41,14 +42,7 @@ from workflow_scripts.annotate import check_complete, read_record_ids, write_ann
 from workflow_scripts.cli import LOG_FORMAT, add_dataclass_arguments, dataclass_from_args
 from workflow_scripts.contracts import ANNOTATIONS, CROPS, DETIC_VOCABULARY
 from workflow_scripts.images import crop, load_rgb, resolve_image_paths
-from workflow_scripts.io import (
-    DataError,
-    embeddings_from_table,
-    embeddings_table,
-    open_parquet,
-    params_hash,
-    write_parquet,
-)
+from workflow_scripts.io import DataError, embeddings_from_table, embeddings_table, params_hash, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +183,7 @@ def read_class_embeddings(path: str) -> tuple[list[str], np.ndarray]:
     """(class names, [classes, dim] float32 embeddings) written by `write_class_embeddings`."""
     if not Path(path).is_file():
         raise DataError(f"{path}: class embeddings file does not exist (the detic_vocabulary rule writes it)")
-    table = open_parquet(path).read(columns=DETIC_VOCABULARY.check(path))
+    table = pq.read_table(path, columns=DETIC_VOCABULARY.check(path))
     names, embeddings = embeddings_from_table(table.rename_columns(["id", "embedding"]), path)
     return names.to_pylist(), embeddings
 
