@@ -46,9 +46,12 @@ POINTS = expand_points(config["training"], config.get("sweep", {}))
 PLAN = training_runs(POINTS)
 SWEPT = [key for key, values in config.get("sweep", {}).items() if len(values) > 1]
 QUERY_SETS = {"target": "A", "holdout": "holdout"}  # metrics query set -> split file
+# The two-model test's query sets: with metrics.symmetric also `reverse`, B's records with f_B as the target.
+TWO_MODEL_QUERIES = QUERY_SETS | ({"reverse": "B"} if config["metrics"]["symmetric"] else {})
 SIDES = ("A", "B")  # A trains f_A (target), B trains f_B (reference)
 # training.enabled false (config/audit_pretrained.yaml): nothing is trained, only external targets are audited.
 TRAINED_POINTS = POINTS if config["training"]["enabled"] else {}
+NEAR_DUPLICATES = config["near_duplicates"]  # the overlap check of every split against its public set
 
 
 # The path registry: every output pattern of the workflow, written once (grammar: docs/DESIGN.md §3). Rules take
@@ -65,6 +68,8 @@ PATHS = {
     # splits: {name} is A, B or holdout
     "split": f"{RESULTS}/splits/{{split}}/{{name}}.parquet",
     "split_subset": f"{RESULTS}/splits/{{split}}/n_train~{{n_train}}/{{side}}.parquet",
+    "near_duplicates": f"{RESULTS}/splits/{{split}}/near_duplicates.parquet",
+    "public_excluded": f"{RESULTS}/splits/{{split}}/public_excluded.parquet",
     # train
     # train: a run's folder (run/) holds what the training job writes; every point's model.pt, whatever made it
     # (a run, a run's checkpoint at a shorter epoch, an import), is the one file later stages read
@@ -208,7 +213,7 @@ wildcard_constraints:
     split="|".join(map(re.escape, config["splits"])),
     point=POINT_PATTERN,
     side="A|B",
-    queries="|".join(QUERY_SETS),
+    queries="|".join(TWO_MODEL_QUERIES),
 
 
 def split_of(wildcards):
@@ -241,10 +246,24 @@ def side_split(wildcards, side=None):
 
 
 def query_split(wildcards):
-    """Metrics queries: the records f_A trained on (target) or the holdout."""
-    if wildcards.queries == "target":
-        return side_split(wildcards, "A")
-    return path("split", split=wildcards.split, name="holdout")
+    """Metrics queries: the records f_A trained on (target), those f_B trained on (reverse), or the holdout."""
+    if wildcards.queries == "holdout":
+        return path("split", split=wildcards.split, name="holdout")
+    return side_split(wildcards, TWO_MODEL_QUERIES[wildcards.queries])
+
+
+def metric_neighbors(wildcards, role):
+    """The neighbours file of a two-model metrics job's `role` (target or reference): f_A is the target, except on
+    B's own records (reverse), where f_B is."""
+    target, reference = ("B", "A") if wildcards.queries == "reverse" else ("A", "B")
+    side = target if role == "target" else reference
+    return path("neighbors", split=wildcards.split, point=wildcards.point, side=side)
+
+
+def caption_query_splits(wildcards):
+    """The split files whose captions a model embeds as queries: B's too where the point is measured both ways."""
+    names = (TWO_MODEL_QUERIES if wildcards.point in TRAINED_POINTS else QUERY_SETS).values()
+    return expand(path("split", split=wildcards.split), name=names)
 
 
 def all_targets():
@@ -253,7 +272,7 @@ def all_targets():
         if TRAINED_POINTS:
             targets.append(path("summary", split=split, ext="parquet"))
         for point in TRAINED_POINTS:
-            for queries in QUERY_SETS:
+            for queries in TWO_MODEL_QUERIES:
                 targets += expand(PATHS["metrics"], split=split, point=point, queries=queries, table=METRIC_TABLES)
             if ONE_MODEL_MODES:
                 targets += expand(

@@ -11,6 +11,7 @@ rule embed_public_shard:
     input:
         model=PATHS["model"],
         records=public_records,
+        excluded=PATHS["public_excluded"],
     output:
         temp(PATHS["public_shard_embeddings"]),
     log:
@@ -28,7 +29,7 @@ rule embed_public_shard:
         execution=embed_execution_flags(),
     shell:
         "python -m workflow_scripts.embed --model {input.model} --records {input.records} --modality image"
-        " --shard {wildcards.shard} {params.execution} --out {output} > {log} 2>&1"
+        " --shard {wildcards.shard} --exclude {input.excluded} {params.execution} --out {output} > {log} 2>&1"
 
 
 rule embed_public:
@@ -50,7 +51,7 @@ rule embed_captions:
     input:
         model=PATHS["model"],
         records=pool_records,
-        queries=expand(PATHS["split"], name=QUERY_SETS.values(), allow_missing=True),
+        queries=caption_query_splits,
     output:
         path("embeddings", searcher="{point}/{side}", collection="captions"),
     log:

@@ -1,10 +1,12 @@
 # Stage metrics: neighbours of both models + annotations -> per-record, population and sample-level tables.
+# Queries target and holdout: f_A the target, f_B the reference; queries reverse (metrics.symmetric): B's records,
+# f_B the target and f_A the reference.
 
 
 rule metrics:
     input:
-        target=path("neighbors", side="A"),
-        reference=path("neighbors", side="B"),
+        target=lambda wc: metric_neighbors(wc, "target"),
+        reference=lambda wc: metric_neighbors(wc, "reference"),
         query_annotations=pool_annotations,
         public_annotations=public_annotations,
         queries=query_split,

@@ -43,6 +43,7 @@ rule embed_reference:
         queries=lambda wc: (
             expand(path("split", split=wc.split), name=QUERY_SETS.values()) if wc.collection == "captions" else []
         ),
+        excluded=lambda wc: [path("public_excluded", split=wc.split)] if wc.collection == "public_captions" else [],
     output:
         path("embeddings", searcher=REFERENCE),
     log:
@@ -57,7 +58,9 @@ rule embed_reference:
     resources:
         gpu=EMBED_GPUS,
     params:
-        ids=lambda wc, input: " ".join(f"--ids {path}" for path in input.queries),
+        ids=lambda wc, input: " ".join(
+            [*(f"--ids {path}" for path in input.queries), *(f"--exclude {path}" for path in input.excluded)]
+        ),
         # Only what shapes g's embeddings, so editing other one-model settings reruns nothing here.
         reference=ONE_MODEL["reference_model"],
         reference_options=to_cli_flags(
@@ -76,6 +79,7 @@ rule embed_public_captions:
     input:
         model=path("model", side="A"),
         records=public_records,
+        excluded=PATHS["public_excluded"],
     output:
         path("embeddings", searcher="{point}/A", collection="public_captions"),
     log:
@@ -92,7 +96,8 @@ rule embed_public_captions:
         execution=embed_execution_flags(),
     shell:
         "python -m workflow_scripts.embed --model {input.model} --records {input.records} --modality text"
-        " --skip-uncaptioned --caption-index {params.caption_index} {params.execution} --out {output} > {log} 2>&1"
+        " --skip-uncaptioned --exclude {input.excluded} --caption-index {params.caption_index} {params.execution}"
+        " --out {output} > {log} 2>&1"
 
 
 rule knn_captions:

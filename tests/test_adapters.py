@@ -249,20 +249,25 @@ def test_same_image_in_the_pool_and_the_public_set_through_two_sources_is_refuse
     pl.DataFrame({"id": pl.read_parquet(pool / "records.parquet")["id"], "labels": [["cat"]] * 19}).write_parquet(
         pool / "annotations.parquet"
     )
+    splits.make_splits(
+        str(pool / "records.parquet"),
+        str(pool / "annotations.parquet"),
+        tmp_path / "splits",
+        n_target=8,
+        n_reference=8,
+        n_holdout=3,
+        seed=0,
+    )
     with pytest.raises(
         splits.OverlapError,
         match=r"share 1 image\(s\) by content hash: "
         r"\['(laion-00000/002=inet-dog/dog_0001\.JPEG|inet-dog/dog_0001\.JPEG=laion-00000/002)'\]",
     ):
-        splits.make_splits(
+        splits.check_overlap(
+            {name: str(tmp_path / "splits" / f"{name}.parquet") for name in ("A", "B", "holdout")},
             str(pool / "records.parquet"),
-            str(pool / "annotations.parquet"),
             str(tmp_path / "public/records.parquet"),
-            tmp_path / "splits",
-            n_target=8,
-            n_reference=8,
-            n_holdout=3,
-            seed=0,
+            {"near_duplicates": str(tmp_path / "pairs.parquet"), "excluded": str(tmp_path / "excluded.parquet")},
         )
 
 
@@ -371,7 +376,7 @@ def test_real_formats_run_through_the_dag_to_metrics(tmp_path):
     assert annotations.filter(pl.col("id") == ids[0])["scores"].to_list() == [pytest.approx([0.9, 0.6])]
     assert pl.read_parquet(results / "data/inet/validation.parquet").height == 0
     populations = list((results / "metrics" / "scenes").rglob("population.parquet"))
-    assert {path.parent.name for path in populations} == {"target", "holdout"}
+    assert {path.parent.name for path in populations} == {"target", "holdout", "reverse"}
     for path in populations:
         table = pl.read_parquet(path)
         assert set(table["metric"]) >= {"PPG", "PRG", "AUCG"} and table["value"].is_not_null().all()

@@ -47,9 +47,9 @@ def test_execution_settings_schedule_nothing(tiny_workflow, block):
 
 
 # Jobs per finished tiny run: 1 split, 2 points (epochs 1 and 2; one training run), P in 2 shards, sides A and B,
-# query sets target and holdout, one-model modes t2i and t2t.
+# query sets target, holdout and reverse (two-model; one-model: target and holdout), one-model modes t2i and t2t.
 FIGURES = {"figures_point": 2, "figures_qualitative": 2, "summary": 1, "figures_sweep": 1, "all": 1}
-METRICS = {"metrics": 4, "metrics_one_model": 8, "agreement": 2, **FIGURES}
+METRICS = {"metrics": 6, "metrics_one_model": 8, "agreement": 2, **FIGURES}
 SEARCH = {"knn_shard": 8, "knn": 4, **METRICS}
 MODELS_DOWN = {
     "embed_public_shard": 8,
@@ -61,7 +61,14 @@ MODELS_DOWN = {
     **SEARCH,
 }
 TRAINING_DOWN = {"train": 2, "model": 4, **MODELS_DOWN}
-SPLITS_DOWN = {"splits": 1, "embed_reference": 1, **TRAINING_DOWN, "knn_captions": 3}
+SPLITS_DOWN = {"splits": 1, "overlap": 1, "embed_reference": 1, **TRAINING_DOWN, "knn_captions": 3}
+# A new P: its data set, the overlap check and everything searched in P, never the splits or a training job.
+PUBLIC_DOWN = {"synthetic_dataset": 1, "annotate_ground_truth": 1, "overlap": 1, "embed_reference": 1}
+PUBLIC_DOWN |= {rule: n for rule, n in MODELS_DOWN.items() if rule != "embed_captions"} | {"knn_captions": 3}
+# The overlap check's settings: the check and P's searches (whose excluded ids it writes); utility reads P itself.
+NEAR_DUPLICATES_DOWN = {
+    rule: n for rule, n in PUBLIC_DOWN.items() if rule not in ("synthetic_dataset", "annotate_ground_truth", "utility")
+}
 
 # The SSL tests' (tiny: 2 points, one training run, one layer, sides A and B, crop sets A, B and holdout; the
 # two-model test and the one-model tests of two references, each reference trained once per side).
@@ -97,10 +104,8 @@ RESULT_SETTINGS = [
     ({"utility": {"seed": 1}}, {"utility": 4, "summary": 1, "figures_sweep": 1, "all": 1}),
     ({"training": {"lr": 2.0e-3}}, TRAINING_DOWN),
     ({"splits": {"scenes": {"seed": 1}}}, SPLITS_DOWN),
-    (
-        {"datasets": {"scenes_public": {"seed": 3}}},
-        {"synthetic_dataset": 1, "annotate_ground_truth": 1, **SPLITS_DOWN, "embed_reference": 2},
-    ),
+    ({"datasets": {"scenes_public": {"seed": 3}}}, PUBLIC_DOWN),
+    ({"near_duplicates": {"min_similarity": 0.9}}, NEAR_DUPLICATES_DOWN),
 ]
 
 

@@ -6,8 +6,10 @@ from PIL import Image
 
 from workflow_scripts import annotate, splits, synthetic
 from workflow_scripts.io import DataError, read_metadata
+from workflow_scripts.near_duplicates import DEFAULT_MIN_SIMILARITY
 
 CONFIG = synthetic.SyntheticConfig(image_size=32)
+THUMBNAIL = 8  # near-duplicate thumbnails of a quarter of the image side, as the default's 16 of 64
 
 
 @pytest.fixture(scope="module")
@@ -94,10 +96,23 @@ def make_splits(scenes, out, pool_dir=None, **sizes):
     splits.make_splits(
         str(pool_dir / "records.parquet"),
         str(annotations),
-        str(scenes / "public" / "records.parquet"),
         out,
         **{"n_target": 20, "n_reference": 20, "n_holdout": 10, "seed": 0, **sizes},
     )
+
+
+def check_overlap(scenes, split_dir, pool_dir=None, public_dir=None, **options):
+    """The overlap job on split_dir's A, B and holdout against P; returns (near-duplicate pairs, excluded ids)."""
+    pool_dir, public_dir = pool_dir or scenes / "pool", public_dir or scenes / "public"
+    outputs = {"near_duplicates": split_dir / "near_duplicates.parquet", "excluded": split_dir / "excluded.parquet"}
+    splits.check_overlap(
+        {name: str(split_dir / f"{name}.parquet") for name in ("A", "B", "holdout")},
+        str(pool_dir / "records.parquet"),
+        str(public_dir / "records.parquet"),
+        {key: str(path) for key, path in outputs.items()},
+        **options,
+    )
+    return pl.read_parquet(outputs["near_duplicates"]), pl.read_parquet(outputs["excluded"])["id"].to_list()
 
 
 def test_splits_are_disjoint_sized_and_seeded(scenes, tmp_path):
@@ -134,8 +149,61 @@ def test_overlap_with_public_by_content_hash_is_refused(scenes, tmp_path):
     pl.DataFrame({"id": pool["id"], "labels": [["red circle"]] * pool.height}).write_parquet(
         pool_dir / "ground_truth.parquet"
     )
+    make_splits(scenes, tmp_path / "out", pool_dir=pool_dir, n_target=58, n_reference=1, n_holdout=2)
     with pytest.raises(splits.OverlapError, match=r"pool-leaked=public-0000000"):
-        make_splits(scenes, tmp_path / "out", pool_dir=pool_dir, n_target=58, n_reference=1, n_holdout=2)
+        check_overlap(scenes, tmp_path / "out", pool_dir=pool_dir)
+
+
+def public_with_copies(scenes, tmp_path, split_dir):
+    """P plus a JPEG re-encoding of A's first image and a resized copy of the holdout's first: (folder, ids)."""
+    public_dir = tmp_path / "public_with_copies"
+    public_dir.mkdir()
+    public = pl.read_parquet(scenes / "public" / "records.parquet").with_columns(
+        image_path=str(scenes / "public") + "/" + pl.col("image_path")
+    )
+    pool = pl.read_parquet(scenes / "pool" / "records.parquet")
+    copied = []
+    for name, save in (
+        ("A", lambda im, p: im.save(p, quality=60)),
+        ("holdout", lambda im, p: im.resize((96, 96)).save(p)),
+    ):
+        source = pool.join(pl.read_parquet(split_dir / f"{name}.parquet").head(1), on="id", how="semi")
+        target = public_dir / f"copy_of_{name}.jpg"
+        save(Image.open(scenes / "pool" / source["image_path"][0]).convert("RGB"), target)
+        copied.append((source["id"][0], f"public-copy-{name}"))
+        public = pl.concat(
+            [
+                public,
+                source.with_columns(
+                    id=pl.lit(f"public-copy-{name}"),
+                    image_path=pl.lit(str(target)),
+                    image_sha256=pl.lit(None, pl.String),
+                ),
+            ],
+            how="diagonal_relaxed",
+        )
+    public.write_parquet(public_dir / "records.parquet")
+    return public_dir, copied
+
+
+@pytest.mark.parametrize("action", ["refuse", "drop", "report"])
+def test_re_encoded_and_resized_copies_in_public_are_found(scenes, tmp_path, action):
+    make_splits(scenes, tmp_path / "s")
+    public_dir, copied = public_with_copies(scenes, tmp_path, tmp_path / "s")
+    found = rf"2 public image\(s\) at least {DEFAULT_MIN_SIMILARITY} alike.*public-copy-A"
+    if action == "refuse":
+        with pytest.raises(splits.OverlapError, match=found):
+            check_overlap(scenes, tmp_path / "s", public_dir=public_dir, action="refuse", side=THUMBNAIL)
+        return
+    pairs, excluded = check_overlap(scenes, tmp_path / "s", public_dir=public_dir, action=action, side=THUMBNAIL)
+    assert sorted(pairs.select("pool_id", "public_id").iter_rows()) == sorted(copied)
+    assert sorted(excluded) == (sorted(public for _, public in copied) if action == "drop" else [])
+
+
+def test_a_clean_public_set_has_no_near_duplicates(scenes, tmp_path):
+    make_splits(scenes, tmp_path / "s")
+    pairs, excluded = check_overlap(scenes, tmp_path / "s")
+    assert pairs.height == 0 and excluded == []
 
 
 def test_overlap_by_id_is_refused():

@@ -1,6 +1,7 @@
 """Bad inputs a new user can hand the workflow stop at the first stage that can tell, naming the file and record."""
 
 import re
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -8,7 +9,7 @@ import pytest
 
 from conftest import TINY, merged, run_snakemake
 from workflow_scripts import knn, splits
-from workflow_scripts.contracts import ANNOTATION_TABLE, EMBEDDINGS, RECORDS
+from workflow_scripts.contracts import EMBEDDINGS, RECORDS, SPLIT_IDS
 from workflow_scripts.io import DataError, embeddings_table, write_parquet
 
 
@@ -58,7 +59,7 @@ def test_k_larger_than_the_public_set_is_an_error(tmp_path):
     assert pl.read_parquet(tmp_path / "out.parquet").height == 5 * 16
 
 
-def test_an_empty_public_set_stops_at_the_splits_stage(tmp_path):
+def test_an_empty_public_set_stops_at_the_overlap_stage(tmp_path):
     records = {"id": pl.String, "image_path": pl.String, "captions": pl.List(pl.String), "image_sha256": pl.String}
     pool = pl.DataFrame(
         {
@@ -71,24 +72,17 @@ def test_an_empty_public_set_stops_at_the_splits_stage(tmp_path):
     )
     write_parquet(pool, tmp_path / "pool.parquet", stage="test", contract=RECORDS)
     write_parquet(pl.DataFrame(schema=records), tmp_path / "public.parquet", stage="test", contract=RECORDS)
-    write_parquet(
-        pool.select("id", labels=pl.lit(["cat"])),
-        tmp_path / "annotations.parquet",
-        stage="test",
-        contract=ANNOTATION_TABLE,
-    )
+    for name in ("A", "B", "holdout"):
+        write_parquet(pool.select("id").head(2), tmp_path / f"{name}.parquet", stage="test", contract=SPLIT_IDS)
+    outputs = {"near_duplicates": str(tmp_path / "pairs.parquet"), "excluded": str(tmp_path / "excluded.parquet")}
     with pytest.raises(DataError, match=r"public\.parquet: the public set has no records"):
-        splits.make_splits(
+        splits.check_overlap(
+            {name: str(tmp_path / f"{name}.parquet") for name in ("A", "B", "holdout")},
             str(tmp_path / "pool.parquet"),
-            str(tmp_path / "annotations.parquet"),
             str(tmp_path / "public.parquet"),
-            tmp_path / "splits",
-            4,
-            4,
-            2,
-            seed=0,
+            outputs,
         )
-    assert not (tmp_path / "splits").exists()
+    assert not any(Path(path).exists() for path in outputs.values())
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,8 @@ import torch
 
 from conftest import POINT, REPO, SHORT_POINT, TINY, planned_jobs, run_snakemake
 from workflow_scripts import paramspace, summary, utility
+from workflow_scripts.metrics import MetricParams
+from workflow_scripts.metrics import tables as metric_tables
 
 # `make figures`'s rules, read from the Makefile (the one place they are listed).
 _MAKEFILE = (REPO / "Makefile").read_text().replace("\\\n", " ")
@@ -61,7 +63,7 @@ def test_adding_a_mask_value_schedules_only_the_new_points(tiny_workflow):
         "knn": 4,
         "embed_captions": 4,
         "utility": 4,
-        "metrics": 4,
+        "metrics": 6,  # target, holdout and reverse
         "embed_public_captions": 2,
         "knn_captions": 2,
         "metrics_one_model": 8,
@@ -105,6 +107,7 @@ def test_summary_has_one_row_per_point_matching_the_metric_tables(tiny_workflow)
     )
     row = table.filter(pl.col("point") == POINT).row(0, named=True)
     assert row["PPG_mean"] == pytest.approx(population["mean"].item())
+    assert row["PPG_symmetric"] == pytest.approx((row["PPG_value"] + row["reverse_PPG_value"]) / 2)
     assert 0 <= row["A_dominant_object_linear_probe_PJ"] <= 1 and "B_scene_zero_shot" in table.columns
     assert (results / "summary" / "scenes.csv").exists()
     points = [SHORT_POINT, POINT]
@@ -112,7 +115,7 @@ def test_summary_has_one_row_per_point_matching_the_metric_tables(tiny_workflow)
         "scenes",
         {
             queries: {p: results / "metrics" / "scenes" / p / queries / "population.parquet" for p in points}
-            for queries in ("target", "holdout")
+            for queries in ("target", "holdout", "reverse")
         },
         {side: {p: results / "utility" / "scenes" / p / f"{side}.parquet" for p in points} for side in ("A", "B")},
     )
@@ -150,3 +153,52 @@ def test_linear_probe_and_probe_split():
     assert utility.linear_probe_accuracy(separable, labels, utility.probe_split(120, 0.5, 0)) == 1.0
     noise = rng.normal(size=(120, 3))
     assert utility.linear_probe_accuracy(noise, labels, utility.probe_split(120, 0.5, 0)) < 0.7
+
+
+def planted_direction(tmp_path, name: str, target_right: set[str], reference_right: set[str], ids: list[str]):
+    """A population table of the metric engine on `ids`: each record's single neighbour carries its object
+    (label a) under the model that is right on it, a wrong object (d) otherwise."""
+    public = pl.DataFrame({"id": ["right", "wrong"], "labels": [["a"], ["d"]]})
+    truth = pl.DataFrame({"id": ids, "labels": [["a"]] * len(ids)})
+    paths = {}
+    for role, right in (("target", target_right), ("reference", reference_right)):
+        rows = {"query_id": ids, "rank": [0] * len(ids), "score": [1.0] * len(ids)}
+        rows["public_id"] = ["right" if i in right else "wrong" for i in ids]
+        frame = pl.DataFrame(rows, schema_overrides={"rank": pl.Int16, "score": pl.Float32})
+        paths[role] = str(tmp_path / f"{name}_{role}.parquet")
+        frame.write_parquet(paths[role])
+    for table, frame in (("public", public), ("truth", truth), ("queries", truth.select("id"))):
+        paths[table] = str(tmp_path / f"{name}_{table}.parquet")
+        frame.write_parquet(paths[table])
+    params = MetricParams(k=1, top_n=1, top_l=[1], n_boot=10, frac=0.5, seed=0)
+    inputs = [paths[key] for key in ("target", "reference", "truth", "public", "queries")]
+    metric_tables.compute(*inputs, params, out_dir=tmp_path / name)
+    return tmp_path / name / "population.parquet"
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        # f_A retrieves better than f_B on every set: one way, the holdout shows the same gap as A's records.
+        ("better_retriever", {"PRG_value": 1.0, "holdout_PRG_value": 1.0, "PRG_symmetric": 0.0, "PRG_net": 0.0}),
+        # each model right exactly on its own training records: memorization, seen from both sides.
+        ("memorizes", {"PRG_value": 1.0, "holdout_PRG_value": 0.0, "PRG_symmetric": 1.0, "PRG_net": 1.0}),
+    ],
+)
+def test_symmetric_gap_cancels_what_one_model_retrieves_better_everywhere(tmp_path, case, expected):
+    a, b, holdout = ["a1", "a2", "a3"], ["b1", "b2", "b3"], ["h1", "h2", "h3"]
+    everyone = {*a, *b, *holdout}
+    f_a, f_b = (everyone, set()) if case == "better_retriever" else ({*a, *holdout}, {*b, *holdout})
+    populations = {
+        "target": {POINT: planted_direction(tmp_path, "target", f_a, f_b, a)},
+        "holdout": {POINT: planted_direction(tmp_path, "holdout", f_a, f_b, holdout)},
+        "reverse": {POINT: planted_direction(tmp_path, "reverse", f_b, f_a, b)},  # f_B the target on B
+    }
+    utility_table = pl.DataFrame(
+        {"task": ["scene"], "metric": ["zero_shot"], "accuracy": [0.5], "chance": [0.1], "n_classes": [10]}
+    ).with_columns(n_eval=pl.lit(10, pl.Int64))
+    utility_table.write_parquet(tmp_path / "utility.parquet")
+    utilities = {side: {POINT: tmp_path / "utility.parquet"} for side in ("A", "B")}
+    row = summary.summarise("scenes", populations, utilities).row(0, named=True)
+    assert {key: row[key] for key in expected} == pytest.approx(expected)
+    assert row["reverse_PRG_value"] == pytest.approx(2 * expected["PRG_symmetric"] - 1.0)

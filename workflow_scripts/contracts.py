@@ -254,6 +254,9 @@ SUMMARY = Contract(
     _fields(split=STRING, point=STRING, n_train=INT64, epochs=INT64, temperature=FLOAT64, weight_decay=FLOAT64)
     + _fields(mask_ratio=FLOAT64, seed=INT64, **dict.fromkeys(_SUMMARY_STATISTICS, FLOAT64))
     + _fields(**dict.fromkeys(_names("{}_net", SUMMARY_METRICS), FLOAT64)),
+    # metrics.symmetric: B's records with f_B as target (reverse_), and the mean of the two directions
+    _fields(**dict.fromkeys(_names("reverse_{}_{}", SUMMARY_METRICS, ("value", "mean", "std")), FLOAT64))
+    + _fields(**dict.fromkeys(_names("{}_symmetric{}", SUMMARY_METRICS, ("", "_std")), FLOAT64)),
 )
 
 # Tables a user hands the workflow (path None: they live wherever the config names them). An annotation table
@@ -351,4 +354,11 @@ SSL_SAMPLE_LEVEL = Contract(
     _fields(rank=INT64, id=STRING, crop_set=STRING, label=STRING)
     + _fields(**{name: STRING if name.startswith("predicted") else FLOAT64 for name in _SSL_SIDES})
     + _fields(entropy_gap=FLOAT64),
+)
+# Near-duplicates between a split's training images and its public set (workflow_scripts/near_duplicates.py): one
+# row per pair at or above the similarity threshold, the cosine similarity of their colour thumbnails.
+NEAR_DUPLICATES = Contract(
+    "near duplicates",
+    "splits/{split}/near_duplicates.parquet",
+    _fields(pool_id=STRING, public_id=STRING, similarity=FLOAT32),
 )

@@ -49,8 +49,15 @@ class EmbedParams(EmbeddingParams):
     allow_cpu_fallback: bool = False  # true: --device cuda without a GPU runs on the CPU instead of failing
 
 
-def select_records(records_path: str, id_paths: list[str], shard: str | None = None) -> pl.DataFrame:
-    """All records of a dataset, those listed in the given split files (in split order), or one shard's rows."""
+def select_records(
+    records_path: str, id_paths: list[str], shard: str | None = None, exclude_paths: list[str] = ()
+) -> pl.DataFrame:
+    """All records of a dataset, those listed in the given split files (in split order), or one shard's rows;
+    less the ids listed in `exclude_paths` (P's near-duplicates of training images, when they are dropped)."""
+    return without_excluded(chosen_records(records_path, id_paths, shard), exclude_paths, records_path)
+
+
+def chosen_records(records_path: str, id_paths: list[str], shard: str | None) -> pl.DataFrame:
     if shard is not None:
         if id_paths:
             raise ValueError("--shard splits a whole record set; it cannot be combined with --ids")
@@ -67,6 +74,16 @@ def select_records(records_path: str, id_paths: list[str], shard: str | None = N
     if len(missing):
         raise DataError(f"{records_path}: {len(missing)} requested id(s) missing, e.g. {missing.head(5).to_list()}")
     return selected
+
+
+def without_excluded(records: pl.DataFrame, exclude_paths: list[str], records_path: str) -> pl.DataFrame:
+    if not exclude_paths:
+        return records
+    excluded = pl.concat([SPLIT_IDS.read(path) for path in exclude_paths])
+    kept = records.join(excluded, on="id", how="anti", maintain_order="left")
+    if len(kept) < len(records):
+        log.info("%s: %d record(s) left out as listed in %s", records_path, len(records) - len(kept), exclude_paths)
+    return kept
 
 
 def select_captions(
@@ -114,6 +131,7 @@ def embed(
     *,
     shard: str | None = None,
     skip_uncaptioned: bool = False,
+    exclude_paths: list[str] = (),
 ) -> None:
     """Embed the selected records' images or captions (#`params.caption_index`) with a trained checkpoint."""
     if modality not in ("image", "text"):
@@ -122,7 +140,7 @@ def embed(
     device = select_device(params.device, params.allow_cpu_fallback)
     log.info("embedding on %s", device)
     model, preprocess, tokenizer, checkpoint = load_checkpoint(model_path, device)
-    records = select_records(records_path, id_paths, shard)
+    records = select_records(records_path, id_paths, shard, exclude_paths)
     if modality == "image":
         items = list(zip(resolve_image_paths(records, records_path).to_list(), records["id"].to_list()))
 
@@ -152,6 +170,9 @@ def embedding_parser(description: str, model_help: str, params: type[EmbeddingPa
     parser.add_argument("--model", required=True, help=model_help)
     parser.add_argument("--records", required=True, help="records Parquet of the dataset")
     parser.add_argument("--ids", action="append", default=[], help="split Parquet(s) selecting records (repeatable)")
+    parser.add_argument(
+        "--exclude", action="append", default=[], help="id Parquet(s) of records to leave out (repeatable)"
+    )
     parser.add_argument("--out", required=True)
     add_dataclass_arguments(parser, params)
     return parser
@@ -178,6 +199,7 @@ def main(argv: list[str] | None = None) -> None:
         params,
         shard=args.shard,
         skip_uncaptioned=args.skip_uncaptioned,
+        exclude_paths=args.exclude,
     )
 
 

@@ -1,9 +1,14 @@
-"""Sample disjoint A (target), B (reference) and holdout sets from a training pool.
+"""Sample disjoint A (target), B (reference) and holdout sets from a training pool; check them against P.
 
-The three sets are drawn without replacement from the pool's records that have
-at least one caption and an annotation row, in an order fixed by the seed.
-Overlap between A, B, the holdout and the public set P, by id or by image
-content hash, is always an error: it would make the measurement meaningless.
+`make`: the three sets are drawn without replacement from the pool's records
+that have at least one caption and an annotation row, in an order fixed by the
+seed. It reads the pool alone, so a change to the public set P never redraws
+them (nor retrains the models).
+`overlap`: A, B and the holdout against P, in a job the searches depend on and
+the trainings do not. A shared id or image content hash is always an error: it
+would make the measurement meaningless. Near-duplicates (colour thumbnails at
+least `min_similarity` alike: re-encoded or resized copies) are listed in a
+table and, as the config says, refused, dropped from P, or only reported.
 """
 
 from __future__ import annotations
@@ -17,13 +22,21 @@ import polars as pl
 
 from workflow_scripts.adapters import hash_images
 from workflow_scripts.cli import LOG_FORMAT
-from workflow_scripts.contracts import ANNOTATIONS, RECORDS, SPLIT_IDS
+from workflow_scripts.contracts import ANNOTATIONS, NEAR_DUPLICATES, RECORDS, SPLIT_IDS
 from workflow_scripts.images import resolve_image_paths
 from workflow_scripts.io import DataError, check_unique_ids, write_parquet
+from workflow_scripts.near_duplicates import (
+    DEFAULT_MIN_SIMILARITY,
+    DEFAULT_SIDE,
+    near_duplicate_pairs,
+    record_descriptors,
+)
 
 log = logging.getLogger(__name__)
 
 SIDE_FILES = {"target": "A", "reference": "B", "holdout": "holdout"}
+NEAR_DUPLICATE_ACTIONS = ("refuse", "drop", "report")
+SHOWN_PAIRS = 10
 
 
 class OverlapError(DataError):
@@ -96,7 +109,6 @@ def sample_splits(pool: pl.DataFrame, sizes: dict[str, int], seed: int) -> dict[
 def make_splits(
     pool_records: str,
     pool_annotations: str,
-    public_records: str,
     out_dir: str | Path,
     n_target: int,
     n_reference: int,
@@ -104,17 +116,9 @@ def make_splits(
     seed: int,
 ) -> None:
     pool = RECORDS.read(pool_records, extra=True)
-    public = RECORDS.read(public_records, extra=True)
     annotated = ANNOTATIONS.read(pool_annotations, ["id", "labels"]).select("id")
-    if not len(public):
-        raise DataError(
-            f"{public_records}: the public set has no records; every query would have no neighbour. "
-            "Check the public data set's source (its images and captions) in the config"
-        )
     check_unique_ids(pool["id"], pool_records)
-    check_unique_ids(public["id"], public_records)
     pool = with_hashes(pool, pool_records)
-    public = with_hashes(public, public_records)
     check_no_duplicate_images(pool, pool_records)
 
     eligible = pool.filter(pl.col("captions").list.len() > 0).join(annotated, on="id", how="semi")
@@ -124,12 +128,8 @@ def make_splits(
         {"target": n_target, "reference": n_reference, "holdout": n_holdout},
         seed,
     )
-    check_disjoint(
-        {**{SIDE_FILES[s]: frame for s, frame in sides.items()}, "public": public.select("id", "image_sha256")}
-    )
     params = {
         "pool": pool_records,
-        "public": public_records,
         "n_target": n_target,
         "n_reference": n_reference,
         "n_holdout": n_holdout,
@@ -145,6 +145,81 @@ def make_splits(
         )
 
 
+def read_public(public_records: str) -> pl.DataFrame:
+    public = RECORDS.read(public_records, extra=True)
+    if not len(public):
+        raise DataError(
+            f"{public_records}: the public set has no records; every query would have no neighbour. "
+            "Check the public data set's source (its images and captions) in the config"
+        )
+    check_unique_ids(public["id"], public_records)
+    return public
+
+
+def split_records(split_paths: dict[str, str], pool: pl.DataFrame, pool_records: str) -> dict[str, pl.DataFrame]:
+    """Each split file's pool records (all columns), in the file's order; an id missing from the pool is an error."""
+    sides = {}
+    for name, split_path in split_paths.items():
+        ids = SPLIT_IDS.read(split_path)
+        records = ids.join(pool, on="id", how="left", maintain_order="left")
+        missing = records.filter(pl.col("image_path").is_null())["id"]
+        if len(missing):
+            raise DataError(
+                f"{split_path}: {len(missing)} id(s) not in {pool_records}, e.g. {missing.head(5).to_list()}"
+            )
+        sides[name] = records
+    return sides
+
+
+def near_duplicate_problem(pairs: pl.DataFrame, public_records: str, min_similarity: float) -> str:
+    shown = [f"{a}~{b} ({similarity:.3f})" for a, b, similarity in pairs.head(SHOWN_PAIRS).iter_rows()]
+    return (
+        f"{public_records}: {pairs['public_id'].n_unique()} public image(s) at least {min_similarity} alike "
+        f"(thumbnail cosine) to a training pool image, e.g. {shown}: re-encoded or resized copies of trained images "
+        "inflate a déjà vu measurement. Set near_duplicates.action to drop (leave them out of P) or report (keep "
+        "them), or clean P"
+    )
+
+
+def check_overlap(
+    split_paths: dict[str, str],
+    pool_records: str,
+    public_records: str,
+    outputs: dict[str, str],
+    action: str = "drop",
+    min_similarity: float = DEFAULT_MIN_SIMILARITY,
+    side: int = DEFAULT_SIDE,
+    threads: int = 1,
+) -> None:
+    """Refuse ids or images A, B or the holdout share with P; list P's near-duplicates of them in
+    outputs["near_duplicates"] and, with action drop, their public ids in outputs["excluded"] (else empty)."""
+    if action not in NEAR_DUPLICATE_ACTIONS:
+        raise ValueError(f"near-duplicate action {action!r}: expected one of {NEAR_DUPLICATE_ACTIONS}")
+    public = with_hashes(read_public(public_records), public_records)
+    sides = split_records(split_paths, RECORDS.read(pool_records, extra=True), pool_records)
+    sides = {name: with_hashes(frame, pool_records) for name, frame in sides.items()}
+    check_disjoint({**{name: frame.select("id", "image_sha256") for name, frame in sides.items()}, "public": public})
+    trained = pl.concat([frame.select("id", "image_path") for frame in sides.values()])
+    pairs = near_duplicate_pairs(
+        record_descriptors(trained, pool_records, side, threads),
+        record_descriptors(public, public_records, side, threads),
+        min_similarity,
+    )
+    if len(pairs) and action == "refuse":
+        raise OverlapError(near_duplicate_problem(pairs, public_records, min_similarity))
+    if len(pairs):
+        log.warning("%s (action %s)", near_duplicate_problem(pairs, public_records, min_similarity), action)
+    params = {"splits": split_paths, "public": public_records, "action": action}
+    params |= {"min_similarity": min_similarity, "side": side}
+    write_parquet(pairs, outputs["near_duplicates"], stage="overlap", params=params, contract=NEAR_DUPLICATES)
+    excluded = (
+        pairs.select(id="public_id").unique(maintain_order=True)
+        if action == "drop"
+        else pairs.select(id="public_id").clear()
+    )
+    write_parquet(excluded, outputs["excluded"], stage="overlap", params=params, contract=SPLIT_IDS)
+
+
 def subset_side(split_path: str, n: int, out_path: str) -> None:
     """Write the first n ids of a side: smaller training sets nest inside larger ones."""
     side = SPLIT_IDS.read(split_path)
@@ -155,31 +230,57 @@ def subset_side(split_path: str, n: int, out_path: str) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     make = commands.add_parser("make", help="draw A, B and the holdout from a pool")
     make.add_argument("--pool-records", required=True)
     make.add_argument("--pool-annotations", required=True)
-    make.add_argument("--public-records", required=True)
     make.add_argument("--out-dir", required=True, help="folder for A.parquet, B.parquet, holdout.parquet")
     make.add_argument("--n-target", type=int, required=True)
     make.add_argument("--n-reference", type=int, required=True)
     make.add_argument("--n-holdout", type=int, required=True)
     make.add_argument("--seed", type=int, required=True)
+    overlap = commands.add_parser("overlap", help="check A, B and the holdout against the public set")
+    for name in SIDE_FILES.values():
+        overlap.add_argument(f"--{name}", required=True, help=f"split file {name}.parquet")
+    overlap.add_argument("--pool-records", required=True)
+    overlap.add_argument("--public-records", required=True)
+    overlap.add_argument("--action", choices=NEAR_DUPLICATE_ACTIONS, default="drop")
+    overlap.add_argument(
+        "--min-similarity", type=float, default=DEFAULT_MIN_SIMILARITY, help="thumbnail cosine of a near-duplicate"
+    )
+    overlap.add_argument("--side", type=int, default=DEFAULT_SIDE, help="thumbnail side in pixels")
+    overlap.add_argument("--threads", type=int, default=1)
+    overlap.add_argument("--near-duplicates", required=True, help="out: the near-duplicate pairs")
+    overlap.add_argument("--excluded", required=True, help="out: P's ids left out of the searches (action drop)")
     subset = commands.add_parser("subset", help="the first n ids of one side (training-set size sweeps)")
     subset.add_argument("--split", required=True)
     subset.add_argument("--n", type=int, required=True)
     subset.add_argument("--out", required=True)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     if args.command == "subset":
         subset_side(args.split, args.n, args.out)
+    elif args.command == "overlap":
+        check_overlap(
+            {name: getattr(args, name) for name in SIDE_FILES.values()},
+            args.pool_records,
+            args.public_records,
+            {"near_duplicates": args.near_duplicates, "excluded": args.excluded},
+            args.action,
+            args.min_similarity,
+            args.side,
+            args.threads,
+        )
     else:
         make_splits(
             args.pool_records,
             args.pool_annotations,
-            args.public_records,
             args.out_dir,
             args.n_target,
             args.n_reference,

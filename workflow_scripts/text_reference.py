@@ -92,14 +92,22 @@ def caption_embeddings(
 
 
 def embed(
-    model_name: str, records_path: str, id_paths: list[str], out_path: str, params: ReferenceParams = ReferenceParams()
+    model_name: str,
+    records_path: str,
+    id_paths: list[str],
+    out_path: str,
+    params: ReferenceParams = ReferenceParams(),
+    exclude_paths: list[str] = (),
 ) -> None:
     """Embed one caption per record; records without that caption are left out (public sets may lack some)."""
     import torch
 
     torch.set_num_threads(params.threads)
     records = select_captions(
-        select_records(records_path, id_paths), records_path, params.caption_index, skip_uncaptioned=True
+        select_records(records_path, id_paths, exclude_paths=exclude_paths),
+        records_path,
+        params.caption_index,
+        skip_uncaptioned=True,
     )
     model = load_model(model_name, params.device, params.revision, params.trust_remote_code)
     vectors = caption_embeddings(
@@ -121,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     model_help = "sentence-transformers model: name, folder or weights package"
     args = embedding_parser(__doc__.splitlines()[0], model_help, ReferenceParams).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    embed(args.model, args.records, args.ids, args.out, dataclass_from_args(ReferenceParams, args))
+    embed(args.model, args.records, args.ids, args.out, dataclass_from_args(ReferenceParams, args), args.exclude)
 
 
 if __name__ == "__main__":

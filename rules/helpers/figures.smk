@@ -7,7 +7,10 @@ def _figure(path, caption, category):
 
 # The summary's inputs by name, each a file per point in POINTS order: populations per query set, utility per side.
 SUMMARY_INPUTS = {
-    **{f"{queries}_population": ("metrics", {"queries": queries, "table": "population"}) for queries in QUERY_SETS},
+    **{
+        f"{queries}_population": ("metrics", {"queries": queries, "table": "population"})
+        for queries in TWO_MODEL_QUERIES
+    },
     **{f"utility_{side}": ("utility", {"side": side}) for side in SIDES},
 }
 
