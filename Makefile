@@ -26,7 +26,7 @@ dry-run: venv
 	snakemake --cores $(CORES) --dry-run
 
 # Figures and summary tables from the cached metric and utility tables alone: never retrains or re-embeds.
-FIGURE_RULES := figures_point figures_qualitative summary figures_sweep ssl_figure_accuracy ssl_figure_qualitative ssl_agreement \
+FIGURE_RULES := figures_point figures_qualitative summary seeds figures_sweep ssl_figure_accuracy ssl_figure_qualitative ssl_agreement \
 	ssl_summary figures
 figures: venv
 	snakemake --cores $(CORES) figures --forcerun $(FIGURE_RULES) --allowed-rules $(FIGURE_RULES)

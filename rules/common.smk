@@ -36,7 +36,7 @@ sys.path.insert(0, workflow.basedir)
 
 from workflow_scripts.cli import to_cli_flags
 from workflow_scripts.launch import LAUNCH_SETTINGS, gpus_for, launch_command, launch_resources
-from workflow_scripts.paramspace import expand_points, save_epochs, segment_regex, training_runs
+from workflow_scripts.paramspace import expand_points, save_epochs, segment_regex, swept_keys, training_runs
 
 validate(config, "../config/schema.yaml")
 
@@ -44,7 +44,9 @@ RESULTS = "results"
 POINTS = expand_points(config["training"], config.get("sweep", {}))
 # Points differing only in epochs share one training run (the longest); the others take its checkpoints.
 PLAN = training_runs(POINTS)
-SWEPT = [key for key, values in config.get("sweep", {}).items() if len(values) > 1]
+# A sweep figure per parameter that takes several values; the training seed is aggregated over, not drawn
+# against, unless nothing else varies.
+SWEPT = [key for key in swept_keys(POINTS) if key != "seed"] or swept_keys(POINTS)
 QUERY_SETS = {"target": "A", "holdout": "holdout"}  # metrics query set -> split file
 # The two-model test's query sets: with metrics.symmetric also `reverse`, B's records with f_B as the target.
 TWO_MODEL_QUERIES = QUERY_SETS | ({"reverse": "B"} if config["metrics"]["symmetric"] else {})
@@ -92,6 +94,8 @@ PATHS = {
     # agreement: {name} is agreement.parquet, population.parquet, agreement.png or agreement.svg
     "agreement": f"{RESULTS}/agreement/{{split}}/{{point}}/{{name}}",
     "summary": f"{RESULTS}/summary/{{split}}.{{ext}}",
+    # over the training seeds: {name} is seeds (a row per point less its seed) or comparisons (paired, adjacent)
+    "seed_table": f"{RESULTS}/seeds/{{split}}/{{name}}.{{ext}}",
     "figure": f"{RESULTS}/figures/{{split}}/{{point}}/{{figure}}.{{ext}}",
     "sweep_figure": f"{RESULTS}/figures/sweep/{{split}}/{{parameter}}.{{ext}}",
     # the SSL test (rules/ssl.smk), under ssl/{ssl_dataset}/: {name} is A, B, shared, holdout or public;
@@ -271,6 +275,7 @@ def all_targets():
     for split in config["splits"]:
         if TRAINED_POINTS:
             targets.append(path("summary", split=split, ext="parquet"))
+            targets += expand(path("seed_table", split=split, ext="parquet"), name=("seeds", "comparisons"))
         for point in TRAINED_POINTS:
             for queries in TWO_MODEL_QUERIES:
                 targets += expand(PATHS["metrics"], split=split, point=point, queries=queries, table=METRIC_TABLES)

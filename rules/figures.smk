@@ -71,6 +71,37 @@ rule summary:
         " --out {output.table} --out-csv {output.csv} > {log} 2>&1"
 
 
+rule seeds:
+    """The summary over the training seeds (mean, seed spread, mean bootstrap std) and the paired comparisons of
+    adjacent parameter values on the same records, with seed-and-record bootstrap intervals."""
+    input:
+        summary=path("summary", ext="parquet"),
+        target_records=expand(path("metrics", queries="target", table="records"), point=POINTS, allow_missing=True),
+        holdout_records=expand(path("metrics", queries="holdout", table="records"), point=POINTS, allow_missing=True),
+    output:
+        seeds=path("seed_table", name="seeds", ext="parquet"),
+        seeds_csv=report(path("seed_table", name="seeds", ext="csv"), caption="../report/seeds.rst", category="Summary"),
+        comparisons=path("seed_table", name="comparisons", ext="parquet"),
+        comparisons_csv=report(
+            path("seed_table", name="comparisons", ext="csv"), caption="../report/comparisons.rst", category="Summary"
+        ),
+    log:
+        f"{RESULTS}/logs/seeds/{{split}}.log",
+    conda:
+        "../envs/dejavu.yaml"
+    params:
+        records=lambda wc, input: keyed_flags("target-records", POINTS, input.target_records)
+        + " "
+        + keyed_flags("holdout-records", POINTS, input.holdout_records),
+        n_boot=config["seeds"]["n_boot"],
+        level=config["seeds"]["level"],
+        seed=config["seeds"]["seed"],
+    shell:
+        "python -m workflow_scripts.seeds --summary {input.summary} {params.records} --n-boot {params.n_boot}"
+        " --seed {params.seed} --level {params.level} --out-seeds {output.seeds} --out-seeds-csv {output.seeds_csv}"
+        " --out-comparisons {output.comparisons} --out-comparisons-csv {output.comparisons_csv} > {log} 2>&1"
+
+
 if SWEPT:  # a sweep figure per parameter that takes several values
 
     rule figures_sweep:
@@ -101,4 +132,5 @@ rule figures:
     input:
         figure_targets(),
         expand(path("summary", ext="parquet"), split=config["splits"]),
+        expand(path("seed_table", ext="parquet"), split=config["splits"], name=("seeds", "comparisons")),
         ssl_figure_targets(),

@@ -48,7 +48,7 @@ def test_execution_settings_schedule_nothing(tiny_workflow, block):
 
 # Jobs per finished tiny run: 1 split, 2 points (epochs 1 and 2; one training run), P in 2 shards, sides A and B,
 # query sets target, holdout and reverse (two-model; one-model: target and holdout), one-model modes t2i and t2t.
-FIGURES = {"figures_point": 2, "figures_qualitative": 2, "summary": 1, "figures_sweep": 1, "all": 1}
+FIGURES = {"figures_point": 2, "figures_qualitative": 2, "summary": 1, "seeds": 1, "figures_sweep": 1, "all": 1}
 METRICS = {"metrics": 6, "metrics_one_model": 8, "agreement": 2, **FIGURES}
 SEARCH = {"knn_shard": 8, "knn": 4, **METRICS}
 MODELS_DOWN = {
@@ -101,7 +101,8 @@ RESULT_SETTINGS = [
     ({"metrics": {"bootstrap": {"seed": 1}}}, METRICS),
     ({"metrics": {"top_l": [10, 20]}}, METRICS),
     ({"knn": {"k": 6}}, {**SEARCH, "knn_captions": 3}),
-    ({"utility": {"seed": 1}}, {"utility": 4, "summary": 1, "figures_sweep": 1, "all": 1}),
+    ({"utility": {"seed": 1}}, {"utility": 4, "summary": 1, "seeds": 1, "figures_sweep": 1, "all": 1}),
+    ({"seeds": {"n_boot": 50}}, {"seeds": 1, "all": 1}),
     ({"training": {"lr": 2.0e-3}}, TRAINING_DOWN),
     ({"splits": {"scenes": {"seed": 1}}}, SPLITS_DOWN),
     ({"datasets": {"scenes_public": {"seed": 3}}}, PUBLIC_DOWN),

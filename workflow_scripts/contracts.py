@@ -258,6 +258,31 @@ SUMMARY = Contract(
     _fields(**dict.fromkeys(_names("reverse_{}_{}", SUMMARY_METRICS, ("value", "mean", "std")), FLOAT64))
     + _fields(**dict.fromkeys(_names("{}_symmetric{}", SUMMARY_METRICS, ("", "_std")), FLOAT64)),
 )
+# Over the training seeds (workflow_scripts/seeds.py): one row per point less its seed. Each per-seed statistic
+# `{col}` (values, net and symmetric gaps, utility) is its mean over the seeds, with `{col}_seed_{std,min,max}`
+# (std ddof 1, null with one seed); a bootstrap `..._std` is its mean over the seeds; `..._mean` is dropped.
+_SEED_SPREADS = ("", "_seed_std", "_seed_min", "_seed_max")
+_SEED_STATISTICS = _names("{}{}_value{}", ("", "holdout_", "reverse_"), SUMMARY_METRICS, _SEED_SPREADS)
+_SEED_STATISTICS += _names("{}_{}{}", SUMMARY_METRICS, ("net", "symmetric"), _SEED_SPREADS)
+_SEED_STATISTICS += _names("{}{}_std", ("", "holdout_", "reverse_"), SUMMARY_METRICS)
+_SEED_STATISTICS += _names("{}_symmetric_std", SUMMARY_METRICS)
+SEED_SUMMARY = Contract(
+    "seed summary",
+    "seeds/{split}/seeds.parquet",
+    _fields(split=STRING, n_train=INT64, epochs=INT64, temperature=FLOAT64, weight_decay=FLOAT64)
+    + _fields(mask_ratio=FLOAT64, n_seeds=INT64, seeds=pa.list_(INT64)),
+    _fields(**dict.fromkeys(_SEED_STATISTICS, FLOAT64)),
+)
+# Adjacent values of a swept parameter, the other keys fixed (`fixed`: `name~value/...`), compared on the same
+# records over the seeds both points have: difference = gap_X − gap_Y of a win gap, its percentile interval of the
+# seed-and-record bootstrap at `level`; `separated`: the interval excludes 0.
+COMPARISONS = Contract(
+    "seed comparisons",
+    "seeds/{split}/comparisons.parquet",
+    _fields(parameter=STRING, value_x=STRING, value_y=STRING, fixed=STRING, queries=STRING, metric=STRING)
+    + _fields(label_mode=STRING, difference=FLOAT64, ci_low=FLOAT64, ci_high=FLOAT64, separated=BOOL)
+    + _fields(level=FLOAT64, n_seeds=INT64, n_records=INT64, n_boot=INT64),
+)
 
 # Tables a user hands the workflow (path None: they live wherever the config names them). An annotation table
 # without scores: every label is certain.

@@ -125,25 +125,53 @@ SWEPT_PARAMETERS = ("n_train", "epochs", "temperature", "weight_decay", "mask_ra
 def _plot_sweep_group(
     axes, rows: pl.DataFrame, parameter: str, group: str, line: dict, utility_columns: list[str]
 ) -> None:
-    """One group's curves (the other swept parameters fixed) on the gaps, net gaps and utility axes."""
+    """One group's curves (the other swept parameters fixed) on the gaps, net gaps and utility axes: each
+    statistic's value (rows over several seeds: its mean over them, and their min–max as a band)."""
     gaps_axis, net_axis, utility_axis = axes
     x = rows[parameter].fill_null(-1).to_numpy()  # a null temperature is learned: plotted at −1
+    spread = "n_seeds" in rows.columns and rows["n_seeds"].max() > 1
+
+    def band(axis, column: str, colour) -> None:
+        if spread:  # the training seeds' min–max (aggregate_seeds)
+            low, high = rows[f"{column}_seed_min"].to_numpy(), rows[f"{column}_seed_max"].to_numpy()
+            axis.fill_between(x, low, high, color=colour, alpha=0.15, linewidth=0)
+
     for metric, colour in SWEEP_GAP_COLOURS.items():
         label = f"{metric} {group}".strip()
         gaps_axis.errorbar(
-            x, rows[f"{metric}_mean"], yerr=rows[f"{metric}_std"], capsize=3, color=colour, label=label, **line
+            x,
+            rows[f"{metric}_value"],
+            yerr=rows[f"{metric}_std"],
+            capsize=3,
+            elinewidth=0.8,
+            color=colour,
+            label=label,
+            **line,
         )
+        band(gaps_axis, f"{metric}_value", colour)
         net_axis.plot(x, rows[f"{metric}_net"], color=colour, label=label, **line)
+        band(net_axis, f"{metric}_net", colour)
     for column, colour in zip(utility_columns, plt.get_cmap("tab10").colors):
         utility_axis.plot(x, rows[column], color=colour, label=f"{column.removeprefix('A_')} {group}".strip(), **line)
+        band(utility_axis, column, colour)
 
 
-def _label_sweep_axes(axes, parameter: str) -> None:
+def _label_sweep_axes(axes, parameter: str, n_seeds: tuple[int, int] = (1, 1)) -> None:
+    """`n_seeds`: the fewest and most seeds a plotted row is the mean over (1: the rows are single seeds)."""
     gaps_axis, net_axis, utility_axis = axes
     label = "temperature (−1: learned)" if parameter == "temperature" else parameter
-    gaps_axis.set(xlabel=label, ylabel="gap (f_A − f_B)", title="target records: mean ± bootstrap std")
-    net_axis.set(xlabel=label, ylabel="target gap − holdout gap", title="net of the holdout control")
-    utility_axis.set(xlabel=label, ylabel="accuracy", title="utility of f_A", ylim=(0, 1.02))
+    fewest, most = n_seeds
+    seeds = f"{fewest}" if fewest == most else f"{fewest}–{most}"
+    band = "; band: seed min–max" if most > 1 else ""
+    gaps_title = (
+        f"target records: mean over {seeds} seeds;\nbars: bootstrap std, band: seed min–max"
+        if most > 1
+        else "target records: value ± bootstrap std"
+    )
+    net_title, utility_title = f"net of the holdout control{band}", f"utility of f_A{band}"
+    gaps_axis.set(xlabel=label, ylabel="gap (f_A − f_B)", title=gaps_title)
+    net_axis.set(xlabel=label, ylabel="target gap − holdout gap", title=net_title)
+    utility_axis.set(xlabel=label, ylabel="accuracy", title=utility_title, ylim=(0, 1.02))
     for axis in axes:
         axis.grid(alpha=0.3)
         axis.legend(fontsize=6)
@@ -152,29 +180,39 @@ def _label_sweep_axes(axes, parameter: str) -> None:
 
 
 def sweep_figure(summary: pl.DataFrame, parameter: str, utility_columns: list[str]) -> plt.Figure:
-    """Target gaps (mean ± bootstrap std), net gaps (target − holdout) and f_A's utility against one parameter.
+    """Target gaps (value ± bootstrap std), net gaps (target − holdout) and f_A's utility against one parameter.
 
-    Colour says the metric; line style and marker say the values of the other swept parameters.
+    `summary`: the summary, or its rows over the seeds (`seeds.aggregate_seeds`: each row the mean over its
+    seeds, their min–max a band). Colour says the metric; line style and marker say the values of the other
+    swept parameters.
     """
-    varying = [c for c in SWEPT_PARAMETERS if c != parameter and summary[c].n_unique() > 1]
+    varying = [c for c in SWEPT_PARAMETERS if c != parameter and c in summary.columns and summary[c].n_unique() > 1]
     figure, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    groups = (
+    groups = list(
         summary.sort(parameter).group_by(varying, maintain_order=True) if varying else [((), summary.sort(parameter))]
     )
+    # Points of other one-parameter sweeps (a list of grids) hold this parameter at one value: no curve.
+    groups = [(key, rows) for key, rows in groups if rows[parameter].n_unique() > 1] or groups
     for (key, rows), style, marker in zip(groups, ("-", "--", ":", "-."), "osD^v"):
         group = ", ".join(f"{name}={value}" for name, value in zip(varying, key))
         _plot_sweep_group(axes, rows, parameter, group, {"linestyle": style, "marker": marker}, utility_columns)
-    _label_sweep_axes(axes, parameter)
+    n_seeds = (summary["n_seeds"].min(), summary["n_seeds"].max()) if "n_seeds" in summary.columns else (1, 1)
+    _label_sweep_axes(axes, parameter, n_seeds)
     figure.tight_layout()
     return figure
 
 
 def make_sweep_figures(summary_path: str | Path, figures: dict[str, list[str]]) -> None:
-    """`figures`: per swept parameter, the paths of its figure."""
+    """`figures`: per swept parameter, the paths of its figure. A parameter's figure plots each point's mean over
+    its training seeds; the seed's own figure (its x axis the seed) plots the summary's rows themselves."""
+    from workflow_scripts.seeds import aggregate_seeds
+
     summary = SUMMARY.read(summary_path, extra=True)
-    utility_columns = [c for c in summary.columns if c.startswith("A_")]
+    utility_columns = [c for c in summary.columns if c.startswith("A_")]  # before the spread columns join them
+    over_seeds = aggregate_seeds(summary, SWEPT_PARAMETERS)
     for parameter, paths in figures.items():
-        save_figure(sweep_figure(summary, parameter, utility_columns), paths)
+        table = summary if parameter == "seed" else over_seeds
+        save_figure(sweep_figure(table, parameter, utility_columns), paths)
 
 
 def labelled_image(axis, image, title: str, labels: list[str], truth: set[str]) -> None:

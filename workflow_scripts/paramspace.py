@@ -38,18 +38,25 @@ def point_segment(point: Mapping[str, Any], keys: tuple[str, ...] = POINT_KEYS) 
 
 
 def expand_points(
-    base: Mapping[str, Any], sweep: Mapping[str, list], keys: tuple[str, ...] = POINT_KEYS
+    base: Mapping[str, Any], sweep: Mapping[str, list] | list[Mapping[str, list]], keys: tuple[str, ...] = POINT_KEYS
 ) -> dict[str, dict[str, Any]]:
-    """Every combination of the swept values, other keys from `base`; keyed by path segment."""
-    unknown = set(sweep) - set(keys)
-    if unknown:
-        raise ValueError(f"sweep names unknown parameter(s) {sorted(unknown)}; sweepable: {keys}")
-    axes = [sweep.get(key) or [base.get(key)] for key in keys]
+    """Every combination of the swept values, other keys from `base`; keyed by path segment. A list of sweeps is
+    the union of their grids, each around `base` (one parameter at a time, say, instead of their product)."""
     points = {}
-    for values in itertools.product(*axes):
-        point = dict(zip(keys, values))
-        points[point_segment(point, keys)] = point
+    for grid in sweep if isinstance(sweep, list) else [sweep]:
+        unknown = set(grid) - set(keys)
+        if unknown:
+            raise ValueError(f"sweep names unknown parameter(s) {sorted(unknown)}; sweepable: {keys}")
+        axes = [grid.get(key) or [base.get(key)] for key in keys]
+        for values in itertools.product(*axes):
+            point = dict(zip(keys, values))
+            points[point_segment(point, keys)] = point
     return points
+
+
+def swept_keys(points: Mapping[str, Mapping[str, Any]], keys: tuple[str, ...] = POINT_KEYS) -> list[str]:
+    """The keys that take more than one value among the points, in key order."""
+    return [key for key in keys if len({point[key] for point in points.values()}) > 1]
 
 
 def training_runs(
