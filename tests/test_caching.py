@@ -61,7 +61,8 @@ MODELS_DOWN = {
     **SEARCH,
 }
 TRAINING_DOWN = {"train": 2, "model": 4, **MODELS_DOWN}
-SPLITS_DOWN = {"splits": 1, "overlap": 1, "embed_reference": 1, **TRAINING_DOWN, "knn_captions": 3}
+# New splits: g re-embeds the query captions, and P's captions after the overlap check rewrites its exclusions.
+SPLITS_DOWN = {"splits": 1, "overlap": 1, "embed_reference": 2, **TRAINING_DOWN, "knn_captions": 3}
 # A new P: its data set, the overlap check and everything searched in P, never the splits or a training job.
 PUBLIC_DOWN = {"synthetic_dataset": 1, "annotate_ground_truth": 1, "overlap": 1, "embed_reference": 1}
 PUBLIC_DOWN |= {rule: n for rule, n in MODELS_DOWN.items() if rule != "embed_captions"} | {"knn_captions": 3}

@@ -7,8 +7,9 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
+import yaml
 
-from conftest import POINT, REPO, SHORT_POINT, TINY, planned_jobs, run_snakemake
+from conftest import POINT, REPO, SHORT_POINT, TINY, merged, planned_jobs, run_snakemake
 from workflow_scripts import paramspace, summary, utility
 from workflow_scripts.metrics import MetricParams
 from workflow_scripts.metrics import tables as metric_tables
@@ -71,6 +72,7 @@ def test_adding_a_mask_value_schedules_only_the_new_points(tiny_workflow):
         "figures_point": 2,
         "figures_qualitative": 2,
         "summary": 1,
+        "seeds": 1,
         "figures_sweep": 1,
         "all": 1,
     }, counts
@@ -202,3 +204,57 @@ def test_symmetric_gap_cancels_what_one_model_retrieves_better_everywhere(tmp_pa
     row = summary.summarise("scenes", populations, utilities).row(0, named=True)
     assert {key: row[key] for key in expected} == pytest.approx(expected)
     assert row["reverse_PRG_value"] == pytest.approx(2 * expected["PRG_symmetric"] - 1.0)
+
+
+def test_a_list_of_sweeps_is_the_union_of_their_grids():
+    base = {"n_train": None, "epochs": 40, "temperature": None, "weight_decay": 0.1, "mask_ratio": 0.0, "seed": 0}
+    points = paramspace.expand_points(base, [{"mask_ratio": [0.0, 0.5], "seed": [0, 1]}, {"temperature": [0.05]}])
+    assert sorted((p["mask_ratio"], p["temperature"] or 0, p["seed"]) for p in points.values()) == [
+        (0.0, 0, 0),
+        (0.0, 0, 1),
+        (0.0, 0.05, 0),
+        (0.5, 0, 0),
+        (0.5, 0, 1),
+    ]
+    assert paramspace.swept_keys(points) == ["temperature", "mask_ratio", "seed"]
+    assert paramspace.expand_points(base, [{"seed": [0]}, {"seed": [0]}]) == paramspace.expand_points(base, {})
+
+
+def shrunken_directions() -> dict:
+    """config/directions.yaml on the tiny data: its five one-parameter sweeps, two seeds, epochs 1 and 2."""
+    directions = yaml.safe_load((REPO / "config" / "directions.yaml").read_text())
+    sweeps = []
+    for grid in directions["sweep"]:
+        grid = {**grid, "seed": [0, 1]}
+        grid |= {"epochs": [1, 2]} if "epochs" in grid else {}
+        grid |= {"n_train": [48, None]} if "n_train" in grid else {}
+        sweeps.append(grid)
+    shrunk = {"sweep": sweeps, "training": {"epochs": 2}, "seeds": {"n_boot": 50}, "embedding": {"public_shards": 1}}
+    return merged(TINY, {**directions, **shrunk})
+
+
+def test_the_directions_config_plans_its_runs(tmp_path):
+    config = yaml.safe_load((REPO / "config" / "directions.yaml").read_text())
+    jobs = planned_jobs(run_snakemake(tmp_path, config, "--dry-run").stdout)
+    rules = [rule for rule, _ in jobs]
+    assert rules.count("train") == 42 and rules.count("metrics") == 24 * 3 and rules.count("seeds") == 1
+    assert not {"ssl_train", "metrics_one_model"} & set(rules)
+
+
+@pytest.mark.slow
+def test_a_shrunken_directions_config_compares_every_parameter_over_seeds(tmp_path):
+    run_snakemake(tmp_path, shrunken_directions())
+    results = tmp_path / "results"
+    over_seeds = pl.read_parquet(results / "seeds" / "scenes" / "seeds.parquet")
+    assert over_seeds.height == 8 and (over_seeds["n_seeds"] == 2).all()
+    assert over_seeds["PRG_value_seed_std"].null_count() == 0
+    compared = pl.read_parquet(results / "seeds" / "scenes" / "comparisons.parquet")
+    pairs = compared.filter((pl.col("queries") == "target") & (pl.col("metric") == "PRG"))
+    assert sorted(pairs["parameter"].to_list()) == sorted(
+        ["n_train", "epochs", "temperature", "temperature", "weight_decay", "weight_decay", "mask_ratio"]
+    )
+    assert (compared["n_seeds"] == 2).all() and (compared["n_records"] > 0).all()
+    inside = (compared["ci_low"] <= compared["difference"]) & (compared["difference"] <= compared["ci_high"])
+    assert inside.all()
+    for parameter in ("n_train", "epochs", "temperature", "weight_decay", "mask_ratio"):
+        assert (results / "figures" / "sweep" / "scenes" / f"{parameter}.png").stat().st_size > 1000
