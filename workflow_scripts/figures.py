@@ -36,6 +36,7 @@ from workflow_scripts.contracts import (
 )
 from workflow_scripts.images import load_rgb, resolve_image_paths
 from workflow_scripts.io import atomic_path
+from workflow_scripts.seeds import aggregate_seeds
 
 MODEL_STYLES = {
     "target": ("f_A (target, trained on A)", "tab:red"),
@@ -205,8 +206,6 @@ def sweep_figure(summary: pl.DataFrame, parameter: str, utility_columns: list[st
 def make_sweep_figures(summary_path: str | Path, figures: dict[str, list[str]]) -> None:
     """`figures`: per swept parameter, the paths of its figure. A parameter's figure plots each point's mean over
     its training seeds; the seed's own figure (its x axis the seed) plots the summary's rows themselves."""
-    from workflow_scripts.seeds import aggregate_seeds
-
     summary = SUMMARY.read(summary_path, extra=True)
     utility_columns = [c for c in summary.columns if c.startswith("A_")]  # before the spread columns join them
     over_seeds = aggregate_seeds(summary, SWEPT_PARAMETERS)

@@ -150,22 +150,24 @@ def damage_named(path: str | os.PathLike) -> Iterator[None]:
         raise DataError(f"{path}: the file is damaged: its pages fail verification ({error})") from error
 
 
-_VERIFIED: set[tuple] = set()  # (path, size, mtime, columns) verified by this process
+# (path, size, mtime) -> the columns this process verified in that file (None: all of them)
+_VERIFIED: dict[tuple, frozenset[str] | None] = {}
 VERIFY_BATCH_ROWS = 1 << 16
 
 
 def verify_checksums(path: str | os.PathLike, columns: list[str] | None = None) -> None:
     """Read `columns` (default: all) of `path` page by page, checking each page's CRC (memory: one batch); a file
     changed since it was written is a DataError naming it. Readers that do not verify (polars) call this first;
-    a file already verified by this process, unchanged since, is not read again."""
+    columns already verified by this process in the file, unchanged since, are not read again."""
     stat = os.stat(path)
-    key = (os.fspath(path), stat.st_size, stat.st_mtime_ns, tuple(columns or ()))
-    if key in _VERIFIED:
+    key = (os.fspath(path), stat.st_size, stat.st_mtime_ns)
+    done, wanted = _VERIFIED.get(key, frozenset()), None if columns is None else frozenset(columns)
+    if done is None or (wanted is not None and wanted <= done):
         return
     with damage_named(path):
         for _ in open_parquet(path).iter_batches(batch_size=VERIFY_BATCH_ROWS, columns=columns):
             pass
-    _VERIFIED.add(key)
+    _VERIFIED[key] = None if wanted is None else done | wanted
 
 
 def narrow(data_type: pa.DataType) -> pa.DataType:

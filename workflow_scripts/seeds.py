@@ -164,13 +164,16 @@ def paired_difference(
     ]
     signs = _aligned(tables)
     differences = signs[: len(records_x)].astype(np.int64) - signs[len(records_x) :]
-    n_seeds, n_records = differences.shape
-    result = {"difference": float("nan"), "ci_low": float("nan"), "ci_high": float("nan")}
-    if n_records:
-        means = _bootstrap(differences, n_boot, seed)
-        low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-        result = {"difference": float(differences.mean()), "ci_low": float(low), "ci_high": float(high)}
-    return {**result, "n_seeds": n_seeds, "n_records": n_records, "n_boot": n_boot}
+    n_seeds, n_records = differences.shape  # _aligned refuses tables without a record in common
+    low, high = np.quantile(_bootstrap(differences, n_boot, seed), [(1 - level) / 2, (1 + level) / 2])
+    return {
+        "difference": float(differences.mean()),
+        "ci_low": float(low),
+        "ci_high": float(high),
+        "n_seeds": n_seeds,
+        "n_records": n_records,
+        "n_boot": n_boot,
+    }
 
 
 # --- comparisons along the swept parameters ---
@@ -243,15 +246,21 @@ def comparisons(
     """COMPARISONS rows of every `adjacent_pairs` pair, over the seeds both points have (a pair without a common
     seed is left out), for each query set of `records` ({queries: {point: records file or table}}) and metric.
     `points`: one row per point, `point` and the `keys` (a summary table). Every comparison draws with `seed`."""
-    rows = []
+    rows, loaded = [], {}  # a point takes part in several pairs: each records table is read once
+
+    def table(queries: str, point: str) -> pl.DataFrame:
+        if (queries, point) not in loaded:
+            loaded[queries, point] = _load(records[queries][point], metrics)
+        return loaded[queries, point]
+
     for pair in adjacent_pairs(points, keys, seed_key):
         common = _null_first(set(pair["x_points"]) & set(pair["y_points"]))
         point_x, point_y = ({**pair["fixed"], pair["parameter"]: pair[side]} for side in ("x", "y"))
         if not common:
             continue
-        for queries, by_point in records.items():
-            tables_x = [_load(by_point[pair["x_points"][s]], metrics) for s in common]
-            tables_y = [_load(by_point[pair["y_points"][s]], metrics) for s in common]
+        for queries in records:
+            tables_x = [table(queries, pair["x_points"][s]) for s in common]
+            tables_y = [table(queries, pair["y_points"][s]) for s in common]
             for metric in metrics:
                 names = (f"{_spelled(point_x)} ({queries})", f"{_spelled(point_y)} ({queries})")
                 result = paired_difference(

@@ -212,11 +212,8 @@ def check_overlap(
     params = {"splits": split_paths, "public": public_records, "action": action}
     params |= {"min_similarity": min_similarity, "side": side}
     write_parquet(pairs, outputs["near_duplicates"], stage="overlap", params=params, contract=NEAR_DUPLICATES)
-    excluded = (
-        pairs.select(id="public_id").unique(maintain_order=True)
-        if action == "drop"
-        else pairs.select(id="public_id").clear()
-    )
+    flagged = pairs.select(id="public_id").unique(maintain_order=True)
+    excluded = flagged if action == "drop" else flagged.clear()
     write_parquet(excluded, outputs["excluded"], stage="overlap", params=params, contract=SPLIT_IDS)
 
 
