@@ -11,7 +11,7 @@ says with an interval whether two points differ ("mask 0.3 memorizes less than m
   the seeds, with `{col}_seed_std` (ddof 1; null with one seed), `{col}_seed_min`, `{col}_seed_max`. A text column
   that is not a key is kept where it is one value per row (`split`), else dropped; `point` (it names the
   seed) always is. Then `n_seeds` and `seeds` (sorted). Generic: the SSL summary aggregates with its own keys.
-- `paired_difference`: of two points X and Y on the same records, per training seed s and record r, the win
+- `paired_difference`: of two points X and Y on the records all their tables hold, per seed s and record r, the win
   signs w = sign(score_target − score_reference) of the metric's score and d[s, r] = w_X[s, r] − w_Y[s, r]; the
   difference is the mean of d (gap_X − gap_Y, averaged over the seeds) and its interval the percentiles of a
   two-level bootstrap: the seeds resampled with replacement, and the records, one draw shared by every seed and
