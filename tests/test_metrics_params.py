@@ -15,6 +15,9 @@ CONFIG = Path(__file__).resolve().parents[1] / "config.yaml"
 def test_metric_params_defaults_equal_the_config():
     section = yaml.safe_load(CONFIG.read_text())["metrics"]
     bootstrap = section.pop("bootstrap")
+    # which query sets exist is the DAG's choice (rules/common.smk), not a parameter of one metric job
+    assert isinstance(section.pop("symmetric"), bool)
+    assert 'config["metrics"]["symmetric"]' in (CONFIG.parent / "rules" / "common.smk").read_text()
     expected = {**section, **bootstrap, "top_l": tuple(section["top_l"])}
     defaults = {field.name: field.default for field in dataclasses.fields(MetricParams)}
     assert {name: defaults[name] for name in expected} == expected
