@@ -45,6 +45,31 @@ rule ssl_split:
         " --label-column {params.label_column} {params.split} --out-dir {params.out_dir} > {log} 2>&1"
 
 
+rule ssl_overlap:
+    """X's near-duplicates of the images A, B, shared and the holdout hold (workflow_scripts.ssl.overlap)."""
+    input:
+        **{name: path("ssl_split", name=name) for name in SSL_SPLIT_NAMES},
+        records=ssl_records,
+        public_records=ssl_public_records,
+    output:
+        near_duplicates=path("ssl_split", name="near_duplicates"),
+        public_screened=path("ssl_split", name="public_screened"),
+    log:
+        f"{RESULTS}/logs/ssl/{{ssl_dataset}}/overlap.log",
+    conda:
+        "../envs/dejavu.yaml"
+    threads: NEAR_DUPLICATES["threads"]
+    params:
+        sets=lambda wc, input: " ".join(f"--{name} {input[name]}" for name in SSL_SPLIT_NAMES),
+        public_records=ssl_public_flag,
+        check=to_cli_flags({key: NEAR_DUPLICATES[key] for key in ("action", "min_similarity", "side")}),
+        execution=execution_flags(),
+    shell:
+        "python -m workflow_scripts.ssl.overlap --records {input.records} {params.public_records} {params.sets}"
+        " {params.check} {params.execution} --near-duplicates {output.near_duplicates}"
+        " --public-screened {output.public_screened} > {log} 2>&1"
+
+
 rule ssl_crops:
     input:
         records=ssl_records,
@@ -118,7 +143,7 @@ rule ssl_embed:
         model=PATHS["ssl_model"],
         records=ssl_records,
         public_records=ssl_public_records,
-        public=path("ssl_split", name="public"),
+        public=path("ssl_split", name="public_screened"),
         crop_sets=[path("ssl_split", name=name) for name in SSL_CROP_SETS],
         crops=PATHS["ssl_crops"],
     output:

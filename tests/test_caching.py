@@ -67,7 +67,7 @@ SPLITS_DOWN = {"splits": 1, "overlap": 1, "embed_reference": 2, **TRAINING_DOWN,
 PUBLIC_DOWN = {"synthetic_dataset": 1, "annotate_ground_truth": 1, "overlap": 1, "embed_reference": 1}
 PUBLIC_DOWN |= {rule: n for rule, n in MODELS_DOWN.items() if rule != "embed_captions"} | {"knn_captions": 3}
 # The overlap check's settings: the check and P's searches (whose excluded ids it writes); utility reads P itself.
-NEAR_DUPLICATES_DOWN = {
+NEAR_DUPLICATES_VLM_DOWN = {
     rule: n for rule, n in PUBLIC_DOWN.items() if rule not in ("synthetic_dataset", "annotate_ground_truth", "utility")
 }
 
@@ -81,6 +81,8 @@ SSL_TRAINING_DOWN = {"ssl_train": 2, "ssl_model": 4, **SSL_EMBEDDING_DOWN}
 SSL_ONE_REFERENCE = {"ssl_metrics": 2, "ssl_figure_accuracy": 2, "ssl_agreement": 2, "ssl_summary": 1, "all": 1}
 SSL_REFERENCES = {"ssl_crop_classifier_predict": 2, "ssl_naive_bayes": 2}
 SSL_CROPS_DOWN = {**SSL_EMBEDDING_DOWN, "ssl_crop_tags": 1, "ssl_crop_classifier_train": 2, **SSL_REFERENCES}
+# ...and the SSL test's screening of X, which re-embeds X (with the crops: one job per model), never a training.
+NEAR_DUPLICATES_DOWN = {**NEAR_DUPLICATES_VLM_DOWN, "ssl_overlap": 1, **SSL_EMBEDDING_DOWN}
 
 RESULT_SETTINGS = [
     ({"ssl": {"metrics": {"bootstrap": {"seed": 1}}}}, SSL_METRICS),
@@ -98,7 +100,10 @@ RESULT_SETTINGS = [
     ({"ssl": {"crop": {"min_px": 4}}}, {"ssl_crops": 1, **SSL_CROPS_DOWN}),
     ({"ssl": {"training": {"lr": 2.0e-3}}}, SSL_TRAINING_DOWN),
     ({"ssl": {"training": {"method": "barlowtwins"}}}, SSL_TRAINING_DOWN),
-    ({"ssl": {"split": {"seed": 1}}}, {"ssl_split": 1, "ssl_crops": 1, **SSL_CROPS_DOWN, **SSL_TRAINING_DOWN}),
+    (
+        {"ssl": {"split": {"seed": 1}}},
+        {"ssl_split": 1, "ssl_overlap": 1, "ssl_crops": 1, **SSL_CROPS_DOWN, **SSL_TRAINING_DOWN},
+    ),
     ({"metrics": {"bootstrap": {"seed": 1}}}, METRICS),
     ({"metrics": {"top_l": [10, 20]}}, METRICS),
     ({"knn": {"k": 6}}, {**SEARCH, "knn_captions": 3}),

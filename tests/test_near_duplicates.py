@@ -1,4 +1,5 @@
-"""Near-duplicates: the thumbnail descriptor, the exact similarity search, planted copies, unreadable images."""
+"""Near-duplicates: the thumbnail descriptor, the exact similarity search, planted copies, unreadable images,
+and the SSL test's screening of its public set X."""
 
 import io
 
@@ -8,14 +9,17 @@ import pytest
 from PIL import Image
 
 from workflow_scripts import synthetic
-from workflow_scripts.io import DataError
+from workflow_scripts.contracts import RECORDS, SPLIT_IDS
+from workflow_scripts.io import DataError, write_parquet
 from workflow_scripts.near_duplicates import (
     DEFAULT_MIN_SIMILARITY,
     PAIRS_SCHEMA,
+    OverlapError,
     descriptor,
     near_duplicate_pairs,
     record_descriptors,
 )
+from workflow_scripts.ssl.overlap import screen_ssl_public
 
 
 def smooth_image(seed: int, size: int = 64) -> Image.Image:
@@ -128,3 +132,43 @@ def test_unreadable_image_names_the_table_and_record(tmp_path):
     (tmp_path / "images" / "broken.png").write_bytes(b"not an image")
     with pytest.raises(DataError, match=r"records\.parquet: record 'broken' image .*broken\.png: unreadable"):
         record_descriptors(records_of(["fine", "broken"]), records_path)
+
+
+def write_ssl_case(folder, public_folder=None):
+    """A pool of 6 images split A, B, shared, holdout, X (public) with X's x_copy_a a JPEG copy of A's a0 and
+    x_copy_s a resized copy of shared's s0; X's images under `public_folder` (another data set) when given."""
+    pool = {name: smooth_image(seed) for seed, name in enumerate(["a0", "a1", "b0", "s0", "h0"])}
+    public = {"x_copy_a": jpeg(pool["a0"], 50), "x_copy_s": COPIES["resized48"](pool["s0"]), "x_other": smooth_image(9)}
+    sets = {"A": ["a0", "a1"], "B": ["b0"], "shared": ["s0"], "holdout": ["h0"], "public": sorted(public)}
+    tables = {folder: pool | public} if public_folder is None else {folder: pool, public_folder: public}
+    for table_folder, images in tables.items():
+        records = records_of(images).with_columns(captions=pl.lit([], pl.List(pl.String)))
+        write_parquet(records, save_records(table_folder, images), stage="test", contract=RECORDS)
+    paths = {name: str(folder / f"{name}.parquet") for name in sets}
+    for name, ids in sets.items():
+        write_parquet(pl.DataFrame({"id": ids}), paths[name], stage="test", contract=SPLIT_IDS)
+    other = None if public_folder is None else str(public_folder / "records.parquet")
+    return str(folder / "records.parquet"), other, paths
+
+
+@pytest.mark.parametrize("other_data_set", [False, True])
+@pytest.mark.parametrize("action", ["drop", "report"])
+def test_ssl_public_set_loses_the_copies_of_training_images(tmp_path, action, other_data_set):
+    records, public_records, sets = write_ssl_case(tmp_path, tmp_path / "other" if other_data_set else None)
+    out = {"near_duplicates": str(tmp_path / "pairs.parquet"), "public_screened": str(tmp_path / "screened.parquet")}
+    screen_ssl_public(records, **sets, **out, public_records=public_records, action=action)
+    pairs = pl.read_parquet(out["near_duplicates"])
+    assert sorted(pairs.select("pool_id", "public_id").rows()) == [("a0", "x_copy_a"), ("s0", "x_copy_s")]
+    kept = pl.read_parquet(out["public_screened"])["id"].to_list()
+    assert kept == (["x_other"] if action == "drop" else ["x_copy_a", "x_copy_s", "x_other"])
+
+
+def test_ssl_public_set_with_a_copy_is_refused_naming_it(tmp_path):
+    records, _, sets = write_ssl_case(tmp_path)
+    out = {"near_duplicates": str(tmp_path / "pairs.parquet"), "public_screened": str(tmp_path / "screened.parquet")}
+    with pytest.raises(OverlapError, match=r"2 public image\(s\) .*\['a0~x_copy_a"):
+        screen_ssl_public(records, **sets, **out, action="refuse")
+    sets["public"] = str(tmp_path / "unknown.parquet")
+    write_parquet(pl.DataFrame({"id": ["x_other", "nowhere"]}), sets["public"], stage="test", contract=SPLIT_IDS)
+    with pytest.raises(DataError, match=r"unknown\.parquet: 1 id\(s\) not in .*records\.parquet, e\.g\. \['nowhere'\]"):
+        screen_ssl_public(records, **sets, **out)

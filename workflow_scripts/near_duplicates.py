@@ -13,6 +13,7 @@ memory follows P's descriptors (|P| x 3·side² floats) and the batch, not the p
 
 from __future__ import annotations
 
+import logging
 from concurrent.futures import ThreadPoolExecutor
 
 import faiss
@@ -25,9 +26,17 @@ from workflow_scripts.contracts import NEAR_DUPLICATES
 from workflow_scripts.images import load_rgb, resolve_image_paths
 from workflow_scripts.io import DataError
 
+log = logging.getLogger(__name__)
+
 DEFAULT_SIDE = 16
 DEFAULT_MIN_SIMILARITY = 0.97
 PAIRS_SCHEMA = NEAR_DUPLICATES.polars()
+NEAR_DUPLICATE_ACTIONS = ("refuse", "drop", "report")
+SHOWN_PAIRS = 10
+
+
+class OverlapError(DataError):
+    """Training or measured images that the public set shares, or (action refuse) near-duplicates of them."""
 
 
 def descriptor(image: Image.Image, side: int = DEFAULT_SIDE) -> np.ndarray:
@@ -91,3 +100,45 @@ def near_duplicate_pairs(
             )
         )
     return pl.concat(batches).sort(["pool_id", "similarity", "public_id"], descending=[False, True, False])
+
+
+def near_duplicate_problem(pairs: pl.DataFrame, public_records: str, min_similarity: float) -> str:
+    shown = [f"{a}~{b} ({similarity:.3f})" for a, b, similarity in pairs.head(SHOWN_PAIRS).iter_rows()]
+    return (
+        f"{public_records}: {pairs['public_id'].n_unique()} public image(s) at least {min_similarity} alike "
+        f"(thumbnail cosine) to a training pool image, e.g. {shown}: re-encoded or resized copies of trained images "
+        "inflate a déjà vu measurement. Set near_duplicates.action to drop (leave them out of the public set) or "
+        "report (keep them), or clean the public set"
+    )
+
+
+def screen_public(
+    pool: tuple[pl.DataFrame, str],
+    public: tuple[pl.DataFrame, str],
+    action: str = "drop",
+    min_similarity: float = DEFAULT_MIN_SIMILARITY,
+    side: int = DEFAULT_SIDE,
+    threads: int = 1,
+) -> pl.DataFrame:
+    """The near-duplicate pairs between the pool's and the public set's images (each a records frame with `id`
+    and `image_path`, and the table it came from); OverlapError naming them under action refuse, a warning
+    otherwise. Which public ids to leave out is `excluded_ids`."""
+    if action not in NEAR_DUPLICATE_ACTIONS:
+        raise ValueError(f"near-duplicate action {action!r}: expected one of {NEAR_DUPLICATE_ACTIONS}")
+    (pool_records, pool_path), (public_records, public_path) = pool, public
+    pairs = near_duplicate_pairs(
+        record_descriptors(pool_records, pool_path, side, threads),
+        record_descriptors(public_records, public_path, side, threads),
+        min_similarity,
+    )
+    if len(pairs) and action == "refuse":
+        raise OverlapError(near_duplicate_problem(pairs, public_path, min_similarity))
+    if len(pairs):
+        log.warning("%s (action %s)", near_duplicate_problem(pairs, public_path, min_similarity), action)
+    return pairs
+
+
+def excluded_ids(pairs: pl.DataFrame, action: str) -> pl.DataFrame:
+    """The public ids (`id`) the searches leave out: every flagged one under action drop, none otherwise."""
+    flagged = pairs.select(id="public_id").unique(maintain_order=True)
+    return flagged if action == "drop" else flagged.clear()

@@ -28,19 +28,15 @@ from workflow_scripts.io import DataError, check_unique_ids, write_parquet
 from workflow_scripts.near_duplicates import (
     DEFAULT_MIN_SIMILARITY,
     DEFAULT_SIDE,
-    near_duplicate_pairs,
-    record_descriptors,
+    NEAR_DUPLICATE_ACTIONS,
+    OverlapError,
+    excluded_ids,
+    screen_public,
 )
 
 log = logging.getLogger(__name__)
 
 SIDE_FILES = {"target": "A", "reference": "B", "holdout": "holdout"}
-NEAR_DUPLICATE_ACTIONS = ("refuse", "drop", "report")
-SHOWN_PAIRS = 10
-
-
-class OverlapError(DataError):
-    pass
 
 
 def with_hashes(records: pl.DataFrame, records_path: str) -> pl.DataFrame:
@@ -171,16 +167,6 @@ def split_records(split_paths: dict[str, str], pool: pl.DataFrame, pool_records:
     return sides
 
 
-def near_duplicate_problem(pairs: pl.DataFrame, public_records: str, min_similarity: float) -> str:
-    shown = [f"{a}~{b} ({similarity:.3f})" for a, b, similarity in pairs.head(SHOWN_PAIRS).iter_rows()]
-    return (
-        f"{public_records}: {pairs['public_id'].n_unique()} public image(s) at least {min_similarity} alike "
-        f"(thumbnail cosine) to a training pool image, e.g. {shown}: re-encoded or resized copies of trained images "
-        "inflate a déjà vu measurement. Set near_duplicates.action to drop (leave them out of P) or report (keep "
-        "them), or clean P"
-    )
-
-
 def check_overlap(
     split_paths: dict[str, str],
     pool_records: str,
@@ -193,28 +179,16 @@ def check_overlap(
 ) -> None:
     """Refuse ids or images A, B or the holdout share with P; list P's near-duplicates of them in
     outputs["near_duplicates"] and, with action drop, their public ids in outputs["excluded"] (else empty)."""
-    if action not in NEAR_DUPLICATE_ACTIONS:
-        raise ValueError(f"near-duplicate action {action!r}: expected one of {NEAR_DUPLICATE_ACTIONS}")
     public = with_hashes(read_public(public_records), public_records)
     sides = split_records(split_paths, RECORDS.read(pool_records, extra=True), pool_records)
     sides = {name: with_hashes(frame, pool_records) for name, frame in sides.items()}
     check_disjoint({**{name: frame.select("id", "image_sha256") for name, frame in sides.items()}, "public": public})
     trained = pl.concat([frame.select("id", "image_path") for frame in sides.values()])
-    pairs = near_duplicate_pairs(
-        record_descriptors(trained, pool_records, side, threads),
-        record_descriptors(public, public_records, side, threads),
-        min_similarity,
-    )
-    if len(pairs) and action == "refuse":
-        raise OverlapError(near_duplicate_problem(pairs, public_records, min_similarity))
-    if len(pairs):
-        log.warning("%s (action %s)", near_duplicate_problem(pairs, public_records, min_similarity), action)
+    pairs = screen_public((trained, pool_records), (public, public_records), action, min_similarity, side, threads)
     params = {"splits": split_paths, "public": public_records, "action": action}
     params |= {"min_similarity": min_similarity, "side": side}
     write_parquet(pairs, outputs["near_duplicates"], stage="overlap", params=params, contract=NEAR_DUPLICATES)
-    flagged = pairs.select(id="public_id").unique(maintain_order=True)
-    excluded = flagged if action == "drop" else flagged.clear()
-    write_parquet(excluded, outputs["excluded"], stage="overlap", params=params, contract=SPLIT_IDS)
+    write_parquet(excluded_ids(pairs, action), outputs["excluded"], stage="overlap", params=params, contract=SPLIT_IDS)
 
 
 def subset_side(split_path: str, n: int, out_path: str) -> None:
