@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
+from workflow_scripts.metrics.definitions import POPULATION_METRICS, WIN_GAPS
 from workflow_scripts.metrics.encoding import narrowest
 from workflow_scripts.metrics.kernels import KEY_BITS, count_draws, counted_aucg
 from workflow_scripts.metrics.params import SIDES
@@ -26,13 +27,6 @@ from workflow_scripts.spill import Spill, route
 
 # Bootstrap draws made at once.
 BOOTSTRAP_VALUES = 1 << 21
-
-
-WIN_GAPS = {"PPG": "precision", "PRG": "recall", "PFG": "f1"}  # win-gap metric: the score it compares
-
-
-POPULATION_METRICS = (*WIN_GAPS, "AUCG")
-
 
 SIGNS_OF_CODE = np.array([[code // 3**m % 3 - 1 for m in range(len(WIN_GAPS))] for code in range(3 ** len(WIN_GAPS))])
 

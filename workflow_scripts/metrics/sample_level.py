@@ -18,16 +18,10 @@ from collections.abc import Iterator
 import numpy as np
 import polars as pl
 
+from workflow_scripts.metrics.definitions import ORDERS, WIN_GAPS
 from workflow_scripts.metrics.kernels import running_sums
 from workflow_scripts.metrics.params import sample_cutoffs
-from workflow_scripts.metrics.population import WIN_GAPS
 
-ORDERS = {
-    # order name: (sort key expression on the records table, is an oracle view)
-    "distance": (pl.col("nn_score_target"), False),
-    "correct": (pl.col("n_correct_target"), False),
-    "gap": (pl.col("n_correct_target") - pl.col("n_correct_reference"), True),
-}
 GAP_COLUMNS = [f"{metric}_gap" for metric in WIN_GAPS.values()]
 # Rows of all parts' sorted runs that the merge holds at once.
 MERGE_ROWS = 1 << 20
