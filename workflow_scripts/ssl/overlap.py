@@ -32,14 +32,18 @@ log = logging.getLogger(__name__)
 POOL_SETS = ("A", "B", "shared", "holdout")
 
 
-def images_of(ids_path: str, records_path: str) -> pl.DataFrame:
-    """`id`, `image_path` of the ids in `ids_path` (SPLIT_IDS); an id `records_path` lacks is a DataError."""
-    ids = SPLIT_IDS.read(ids_path)
-    records = RECORDS.read(records_path, ["id", "image_path"]).filter(pl.col("id").is_in(ids["id"].implode()))
-    if len(records) < len(ids):
+def images_of(ids_paths: list[str], records_path: str) -> pl.DataFrame:
+    """`id`, `image_path` of the ids in the `ids_paths` files (SPLIT_IDS), the records read once; an id
+    `records_path` lacks is a DataError naming its file."""
+    records = RECORDS.read(records_path, ["id", "image_path"])
+    chosen = []
+    for ids_path in ids_paths:
+        ids = SPLIT_IDS.read(ids_path)
         missing = ids.filter(~pl.col("id").is_in(records["id"].implode()))["id"]
-        raise DataError(f"{ids_path}: {len(missing)} id(s) not in {records_path}, e.g. {missing.head(5).to_list()}")
-    return records
+        if len(missing):
+            raise DataError(f"{ids_path}: {len(missing)} id(s) not in {records_path}, e.g. {missing.head(5).to_list()}")
+        chosen.append(ids)
+    return records.filter(pl.col("id").is_in(pl.concat(chosen)["id"].implode()))
 
 
 def screen_ssl_public(
@@ -59,9 +63,9 @@ def screen_ssl_public(
 ) -> None:
     """Write the near-duplicate pairs (pool id, X id) and X's ids the searches use (all but the dropped)."""
     split_paths = {"A": A, "B": B, "shared": shared, "holdout": holdout}
-    pool = pl.concat([images_of(split_paths[name], records) for name in POOL_SETS])
+    pool = images_of([split_paths[name] for name in POOL_SETS], records)
     public_path = public_records or records
-    candidates = images_of(public, public_path)
+    candidates = images_of([public], public_path)
     pairs = screen_public((pool, records), (candidates, public_path), action, min_similarity, side, threads)
     dropped = excluded_ids(pairs, action)
     kept = candidates.select("id").filter(~pl.col("id").is_in(dropped["id"].implode())).sort("id")
